@@ -1,0 +1,38 @@
+// Shared helpers for fastinv kernels: argument checks with messages a user can act on.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+namespace fastinv {
+
+// Floating inputs only: fp32, fp64, fp16, bf16.
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()),
+              op, ": ", name, " must be a floating tensor (float32, float64, float16 or "
+              "bfloat16), got ", t.scalar_type());
+}
+
+inline void check_nonempty(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.numel() > 0, op, ": ", name, " is empty; the mean of an empty tensor is undefined");
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ", name_b,
+              " is on ", b.device(), "; move both to the same device");
+}
+
+inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " is ", a.scalar_type(),
+              " but ", name_b, " is ", b.scalar_type(), "; cast them to one dtype");
+}
+
+// The dtype a loss is returned in: float64 stays float64, everything else is float32 (the
+// accumulation type), so a bf16 discriminator never rounds its loss to 8 bits of mantissa.
+inline at::ScalarType loss_dtype(at::ScalarType in) {
+  return in == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace fastinv

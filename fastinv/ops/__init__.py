@@ -1,0 +1,27 @@
+"""fastinv's fused ops. Each op is one file here (schema, reference, fake, autograd, public
+function) with its kernels under the same name in csrc/cpu and csrc/cuda.
+
+``FASTINV_BACKEND=reference`` (read at import) keeps the compiled kernels out: every op then
+runs its pure-PyTorch reference.
+"""
+
+from fastinv.ops import hinge_loss as _hinge_loss  # noqa: F401  (defines the schemas)
+from fastinv.ops._library import backend_info, extension_status, load_extension
+from fastinv.ops.hinge_loss import (
+    hinge_loss_d,
+    hinge_loss_d_reference,
+    hinge_loss_g,
+    hinge_loss_g_reference,
+)
+
+# Kernels attach to schemas that exist, so load after every op module above.
+load_extension()
+
+__all__ = [
+    "backend_info",
+    "extension_status",
+    "hinge_loss_d",
+    "hinge_loss_d_reference",
+    "hinge_loss_g",
+    "hinge_loss_g_reference",
+]
