@@ -1,0 +1,5 @@
+import sys
+
+from fastinv.cli import main
+
+sys.exit(main())
