@@ -1,0 +1,237 @@
+"""The inversion analyses: what a trained inverter G(logits, noise) recovers from Φ(x).
+
+Each analysis takes the inverter, its frozen classifier and a set of images (``Images``), writes
+PNG figures and a ``metrics.json`` into its output folder, and returns the metrics dict.
+
+- ``reconstruct``: original | reconstructions, and every metric of ``fastinv.invert.metrics``.
+- ``resample``: K reconstructions per image with fresh noise and the same logits, plus the
+  per-pixel std map: what the logits leave free.
+- ``misclassified``: the same for images the classifier gets wrong, with true/predicted labels.
+- ``logit_sweep``: logits + c (shift), logits × s (scale), logits + N(0, σ²) (perturb).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastinv.invert import figures
+from fastinv.invert.metrics import (
+    classifier_logits,
+    json_safe,
+    noise_std,
+    reconstruction_metrics,
+)
+
+SWEEPS: dict[str, tuple[float, ...]] = {
+    "shift": (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0),
+    "scale": (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
+    "perturb": (0.0, 0.5, 1.0, 2.0, 4.0),
+}
+
+
+@dataclass
+class Images:
+    """Originals in [-1, 1], true labels and the classifier's logits Φ(x) (the inverter's input)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    logits: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, idx: torch.Tensor) -> Images:
+        return Images(self.images[idx], self.labels[idx], self.logits[idx])
+
+    @classmethod
+    def from_images(cls, classifier, images: torch.Tensor, labels: torch.Tensor) -> Images:
+        with torch.no_grad():
+            return cls(images, labels, classifier_logits(classifier, images))
+
+
+def collect_images(
+    batches: Iterable[dict], classifier: torch.nn.Module, n: int, device: torch.device | str
+) -> Images:
+    """Take the first ``n`` images of a ``fastinv.data.make_loader`` stream and their logits."""
+    imgs, labels, logits = [], [], []
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            x = batch["image"].to(device)
+            imgs.append(x)
+            labels.append(batch["label"].to(device))
+            logits.append(classifier(batch["classifier_input"].to(device)).float())
+            count += x.shape[0]
+            if count >= n:
+                break
+    if not imgs:
+        raise ValueError("collect_images got no batches: is the image folder empty?")
+    return Images(torch.cat(imgs)[:n], torch.cat(labels)[:n], torch.cat(logits)[:n])
+
+
+@torch.no_grad()
+def invert(
+    G: torch.nn.Module, logits: torch.Tensor, seed: int = 0, batch_size: int = 64
+) -> torch.Tensor:
+    """x̂ = G(logits, ε) with ε drawn from a seeded generator (same seed, same images)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = logits.device
+    out = []
+    for chunk in logits.split(batch_size):
+        noise = G.sample_noise(chunk.shape[0], generator=gen).to(device)
+        out.append(G(chunk, noise).float().clamp(-1, 1))
+    return torch.cat(out)
+
+
+def _match_size(rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if rec.shape[-2:] == like.shape[-2:]:
+        return rec
+    return torch.nn.functional.interpolate(
+        rec, size=like.shape[-2:], mode="bilinear", align_corners=False, antialias=True
+    )
+
+
+def write_metrics(out_dir: Path, metrics: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+    return metrics
+
+
+def reconstruct(
+    G, classifier, data: Images, out_dir: str | Path, *, n_show: int = 8, n_rec: int = 2, seed: int = 0
+) -> dict:
+    """Reconstruct every image; grid of original | ``n_rec`` reconstructions; all metrics."""
+    out_dir = Path(out_dir)
+    rec = _match_size(invert(G, data.logits, seed=seed), data.images)
+    metrics = reconstruction_metrics(classifier, rec, data.images, data.labels, data.logits)
+    metrics["n_images"] = len(data)
+    show = min(n_show, len(data))
+    columns = [data.images[:show], rec[:show]]
+    for r in range(1, n_rec):
+        columns.append(_match_size(invert(G, data.logits[:show], seed=seed + r), data.images))
+    figures.save_columns(columns, out_dir / "reconstruct.png", upscale=2)
+    return write_metrics(out_dir, metrics)
+
+
+def resample(
+    G, classifier, data: Images, out_dir: str | Path, *, k: int = 8, n_show: int = 6, seed: int = 0
+) -> dict:
+    """K reconstructions per image with fresh noise: grid, std maps, mean pixel std."""
+    if k < 2:
+        raise ValueError(f"resample needs k >= 2 noise draws to measure a std, got k={k}")
+    out_dir = Path(out_dir)
+    samples = torch.stack(
+        [_match_size(invert(G, data.logits, seed=seed + j), data.images) for j in range(k)], dim=1
+    )  # (N, K, C, H, W)
+    std = noise_std(samples)
+    per_draw = [
+        reconstruction_metrics(classifier, samples[:, j], data.images, data.labels, data.logits)
+        for j in range(k)
+    ]
+    metrics = {key: sum(m[key] for m in per_draw) / k for key in per_draw[0]}
+    metrics.update(noise_std=std.mean().item(), k=k, n_images=len(data))
+    show = min(n_show, len(data))
+    columns = [data.images[:show]] + [samples[:show, j] for j in range(k)]
+    figures.save_columns(columns, out_dir / "resample.png", upscale=2)
+    figures.save_std_maps(data.images[:show], std[:show], out_dir / "resample_std.png")
+    return write_metrics(out_dir, metrics)
+
+
+def misclassified(
+    G,
+    classifier,
+    data: Images,
+    out_dir: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    n_show: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Reconstruct the images the classifier gets wrong; does x̂ look like x or like the label?
+
+    ``rec_top1_vs_pred`` (does x̂ get the same wrong label) and pixel fidelity answer "the
+    logits of a misclassified image still reconstruct the image, not the predicted class".
+    """
+    out_dir = Path(out_dir)
+    pred = data.logits.argmax(dim=1)
+    wrong = (pred != data.labels).nonzero().flatten()
+    metrics: dict = {"n_images": len(data), "n_misclassified": int(wrong.numel())}
+    if wrong.numel() == 0:
+        metrics["note"] = "the classifier gets every image right: nothing to show"
+        return write_metrics(out_dir, metrics)
+    sub = data.subset(wrong)
+    rec = _match_size(invert(G, sub.logits, seed=seed), sub.images)
+    metrics.update(reconstruction_metrics(classifier, rec, sub.images, sub.labels, sub.logits))
+    # Reference point: reconstructions of correctly classified images of the same run.
+    right = (pred == data.labels).nonzero().flatten()
+    if right.numel() > 0:
+        ok = data.subset(right)
+        rec_ok = _match_size(invert(G, ok.logits, seed=seed), ok.images)
+        ref = reconstruction_metrics(classifier, rec_ok, ok.images, ok.labels, ok.logits)
+        metrics["correct_psnr"] = ref["psnr"]
+        metrics["correct_ssim"] = ref["ssim"]
+    show = min(n_show, wrong.numel())
+    names = list(class_names) if class_names else [str(i) for i in range(data.logits.shape[1])]
+    tiles = torch.stack([sub.images[:show], rec[:show]], dim=1).flatten(0, 1)
+    titles = []
+    for i in range(show):
+        t, p = names[int(sub.labels[i])], names[int(pred[wrong[i]])]
+        titles += [f"x: true {t}", f"x̂ (pred {p})"]
+    figures.save_titled_grid(tiles, titles, out_dir / "misclassified.png", ncol=min(8, 2 * show))
+    return write_metrics(out_dir, metrics)
+
+
+def modify_logits(kind: str, logits: torch.Tensor, value: float, seed: int = 0) -> torch.Tensor:
+    """logits + value (shift), logits × value (scale) or logits + N(0, value²) (perturb)."""
+    if kind == "shift":
+        return logits + value
+    if kind == "scale":
+        return logits * value
+    if kind == "perturb":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(logits.shape, generator=gen).to(logits.device, logits.dtype)
+        return logits + value * noise
+    raise ValueError(f"unknown logit manipulation {kind!r}; choose one of {sorted(SWEEPS)}")
+
+
+def logit_sweep(
+    G,
+    classifier,
+    data: Images,
+    out_dir: str | Path,
+    *,
+    kind: str,
+    values: Sequence[float] | None = None,
+    n_show: int = 6,
+    seed: int = 0,
+) -> dict:
+    """Reconstruct from manipulated logits over a sweep; metrics are against the original x."""
+    out_dir = Path(out_dir)
+    values = list(values if values is not None else SWEEPS[kind])
+    show = min(n_show, len(data))
+    rows = [data.images[:show]]
+    per_value = []
+    for v in values:
+        z = modify_logits(kind, data.logits, v, seed=seed)
+        # Same noise for every value: the only thing that changes along a row is the logits.
+        rec = _match_size(invert(G, z, seed=seed), data.images)
+        m = reconstruction_metrics(classifier, rec, data.images, data.labels, data.logits)
+        m["value"] = float(v)
+        per_value.append(m)
+        rows.append(rec[:show])
+    figures.save_columns(rows, out_dir / f"{kind}.png", upscale=2)
+    curve_keys = ["top1_vs_orig", "logit_cosine", "psnr", "ssim"]
+    figures.save_curves(
+        values,
+        {k: [m[k] for m in per_value] for k in curve_keys},
+        out_dir / f"{kind}_curves.png",
+        xlabel={"shift": "c (logits + c)", "scale": "s (logits × s)", "perturb": "σ"}[kind],
+        title=f"logit {kind}",
+    )
+    metrics = {"kind": kind, "values": values, "per_value": per_value, "n_images": len(data)}
+    return write_metrics(out_dir, metrics)

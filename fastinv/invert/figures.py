@@ -1,0 +1,108 @@
+"""PNG figures for the analyses: image grids (torchvision) and plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped, on the CPU."""
+    return ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def save_rows(rows: Sequence[torch.Tensor], path: Path, upscale: int = 1) -> Path:
+    """Save a grid whose i-th row is ``rows[i]`` (each (N, C, H, W) in [-1, 1], same N)."""
+    n = rows[0].shape[0]
+    images = torch.cat([to_unit(r) for r in rows])
+    if upscale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=n, padding=2, pad_value=1.0)
+    return path
+
+
+def save_columns(columns: Sequence[torch.Tensor], path: Path, upscale: int = 1) -> Path:
+    """Save a grid whose j-th column is ``columns[j]`` (original | reconstructions ...)."""
+    n = columns[0].shape[0]
+    images = torch.stack([to_unit(c) for c in columns], dim=1).reshape(
+        n * len(columns), *columns[0].shape[1:]
+    )
+    if upscale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=len(columns), padding=2, pad_value=1.0)
+    return path
+
+
+def save_titled_grid(
+    images: torch.Tensor, titles: Sequence[str], path: Path, ncol: int, suptitle: str = ""
+) -> Path:
+    """Images in [-1, 1] with a short title each (labels of misclassified images)."""
+    n = images.shape[0]
+    nrow = max(1, -(-n // ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.6 * ncol, 1.8 * nrow), squeeze=False)
+    unit = to_unit(images)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(unit[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(titles[i], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_std_maps(originals: torch.Tensor, std_maps: torch.Tensor, path: Path) -> Path:
+    """Originals above their per-pixel noise std maps (shared colour scale)."""
+    n = originals.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.2), squeeze=False)
+    vmax = float(std_maps.max().clamp_min(1e-6))
+    unit = to_unit(originals)
+    im = None
+    for i in range(n):
+        axes[0, i].imshow(unit[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        im = axes[1, i].imshow(std_maps[i].cpu().numpy(), cmap="magma", vmin=0, vmax=vmax)
+        axes[0, i].axis("off")
+        axes[1, i].axis("off")
+    fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="pixel std over noise")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_curves(
+    xs: Sequence[float], curves: dict[str, Sequence[float]], path: Path, xlabel: str, title: str
+) -> Path:
+    """One panel per metric, y against the swept value."""
+    keys = list(curves)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(xs, curves[key], marker="o")
+        ax.set_xlabel(xlabel)
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_grid_tensor(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0), path)
+    return path

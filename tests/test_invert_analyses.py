@@ -1,0 +1,106 @@
+"""Each analysis on a tiny random inverter writes its figures and a metrics.json."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from fastinv.invert import analyses
+from tests.invert_tiny import tiny_pair
+
+
+@pytest.fixture(scope="module")
+def setup():
+    G, C = tiny_pair(seed=0, num_classes=4, resolution=16)
+    torch.manual_seed(1)
+    images = torch.rand(10, 3, 16, 16) * 2 - 1
+    labels = torch.arange(10) % 4
+    data = analyses.Images.from_images(C, images, labels)
+    return G, C, data
+
+
+def _png_shape(path):
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_invert_is_deterministic_in_the_seed_and_changes_with_it(setup):
+    G, _, data = setup
+    a = analyses.invert(G, data.logits, seed=3)
+    assert a.shape == (10, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, analyses.invert(G, data.logits, seed=3))
+    assert not torch.equal(a, analyses.invert(G, data.logits, seed=4))
+
+
+def test_reconstruct_writes_grid_and_metrics(setup, tmp_path):
+    G, C, data = setup
+    m = analyses.reconstruct(G, C, data, tmp_path, n_show=4, n_rec=2)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["n_images"] == 10
+    for key in ("top1_vs_orig", "top1_vs_label", "logit_cosine", "logit_rel_l2", "psnr", "ssim"):
+        assert key in saved and saved[key] == pytest.approx(m[key])
+    # 4 rows x 3 columns (original | 2 reconstructions) of 32 px tiles (upscaled x2), 2 px padding
+    assert _png_shape(tmp_path / "reconstruct.png") == (3 * 34 + 2, 4 * 34 + 2)
+
+
+def test_resample_std_map_is_positive_for_a_noise_dependent_generator(setup, tmp_path):
+    G, C, data = setup
+    m = analyses.resample(G, C, data, tmp_path, k=3, n_show=2)
+    assert m["k"] == 3 and m["noise_std"] > 0
+    assert (tmp_path / "resample.png").is_file() and (tmp_path / "resample_std.png").is_file()
+    with pytest.raises(ValueError, match="k >= 2"):
+        analyses.resample(G, C, data, tmp_path, k=1)
+
+
+def test_resample_std_is_zero_when_the_generator_ignores_noise(setup, tmp_path):
+    G, C, data = setup
+
+    class NoNoise(torch.nn.Module):
+        def __init__(self, g):
+            super().__init__()
+            self.g = g
+
+        def sample_noise(self, batch, generator=None):
+            return self.g.sample_noise(batch, generator)
+
+        def forward(self, logits, noise):
+            return self.g(logits, torch.zeros_like(noise))
+
+    m = analyses.resample(NoNoise(G), C, data, tmp_path, k=2, n_show=2)
+    assert m["noise_std"] == 0
+
+
+def test_misclassified_uses_only_wrong_images(setup, tmp_path):
+    G, C, data = setup
+    m = analyses.misclassified(G, C, data, tmp_path, class_names=["a", "b", "c", "d"])
+    wrong = int((data.logits.argmax(1) != data.labels).sum())
+    assert m["n_misclassified"] == wrong and wrong > 0
+    assert (tmp_path / "misclassified.png").is_file()
+    assert "correct_psnr" in m  # reference point from correctly classified images
+
+
+def test_misclassified_with_a_perfect_classifier_says_so(setup, tmp_path):
+    G, C, data = setup
+    perfect = analyses.Images(data.images, data.logits.argmax(1), data.logits)
+    m = analyses.misclassified(G, C, perfect, tmp_path)
+    assert m["n_misclassified"] == 0 and "note" in m
+
+
+@pytest.mark.parametrize("kind", ["shift", "scale", "perturb"])
+def test_logit_sweeps_write_one_entry_per_value(setup, tmp_path, kind):
+    G, C, data = setup
+    values = [0.0, 1.0, 2.0] if kind != "scale" else [0.5, 1.0, 2.0]
+    m = analyses.logit_sweep(G, C, data, tmp_path, kind=kind, values=values, n_show=3)
+    assert [e["value"] for e in m["per_value"]] == values
+    assert (tmp_path / f"{kind}.png").is_file() and (tmp_path / f"{kind}_curves.png").is_file()
+
+
+def test_identity_manipulations_reproduce_plain_reconstruction(setup, tmp_path):
+    G, C, data = setup
+    base = analyses.invert(G, data.logits, seed=0)
+    for kind, v in (("shift", 0.0), ("scale", 1.0), ("perturb", 0.0)):
+        z = analyses.modify_logits(kind, data.logits, v)
+        assert torch.equal(analyses.invert(G, z, seed=0), base)
+    with pytest.raises(ValueError, match="unknown logit manipulation"):
+        analyses.modify_logits("rotate", data.logits, 1.0)
