@@ -1,0 +1,112 @@
+"""BigGAN's conditional batch norm layer (``ccbn``) on the fused op.
+
+``gain = 1 + Linear(cond)``, ``bias = Linear(cond)``, both (N, C), then
+``fastinv.ops.conditional_batch_norm``. The running statistics follow ``nn.BatchNorm2d``
+(same buffer names, same state-dict keys, ``momentum=None`` = cumulative moving average).
+``convert_sync_cbn`` turns on cross-replica statistics for every layer of a model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinv.ops import conditional_batch_norm
+
+
+def _linear(in_features: int, out_features: int, spectral_norm: bool) -> nn.Module:
+    if not spectral_norm:
+        return nn.Linear(in_features, out_features)
+    try:  # the fused multi-tensor spectral norm, when this checkout has it
+        from fastinv.nn.spectral_norm import SNLinear
+    except ImportError:
+        return nn.utils.parametrizations.spectral_norm(nn.Linear(in_features, out_features))
+    return SNLinear(in_features, out_features, bias=True)
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm whose per-sample affine comes from a conditioning vector (BigGAN ccbn).
+
+    Args:
+        num_features: C, the channels of ``x``.
+        cond_dim: the size of ``cond`` (in the inverter: logits, noise chunk and embedding).
+        eps, momentum: as ``nn.BatchNorm2d``; ``momentum=None`` is the cumulative average.
+        spectral_norm: spectral-normalise the two linear maps (BigGAN does).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        cond_dim: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        spectral_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_features, self.cond_dim = num_features, cond_dim
+        self.eps, self.momentum = eps, momentum
+        self.gain = _linear(cond_dim, num_features, spectral_norm)
+        self.bias = _linear(cond_dim, num_features, spectral_norm)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.process_group = None  # set by convert_sync_cbn
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if cond.dim() != 2 or cond.shape[0] != x.shape[0] or cond.shape[1] != self.cond_dim:
+            raise ValueError(
+                f"ConditionalBatchNorm2d: cond must have shape (N, cond_dim) = "
+                f"({x.shape[0]}, {self.cond_dim}) for x of shape {tuple(x.shape)}, got "
+                f"{tuple(cond.shape)}"
+            )
+        gain = (1 + self.gain(cond)).to(x.dtype)
+        bias = self.bias(cond).to(x.dtype)
+        momentum = self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked)
+        elif momentum is None:
+            momentum = 0.0  # unused in eval
+        return conditional_batch_norm(
+            x,
+            gain,
+            bias,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            momentum=momentum,
+            eps=self.eps,
+            process_group=self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        sync = ", sync" if self.process_group is not None else ""
+        return (
+            f"{self.num_features}, cond_dim={self.cond_dim}, eps={self.eps}, "
+            f"momentum={self.momentum}{sync}"
+        )
+
+
+def convert_sync_cbn(module: nn.Module, process_group=None) -> nn.Module:
+    """Make every ConditionalBatchNorm2d in ``module`` compute its training statistics over the
+    ranks of ``process_group`` (``None``: the default group, ``torch.distributed.group.WORLD``).
+    Modifies ``module`` in place and returns it."""
+    import torch.distributed as dist
+
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "convert_sync_cbn: torch.distributed is not initialized; call "
+                "init_process_group first, or pass a process_group"
+            )
+        process_group = dist.group.WORLD
+    for m in module.modules():
+        if isinstance(m, ConditionalBatchNorm2d):
+            m.process_group = process_group
+    return module

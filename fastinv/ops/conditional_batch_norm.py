@@ -1,0 +1,402 @@
+"""Conditional batch norm (BigGAN's ccbn), fused.
+
+    y[n,c,h,w] = (x[n,c,h,w] - mean[c]) * invstd[c] * gain[n,c] + bias[n,c]
+    invstd[c]  = 1 / sqrt(var[c] + eps)
+
+``x`` is (N, C, H, W), contiguous or channels_last (the output keeps the layout); ``gain`` and
+``bias`` are (N, C) in ``x``'s dtype. Training: ``mean``/``var`` are the biased batch statistics
+over N, H, W, and ``running_mean``/``running_var`` (optional, any floating dtype) are updated in
+place, ``r = (1 - momentum) * r + momentum * s``, with the *unbiased* variance (PyTorch's
+convention). Eval: the running statistics normalise. Statistics and accumulation are fp32 for
+fp16/bf16/fp32 input (float64 for float64), computed as a shifted two-pass / Welford merge,
+never ``E[x^2] - E[x]^2``.
+
+Ops (all in the ``fastinv`` namespace, each with a reference here and CPU/CUDA kernels):
+
+  conditional_batch_norm            the fused forward -> (y, mean, invstd); mean/invstd are the
+                                    statistics used (saved for backward)
+  conditional_batch_norm_backward   -> (grad_x, grad_gain, grad_bias)
+  conditional_batch_norm_stats      per-channel (mean, biased var) of one replica's batch
+  conditional_batch_norm_apply      the normalise-and-affine step given mean/invstd
+  conditional_batch_norm_backward_reduce   per-(n, c) sums of dy * xhat and dy
+  conditional_batch_norm_backward_elemt    grad_x given the two per-channel sums
+
+Why two sets: a ``ProcessGroup`` cannot pass through an op schema, and a collective inside a
+kernel would hide a host-side wait from the dispatcher. So cross-replica BN (``process_group``)
+is a ``torch.autograd.Function`` in Python that calls the split ops and does the all-gather
+(forward: count, mean, M2 per rank, merged exactly as Welford's parallel formula, so ranks may
+have different batch sizes) and the all-reduce (backward: the two per-channel sums) between
+them. Without a group the one fused op runs: on CPU it keeps each channel's slab in cache
+between the statistics and the normalise pass, which the split ops cannot.
+
+Backward (training), with xhat = (x - mean) * invstd, M = N*H*W summed over all replicas:
+    grad_bias[n,c] = sum_hw dy,   grad_gain[n,c] = sum_hw dy * xhat
+    grad_x = invstd * (dy * gain - A[c] / M - xhat * B[c] / M)
+    A[c] = sum_n gain[n,c] grad_bias[n,c],   B[c] = sum_n gain[n,c] grad_gain[n,c]
+Eval: grad_x = dy * gain * invstd.
+
+Implementations: reference (``*_reference`` below, every device), csrc/cpu/conditional_batch_norm.cpp,
+csrc/cuda/conditional_batch_norm.cu.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastinv.ops import _validate as check
+from fastinv.ops._library import define
+
+_OP = "fastinv.conditional_batch_norm"
+
+
+# --- shared checks and layout rule (the C++ kernels mirror both) ----------------------------
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """Outputs shaped like x are channels_last when x is (and not also plain contiguous, as
+    when C == 1 or H == W == 1), contiguous otherwise."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_x(x: torch.Tensor) -> None:
+    check.floating(x, _OP, "x")
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{_OP}: x is empty (shape {tuple(x.shape)}); batch norm needs values")
+
+
+def _check_nc(t: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    check.floating(t, _OP, name)
+    if tuple(t.shape) != (x.shape[0], x.shape[1]):
+        raise ValueError(
+            f"{_OP}: {name} must have shape (N, C) = {(x.shape[0], x.shape[1])} to match x of "
+            f"shape {tuple(x.shape)}, got {tuple(t.shape)}"
+        )
+    check.same_dtype(x, t, _OP, "x", name)
+    check.same_device(x, t, _OP, "x", name)
+
+
+def _check_c(t: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    check.floating(t, _OP, name)
+    if tuple(t.shape) != (x.shape[1],):
+        raise ValueError(
+            f"{_OP}: {name} must have shape (C,) = ({x.shape[1]},) to match x of shape "
+            f"{tuple(x.shape)}, got {tuple(t.shape)}"
+        )
+    check.same_device(x, t, _OP, "x", name)
+
+
+def _check_training_count(count: int, shape) -> None:
+    if count <= 1:
+        raise ValueError(
+            f"{_OP}: Expected more than 1 value per channel when training, got input size "
+            f"{list(shape)}; use a batch of at least 2 (or H*W > 1), or eval mode"
+        )
+
+
+def _check_args(x, gain, bias, running_mean, running_var) -> None:
+    _check_x(x)
+    _check_nc(gain, x, "gain")
+    _check_nc(bias, x, "bias")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{_OP}: pass both running_mean and running_var, or neither")
+    if running_mean is not None:
+        _check_c(running_mean, x, "running_mean")
+        _check_c(running_var, x, "running_var")
+
+
+def _check_forward(x, gain, bias, running_mean, running_var, training) -> None:
+    _check_args(x, gain, bias, running_mean, running_var)
+    if training:
+        _check_training_count(x.numel() // x.shape[1], x.shape)
+    elif running_mean is None:
+        raise ValueError(
+            f"{_OP}: eval mode (training=False) normalises with running_mean and running_var; "
+            "pass them, or use training=True for batch statistics"
+        )
+
+
+def _bc(t: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (1, C, 1, 1); (N, C) -> (N, C, 1, 1)."""
+    return t.view(1, -1, 1, 1) if t.dim() == 1 else t[:, :, None, None]
+
+
+# --- references (pure PyTorch) -----------------------------------------------------------
+
+
+def conditional_batch_norm_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_x(x)
+    var, mean = torch.var_mean(x.to(_acc(x.dtype)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def conditional_batch_norm_apply_reference(x, gain, bias, mean, invstd) -> torch.Tensor:
+    acc = _acc(x.dtype)
+    scale = _bc(invstd.to(acc)) * _bc(gain.to(acc))
+    y = (x.to(acc) - _bc(mean.to(acc))) * scale + _bc(bias.to(acc))
+    return y.to(x.dtype).contiguous(memory_format=_layout(x))
+
+
+def conditional_batch_norm_reference(
+    x, gain, bias, running_mean, running_var, training: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_forward(x, gain, bias, running_mean, running_var, training)
+    acc = _acc(x.dtype)
+    if training:
+        mean, var = conditional_batch_norm_stats_reference(x)
+    else:
+        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
+    invstd = torch.rsqrt(var + eps)
+    y = conditional_batch_norm_apply_reference(x, gain, bias, mean, invstd)
+    return y, mean, invstd, var
+
+
+def conditional_batch_norm_update_running_reference(
+    running_mean, running_var, mean, var, count: int, momentum: float
+) -> None:
+    """PyTorch's convention: the running variance tracks the unbiased batch variance."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        running_mean.copy_(running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
+        running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
+
+
+def conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd):
+    acc = _acc(x.dtype)
+    dy = grad_y.to(acc)
+    xhat = (x.to(acc) - _bc(mean.to(acc))) * _bc(invstd.to(acc))
+    return (dy * xhat).sum((2, 3)), dy.sum((2, 3))
+
+
+def conditional_batch_norm_backward_elemt_reference(
+    grad_y, x, gain, mean, invstd, sum_dxhat, sum_dxhat_xhat, count: int
+) -> torch.Tensor:
+    acc = _acc(x.dtype)
+    inv = _bc(invstd.to(acc))
+    xhat = (x.to(acc) - _bc(mean.to(acc))) * inv
+    a = _bc(sum_dxhat.to(acc) / count)
+    b = _bc(sum_dxhat_xhat.to(acc) / count)
+    gx = (grad_y.to(acc) * _bc(gain.to(acc)) - a - xhat * b) * inv
+    return gx.to(x.dtype).contiguous(memory_format=_layout(x))
+
+
+def conditional_batch_norm_backward_reference(grad_y, x, gain, mean, invstd, training: bool):
+    acc = _acc(x.dtype)
+    grad_gain, grad_bias = conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd)
+    if training:
+        g = gain.to(acc)
+        sum_dxhat, sum_dxhat_xhat = (g * grad_bias).sum(0), (g * grad_gain).sum(0)
+        count = x.numel() // x.shape[1]
+        gx = conditional_batch_norm_backward_elemt_reference(
+            grad_y, x, gain, mean, invstd, sum_dxhat, sum_dxhat_xhat, count
+        )
+    else:
+        gx = grad_y.to(acc) * _bc(gain.to(acc)) * _bc(invstd.to(acc))
+        gx = gx.to(x.dtype).contiguous(memory_format=_layout(x))
+    return gx, grad_gain.to(gain.dtype), grad_bias.to(gain.dtype)
+
+
+# --- schemas -----------------------------------------------------------------------------
+
+# Functional (autograd needs that): returns (y, mean, invstd, var), the statistics used; the
+# running-stat update is its own small mutating op, fed detached statistics.
+_cbn = define(
+    "conditional_batch_norm(Tensor x, Tensor gain, Tensor bias, Tensor? running_mean, "
+    "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    conditional_batch_norm_reference,
+)
+_cbn_update = define(
+    "conditional_batch_norm_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, "
+    "Tensor mean, Tensor var, int count, float momentum) -> ()",
+    conditional_batch_norm_update_running_reference,
+)
+_cbn_bwd = define(
+    "conditional_batch_norm_backward(Tensor grad_y, Tensor x, Tensor gain, Tensor mean, "
+    "Tensor invstd, bool training) -> (Tensor, Tensor, Tensor)",
+    conditional_batch_norm_backward_reference,
+)
+_cbn_stats = define(
+    "conditional_batch_norm_stats(Tensor x) -> (Tensor, Tensor)",
+    conditional_batch_norm_stats_reference,
+)
+_cbn_apply = define(
+    "conditional_batch_norm_apply(Tensor x, Tensor gain, Tensor bias, Tensor mean, Tensor invstd) -> Tensor",
+    conditional_batch_norm_apply_reference,
+)
+_cbn_bwd_reduce = define(
+    "conditional_batch_norm_backward_reduce(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd) "
+    "-> (Tensor, Tensor)",
+    conditional_batch_norm_backward_reduce_reference,
+)
+_cbn_bwd_elemt = define(
+    "conditional_batch_norm_backward_elemt(Tensor grad_y, Tensor x, Tensor gain, Tensor mean, "
+    "Tensor invstd, Tensor sum_dxhat, Tensor sum_dxhat_xhat, int count) -> Tensor",
+    conditional_batch_norm_backward_elemt_reference,
+)
+
+
+# --- fake (meta) kernels ---------------------------------------------------------------------
+
+
+def _like_x(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+
+
+def _per_channel(x: torch.Tensor, *lead: int) -> torch.Tensor:
+    return x.new_empty((*lead, x.shape[1]), dtype=_acc(x.dtype))
+
+
+@torch.library.register_fake("fastinv::conditional_batch_norm")
+def _(x, gain, bias, running_mean, running_var, training, eps):
+    _check_forward(x, gain, bias, running_mean, running_var, training)
+    return _like_x(x), _per_channel(x), _per_channel(x), _per_channel(x)
+
+
+@torch.library.register_fake("fastinv::conditional_batch_norm_update_running")
+def _(running_mean, running_var, mean, var, count, momentum):
+    return None
+
+
+@torch.library.register_fake("fastinv::conditional_batch_norm_backward")
+def _(grad_y, x, gain, mean, invstd, training):
+    return _like_x(x), torch.empty_like(gain), torch.empty_like(gain)
+
+
+@torch.library.register_fake("fastinv::conditional_batch_norm_stats")
+def _(x):
+    _check_x(x)
+    return _per_channel(x), _per_channel(x)
+
+
+@torch.library.register_fake("fastinv::conditional_batch_norm_apply")
+def _(x, gain, bias, mean, invstd):
+    return _like_x(x)
+
+
+@torch.library.register_fake("fastinv::conditional_batch_norm_backward_reduce")
+def _(grad_y, x, mean, invstd):
+    return _per_channel(x, x.shape[0]), _per_channel(x, x.shape[0])
+
+
+@torch.library.register_fake("fastinv::conditional_batch_norm_backward_elemt")
+def _(grad_y, x, gain, mean, invstd, sum_dxhat, sum_dxhat_xhat, count):
+    return _like_x(x)
+
+
+# --- autograd of the fused op ---------------------------------------------------------------
+
+
+def _setup(ctx, inputs, output):
+    x, gain, _bias, _rm, _rv, training, _eps = inputs
+    _y, mean, invstd, _var = output
+    ctx.mark_non_differentiable(mean, invstd, _var)
+    ctx.save_for_backward(x, gain, mean, invstd)
+    ctx.training = training
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
+    # The statistics are outputs for saving and the running-stat update only (marked
+    # non-differentiable): the public function never exposes them.
+    x, gain, mean, invstd = ctx.saved_tensors
+    grad_x, grad_gain, grad_bias = _cbn_bwd.default(grad_y, x, gain, mean, invstd, ctx.training)
+    return grad_x, grad_gain, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("fastinv::conditional_batch_norm", _backward, setup_context=_setup)
+
+
+# --- cross-replica (sync) path ---------------------------------------------------------------
+
+
+class _SyncConditionalBatchNorm(torch.autograd.Function):
+    """Statistics and backward reductions summed over the ranks of ``group``: the result equals
+    one process running the concatenated batch, also when ranks hold different batch sizes."""
+
+    @staticmethod
+    def forward(ctx, x, gain, bias, running_mean, running_var, momentum, eps, group):
+        # The count check is on the global batch (below): a rank may hold a single value.
+        _check_args(x, gain, bias, running_mean, running_var)
+        local_count = x.numel() // x.shape[1]
+        mean, var = _cbn_stats.default(x)
+        # One all_gather of (count, mean, M2) per rank; merged in float64 with Chan et al.'s
+        # parallel formula (exact, stable, weights each rank by its own count).
+        packed = torch.cat(
+            [torch.tensor([float(local_count)], dtype=torch.float64, device=x.device),
+             mean.double(), var.double() * local_count]
+        )
+        world = dist.get_world_size(group)
+        gathered = [torch.empty_like(packed) for _ in range(world)]
+        dist.all_gather(gathered, packed, group=group)
+        table = torch.stack(gathered)  # (world, 1 + 2C)
+        c = x.shape[1]
+        counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]
+        total = counts.sum()
+        count = int(total.item())
+        _check_training_count(count, (count // max(1, x.shape[2] * x.shape[3]), *x.shape[1:]))
+        gmean = (counts * means).sum(0) / total
+        gvar = (m2s + counts * (means - gmean) ** 2).sum(0) / total
+        acc = _acc(x.dtype)
+        mean_acc = gmean.to(acc)
+        if running_mean is not None:
+            _cbn_update.default(running_mean, running_var, mean_acc, gvar.to(acc), count, momentum)
+        invstd = torch.rsqrt(gvar + eps).to(acc)
+        y = _cbn_apply.default(x, gain, bias, mean_acc, invstd)
+        ctx.save_for_backward(x, gain, mean_acc, invstd)
+        ctx.count, ctx.group = count, group
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, gain, mean, invstd = ctx.saved_tensors
+        grad_gain, grad_bias = _cbn_bwd_reduce.default(grad_y, x, mean, invstd)
+        g = gain.to(grad_gain.dtype)
+        sums = torch.stack([(g * grad_bias).sum(0), (g * grad_gain).sum(0)])
+        dist.all_reduce(sums, group=ctx.group)
+        grad_x = _cbn_bwd_elemt.default(grad_y, x, gain, mean, invstd, sums[0], sums[1], ctx.count)
+        return (grad_x, grad_gain.to(gain.dtype), grad_bias.to(gain.dtype),
+                None, None, None, None, None)
+
+
+# --- public API ----------------------------------------------------------------------------
+
+
+def conditional_batch_norm(
+    x: torch.Tensor,
+    gain: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+) -> torch.Tensor:
+    """Conditional batch norm ``(x - mean) * invstd * gain[:, :, None, None] + bias[:, :, None, None]``.
+
+    ``momentum`` is the running-stat factor; for PyTorch's ``momentum=None`` (cumulative average)
+    pass ``1 / num_batches_tracked`` (``fastinv.nn.ConditionalBatchNorm2d`` does). With a
+    ``process_group`` of more than one rank, training statistics and backward reductions are
+    summed over its ranks (cross-replica batch norm)."""
+    if momentum is None:
+        raise ValueError(
+            f"{_OP}: momentum=None (cumulative average) needs the batch count; pass "
+            "momentum=1/num_batches_tracked, or use fastinv.nn.ConditionalBatchNorm2d(momentum=None)"
+        )
+    if training and process_group is not None and dist.is_available() and dist.is_initialized():
+        if dist.get_world_size(process_group) > 1:
+            return _SyncConditionalBatchNorm.apply(
+                x, gain, bias, running_mean, running_var, float(momentum), float(eps), process_group
+            )
+    y, mean, _invstd, var = _cbn.default(x, gain, bias, running_mean, running_var, bool(training), float(eps))
+    if training and running_mean is not None:
+        count = x.numel() // x.shape[1]
+        _cbn_update.default(running_mean, running_var, mean, var, count, float(momentum))
+    return y
