@@ -73,8 +73,10 @@ two_segment_mean_kernel(Segment a, Segment b, acc_t* partials, unsigned int* tic
   __threadfence();
   // The last block: fixed assignment of partials to threads, so the order is fixed.
   acc_t sa = 0, sb = 0;
-  for (int i = threadIdx.x; i < a.blocks; i += kThreads) sa += partials[i];
-  for (int i = threadIdx.x; i < b.blocks; i += kThreads) sb += partials[a.blocks + i];
+  // volatile: read the other blocks' partials from L2, never from a stale L1 line.
+  const volatile acc_t* p = partials;
+  for (int i = threadIdx.x; i < a.blocks; i += kThreads) sa += p[i];
+  for (int i = threadIdx.x; i < b.blocks; i += kThreads) sb += p[a.blocks + i];
   sa = block_sum(sa);
   sb = block_sum(sb);
   if (threadIdx.x == 0) {
@@ -101,8 +103,10 @@ at::Tensor two_segment_mean(const at::Tensor& a, float sign_a, double w_a, const
              sign_b, w_b};
   const int grid = sa.blocks + sb.blocks;
   at::Tensor partials = at::empty({grid}, ac.options().dtype(out_t));
-  at::Tensor ticket = at::zeros({1}, ac.options().dtype(at::kInt));
+  at::Tensor ticket = at::empty({1}, ac.options().dtype(at::kInt));
   auto stream = at::cuda::getCurrentCUDAStream();
+  // A memset, not a fill kernel: the forward stays one kernel launch.
+  C10_CUDA_CHECK(cudaMemsetAsync(ticket.mutable_data_ptr<int>(), 0, sizeof(int), stream));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ac.scalar_type(), "two_segment_mean", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     two_segment_mean_kernel<scalar_t, acc_t, HINGE><<<grid, kThreads, 0, stream>>>(
