@@ -17,6 +17,11 @@ from fastinv.ops.hinge_loss import (
     hinge_loss_g,
     hinge_loss_g_reference,
 )
+from fastinv.ops.spectral_norm import (  # defines the spectral norm schemas
+    spectral_norm_,
+    spectral_norm_reference,
+    spectral_norm_with_sigma,
+)
 
 # Kernels attach to schemas that exist, so load after every op module above.
 load_extension()
@@ -30,4 +35,7 @@ __all__ = [
     "hinge_loss_d_reference",
     "hinge_loss_g",
     "hinge_loss_g_reference",
+    "spectral_norm_",
+    "spectral_norm_reference",
+    "spectral_norm_with_sigma",
 ]
