@@ -41,12 +41,14 @@ class Images:
     images: torch.Tensor
     labels: torch.Tensor
     logits: torch.Tensor
+    index: torch.Tensor | None = None  # dataset row of each image (factors.csv order)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def subset(self, idx: torch.Tensor) -> Images:
-        return Images(self.images[idx], self.labels[idx], self.logits[idx])
+        index = None if self.index is None else self.index[idx.to(self.index.device)]
+        return Images(self.images[idx], self.labels[idx], self.logits[idx], index)
 
     @classmethod
     def from_images(cls, classifier, images: torch.Tensor, labels: torch.Tensor) -> Images:
@@ -58,7 +60,7 @@ def collect_images(
     batches: Iterable[dict], classifier: torch.nn.Module, n: int, device: torch.device | str
 ) -> Images:
     """Take the first ``n`` images of a ``fastinv.data.make_loader`` stream and their logits."""
-    imgs, labels, logits = [], [], []
+    imgs, labels, logits, index = [], [], [], []
     count = 0
     with torch.no_grad():
         for batch in batches:
@@ -66,12 +68,15 @@ def collect_images(
             imgs.append(x)
             labels.append(batch["label"].to(device))
             logits.append(classifier(batch["classifier_input"].to(device)).float())
+            if "index" in batch:
+                index.append(torch.as_tensor(batch["index"]).cpu())
             count += x.shape[0]
             if count >= n:
                 break
     if not imgs:
         raise ValueError("collect_images got no batches: is the image folder empty?")
-    return Images(torch.cat(imgs)[:n], torch.cat(labels)[:n], torch.cat(logits)[:n])
+    idx = torch.cat(index)[:n] if index else None
+    return Images(torch.cat(imgs)[:n], torch.cat(labels)[:n], torch.cat(logits)[:n], idx)
 
 
 @torch.no_grad()
