@@ -1,4 +1,5 @@
 """fastinv.nn."""
+from fastinv.nn.attention import SelfAttention  # noqa: F401  (issue 6)
 from fastinv.nn.conditional_batch_norm import ConditionalBatchNorm2d, convert_sync_cbn  # noqa: F401  (issue 3)
 from fastinv.nn.spectral_norm import (  # noqa: F401  (issue 4)
     SNConv2d,

@@ -1,0 +1,95 @@
+"""BigGAN discriminator with projection conditioning on the classifier's logits.
+
+``D(x, logits) = linear(h) + <embed(logits), h>`` where ``h`` is the ReLU'd, spatially summed
+feature of the residual trunk and ``embed`` is a spectral-normed linear map of the logits
+(Miyato & Koyama 2018's projection, with the logit vector in place of a one-hot class).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinv.models import layers
+
+# resolution -> (channel multipliers in, out, downsample per block); the first "in" is RGB.
+D_ARCH: dict[int, tuple[list[int], list[int], list[bool]]] = {
+    16: ([0, 4, 4], [4, 4, 4], [True, False, False]),
+    32: ([0, 4, 4, 4], [4, 4, 4, 4], [True, True, False, False]),
+    64: ([0, 1, 2, 4, 8], [1, 2, 4, 8, 16], [True, True, True, True, False]),
+    128: ([0, 1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 16], [True] * 5 + [False]),
+    256: ([0, 1, 2, 4, 8, 8, 16], [1, 2, 4, 8, 8, 16, 16], [True] * 6 + [False]),
+}
+
+
+class DBlock(nn.Module):
+    """(ReLU) -> conv3x3 -> ReLU -> conv3x3 -> (avgpool), plus a 1x1 shortcut when needed."""
+
+    def __init__(self, in_ch: int, out_ch: int, downsample: bool, preactivation: bool,
+                 sn_eps: float):
+        super().__init__()
+        self.downsample, self.preactivation = downsample, preactivation
+        self.conv1 = layers.sn_conv2d(in_ch, out_ch, 3, 1, sn_eps)
+        self.conv2 = layers.sn_conv2d(out_ch, out_ch, 3, 1, sn_eps)
+        learnable = in_ch != out_ch or downsample
+        self.conv_sc = layers.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps) if learnable else None
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        # BigGAN order: conv before pool after a pre-activated block, pool first otherwise
+        if self.preactivation:
+            if self.conv_sc is not None:
+                x = self.conv_sc(x)
+            return layers.downsample2(x) if self.downsample else x
+        if self.downsample:
+            x = layers.downsample2(x)
+        return self.conv_sc(x) if self.conv_sc is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(x) if self.preactivation else x
+        h = self.conv2(torch.relu(self.conv1(h)))
+        if self.downsample:
+            h = layers.downsample2(h)
+        return h + self.shortcut(x)
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator ``D(x, logits) -> (N,)`` scores (higher = more real)."""
+
+    def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96,
+                 attention_resolution: int = 64, logit_preprocess: str = "none",
+                 logit_temperature: float = 1.0, sn_eps: float = 1e-6):
+        super().__init__()
+        if resolution not in D_ARCH:
+            raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
+        self.config = dict(num_classes=num_classes, resolution=resolution, ch=ch,
+                           attention_resolution=attention_resolution,
+                           logit_preprocess=logit_preprocess, logit_temperature=logit_temperature,
+                           sn_eps=sn_eps)
+        self.num_classes, self.resolution = num_classes, resolution
+        ins, outs, down = D_ARCH[resolution]
+        self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature)
+        self.blocks = nn.ModuleList()
+        self.attention = nn.ModuleDict()
+        res = resolution
+        for i, (ci, co, d) in enumerate(zip(ins, outs, down)):
+            self.blocks.append(DBlock(3 if i == 0 else ci * ch, co * ch, d, i > 0, sn_eps))
+            res //= 2 if d else 1
+            if res == attention_resolution and str(i) not in self.attention and d:
+                self.attention[str(i)] = layers.self_attention(co * ch, sn_eps)
+        self.linear = layers.sn_linear(outs[-1] * ch, 1, sn_eps)
+        self.embed = layers.sn_linear(num_classes, outs[-1] * ch, sn_eps, bias=False)
+        layers.init_orthogonal(self)
+        layers.attach_spectral_norm_group(self)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"Discriminator expects logits of shape ({x.shape[0]}, "
+                             f"{self.num_classes}), got {tuple(logits.shape)}")
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if str(i) in self.attention:
+                h = self.attention[str(i)](h)
+        h = torch.relu(h).sum(dim=(2, 3))
+        proj = (self.embed(self.preprocess(logits)).to(h.dtype) * h).sum(dim=1)
+        return self.linear(h).squeeze(1) + proj

@@ -1,0 +1,122 @@
+"""BigGAN generator conditioned on a classifier's logits instead of a one-hot class.
+
+``G(logits, noise)`` -> image in [-1, 1]. The logits go through a spectral-normed linear
+embedding (BigGAN's "shared" embedding); the noise is split hierarchically: its first chunk
+feeds the input linear layer, every residual block gets ``cat(shared(logits), chunk_i)`` as the
+condition of its conditional batch norms. Self-attention sits after the block that reaches
+``attention_resolution``. Architecture and init follow BigGAN-PyTorch (Brock et al. 2019).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinv.models import layers
+
+# resolution -> (channel multipliers in, channel multipliers out) of the residual blocks;
+# each block doubles the resolution, starting from a 4x4 map.
+G_ARCH: dict[int, tuple[list[int], list[int]]] = {
+    16: ([4, 4], [4, 4]),
+    32: ([4, 4, 4], [4, 4, 4]),
+    64: ([16, 16, 8, 4], [16, 8, 4, 2]),
+    128: ([16, 16, 8, 4, 2], [16, 8, 4, 2, 1]),
+    256: ([16, 16, 8, 8, 4, 2], [16, 8, 8, 4, 2, 1]),
+}
+BOTTOM = 4
+
+
+class GBlock(nn.Module):
+    """CBN -> ReLU -> up -> conv3x3 -> CBN -> ReLU -> conv3x3, plus an upsampled 1x1 shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, bn_eps: float, sn_eps: float):
+        super().__init__()
+        self.bn1 = layers.conditional_bn(in_ch, cond_dim, eps=bn_eps)
+        self.conv1 = layers.sn_conv2d(in_ch, out_ch, 3, 1, sn_eps)
+        self.bn2 = layers.conditional_bn(out_ch, cond_dim, eps=bn_eps)
+        self.conv2 = layers.sn_conv2d(out_ch, out_ch, 3, 1, sn_eps)
+        self.conv_sc = layers.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = layers.upsample2(torch.relu(self.bn1(x, cond)))
+        h = self.conv1(h)
+        h = self.conv2(torch.relu(self.bn2(h, cond)))
+        return h + self.conv_sc(layers.upsample2(x))
+
+
+class Generator(nn.Module):
+    """Logit-conditioned BigGAN generator.
+
+    Args:
+        num_classes: length of the logit vector (the classifier's output size).
+        resolution: output size, one of 16, 32, 64, 128, 256.
+        ch: channel width multiplier (BigGAN-128 uses 96).
+        noise_dim: requested noise size; rounded down to a multiple of (blocks + 1).
+        shared_dim: size of the logit embedding fed to every block.
+        attention_resolution: resolution of the self-attention block (0: none).
+        logit_preprocess / logit_temperature: see ``layers.LogitPreprocess``.
+    """
+
+    def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96, noise_dim: int = 120,
+                 shared_dim: int = 128, attention_resolution: int = 64,
+                 logit_preprocess: str = "none", logit_temperature: float = 1.0,
+                 bn_eps: float = 1e-5, sn_eps: float = 1e-6):
+        super().__init__()
+        if resolution not in G_ARCH:
+            raise ValueError(f"Generator resolution must be one of {sorted(G_ARCH)}, got {resolution}")
+        if num_classes < 1 or ch < 1 or shared_dim < 1:
+            raise ValueError("Generator num_classes, ch and shared_dim must be positive")
+        ins, outs = G_ARCH[resolution]
+        slots = len(ins) + 1
+        if noise_dim < slots:
+            raise ValueError(f"Generator noise_dim must be >= {slots} (one chunk per block + 1), "
+                             f"got {noise_dim}")
+        self.config = dict(num_classes=num_classes, resolution=resolution, ch=ch,
+                           noise_dim=noise_dim, shared_dim=shared_dim,
+                           attention_resolution=attention_resolution,
+                           logit_preprocess=logit_preprocess, logit_temperature=logit_temperature,
+                           bn_eps=bn_eps, sn_eps=sn_eps)
+        self.num_classes, self.resolution = num_classes, resolution
+        self.chunk = noise_dim // slots
+        self.noise_dim = self.chunk * slots
+        cond_dim = shared_dim + self.chunk
+
+        self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature)
+        self.shared = layers.sn_linear(num_classes, shared_dim, sn_eps)
+        self.linear = layers.sn_linear(self.chunk, ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
+        self.blocks = nn.ModuleList()
+        self.attention = nn.ModuleDict()
+        res = BOTTOM
+        for i, (ci, co) in enumerate(zip(ins, outs)):
+            self.blocks.append(GBlock(ci * ch, co * ch, cond_dim, bn_eps, sn_eps))
+            res *= 2
+            if res == attention_resolution:
+                self.attention[str(i)] = layers.self_attention(co * ch, sn_eps)
+        self.output_bn = nn.BatchNorm2d(outs[-1] * ch, eps=bn_eps)
+        self.output_conv = layers.sn_conv2d(outs[-1] * ch, 3, 3, 1, sn_eps)
+        layers.init_orthogonal(self)
+        layers.attach_spectral_norm_group(self)
+
+    def sample_noise(self, batch: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+        """Standard normal noise ``(batch, noise_dim)`` on G's device (or ``device``)."""
+        if device is None:
+            device = generator.device if generator is not None else next(self.parameters()).device
+        return torch.randn(batch, self.noise_dim, generator=generator, device=device)
+
+    def forward(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"Generator expects logits of shape (N, {self.num_classes}), "
+                             f"got {tuple(logits.shape)}")
+        if noise.shape != (logits.shape[0], self.noise_dim):
+            raise ValueError(f"Generator expects noise of shape ({logits.shape[0]}, "
+                             f"{self.noise_dim}), got {tuple(noise.shape)}; use G.sample_noise")
+        shared = self.shared(self.preprocess(logits))
+        zs = noise.split(self.chunk, dim=1)
+        h = self.linear(zs[0]).view(logits.shape[0], -1, BOTTOM, BOTTOM)
+        for i, block in enumerate(self.blocks):
+            h = block(h, torch.cat([shared, zs[i + 1]], dim=1))
+            if str(i) in self.attention:
+                h = self.attention[str(i)](h)
+        h = torch.relu(self.output_bn(h))
+        return torch.tanh(self.output_conv(h))

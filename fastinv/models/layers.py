@@ -1,0 +1,158 @@
+"""Building blocks shared by the logit-conditioned BigGAN generator and discriminator.
+
+Spectral norm and conditional batch norm come from ``fastinv.nn`` (fused kernels, one
+multi-tensor spectral-norm refresh per forward). While a build lacks them, the factories here
+fall back to torch's own layers with the same numerics, so the models always work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOGIT_PREPROCESS = ("none", "standardise", "temperature")
+
+
+def _fastinv_nn(name: str):
+    import fastinv.nn as fnn
+
+    return getattr(fnn, name, None)
+
+
+def _torch_sn(module: nn.Module, eps: float) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(module, eps=eps)
+
+
+def sn_conv2d(in_ch: int, out_ch: int, kernel_size: int, padding: int, eps: float) -> nn.Module:
+    cls = _fastinv_nn("SNConv2d")
+    if cls is not None:
+        return cls(in_ch, out_ch, kernel_size=kernel_size, padding=padding, eps=eps)
+    return _torch_sn(nn.Conv2d(in_ch, out_ch, kernel_size=kernel_size, padding=padding), eps)
+
+
+def sn_linear(in_features: int, out_features: int, eps: float, bias: bool = True) -> nn.Module:
+    cls = _fastinv_nn("SNLinear")
+    if cls is not None:
+        return cls(in_features, out_features, bias=bias, eps=eps)
+    return _torch_sn(nn.Linear(in_features, out_features, bias=bias), eps)
+
+
+class _TorchConditionalBatchNorm2d(nn.Module):
+    """BigGAN's ``ccbn`` on torch layers: ``BN(x) * (1 + Linear(cond)) + Linear(cond)``."""
+
+    def __init__(self, num_features: int, cond_dim: int, eps: float, momentum: float,
+                 spectral_norm: bool = True):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
+        make = (lambda i, o: sn_linear(i, o, eps=1e-6, bias=False)) if spectral_norm else (
+            lambda i, o: nn.Linear(i, o, bias=False))
+        self.gain = make(cond_dim, num_features)
+        self.bias = make(cond_dim, num_features)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gain = (1 + self.gain(cond)).view(cond.shape[0], -1, 1, 1)
+        bias = self.bias(cond).view(cond.shape[0], -1, 1, 1)
+        return self.bn(x) * gain + bias
+
+
+def conditional_bn(num_features: int, cond_dim: int, eps: float = 1e-5,
+                   momentum: float = 0.1) -> nn.Module:
+    cls = _fastinv_nn("ConditionalBatchNorm2d") or _TorchConditionalBatchNorm2d
+    return cls(num_features, cond_dim, eps=eps, momentum=momentum, spectral_norm=True)
+
+
+def self_attention(channels: int, sn_eps: float) -> nn.Module:
+    from fastinv.nn.attention import SelfAttention
+
+    return SelfAttention(channels, sn_eps=sn_eps)
+
+
+def attach_spectral_norm_group(model: nn.Module) -> object | None:
+    """Refresh every spectral norm of ``model`` in one op call per forward (fastinv.nn).
+
+    Kept out of the module tree (``__dict__``), so it is neither a child module nor saved.
+    Returns None when fastinv.nn has no SpectralNormGroup or the model has no fastinv SN layer
+    (torch's fallback layers refresh themselves)."""
+    cls = _fastinv_nn("SpectralNormGroup")
+    if cls is None or not any(type(m).__module__.startswith("fastinv.") and "SN" in type(m).__name__
+                              for m in model.modules()):
+        return None
+    group = cls(model)
+    model.__dict__["_sn_group"] = group
+    return group
+
+
+def init_orthogonal(model: nn.Module) -> None:
+    """BigGAN's orthogonal init of every conv / linear / embedding weight (SN or not)."""
+    for m in model.modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+            continue
+        if nn.utils.parametrize.is_parametrized(m, "weight"):
+            w = m.parametrizations.weight.original
+        elif "weight_orig" in m._parameters:  # fastinv.nn spectral norm
+            w = m._parameters["weight_orig"]
+        else:
+            w = m.weight
+        if isinstance(w, nn.Parameter) and w.dim() >= 2:
+            nn.init.orthogonal_(w)
+    # torch's SN keeps (u, v) tuned to the old weight; the first power iterations retune them.
+
+
+class LogitPreprocess(nn.Module):
+    """What G and D see of the classifier's logits ``z``.
+
+    ``none`` (default, as in the paper): raw logits. ``standardise``: per-sample zero mean,
+    unit standard deviation (removes the logits' offset and scale, which a softmax ignores).
+    ``temperature``: ``z / T``.
+    """
+
+    def __init__(self, mode: str = "none", temperature: float = 1.0):
+        super().__init__()
+        if mode not in LOGIT_PREPROCESS:
+            raise ValueError(f"logit_preprocess must be one of {LOGIT_PREPROCESS}, got {mode!r}")
+        if mode == "temperature" and not temperature > 0:
+            raise ValueError(f"logit temperature must be > 0, got {temperature}")
+        self.mode, self.temperature = mode, float(temperature)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        if self.mode == "standardise":
+            return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
+        if self.mode == "temperature":
+            return z / self.temperature
+        return z
+
+    def extra_repr(self) -> str:
+        return self.mode + (f", T={self.temperature}" if self.mode == "temperature" else "")
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def downsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2)
+
+
+def _sn_triples(model: nn.Module):
+    """(W as a matrix, u, v) of every spectral-normed weight (fastinv's or torch's)."""
+    for m in model.modules():
+        if "weight_orig" in m._parameters and "weight_u" in m._buffers:
+            w, u, v = m._parameters["weight_orig"], m._buffers["weight_u"], m._buffers["weight_v"]
+        elif nn.utils.parametrize.is_parametrized(m, "weight"):
+            p = m.parametrizations.weight
+            w, u, v = p.original, p[0]._u, p[0]._v
+        else:
+            continue
+        yield w.reshape(w.shape[0], -1), u, v
+
+
+@torch.no_grad()
+def sigma_stats(model: nn.Module) -> dict[str, float]:
+    """Mean / max of the spectral norm estimates σ = uᵀWv over the model's SN weights."""
+    sigmas = [torch.dot(u.float(), w.float() @ v.float()) for w, u, v in _sn_triples(model)]
+    if not sigmas:
+        return {}
+    s = torch.stack(sigmas)
+    return {"sigma_mean": s.mean().item(), "sigma_max": s.max().item()}

@@ -1,0 +1,50 @@
+"""A small pre-activation-free ResNet for the synthetic dataset (32-64 px inputs).
+
+Three stages of two BasicBlocks (widths w, 2w, 4w; stride 2 between stages), global average
+pooling, one linear layer. ``fastinv classifier train`` trains it standard or PGD-robust.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, num_classes: int, width: int = 32, blocks_per_stage: int = 2):
+        super().__init__()
+        if num_classes < 2 or width < 1 or blocks_per_stage < 1:
+            raise ValueError("SmallResNet needs num_classes >= 2, width >= 1, blocks_per_stage >= 1")
+        self.num_classes, self.width, self.blocks_per_stage = num_classes, width, blocks_per_stage
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        stages, ch = [], width
+        for i, out in enumerate([width, 2 * width, 4 * width]):
+            for j in range(blocks_per_stage):
+                stages.append(BasicBlock(ch, out, 2 if (i > 0 and j == 0) else 1))
+                ch = out
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stages(self.stem(x))
+        return self.fc(h.mean(dim=(2, 3)))

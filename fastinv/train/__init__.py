@@ -1,0 +1,1 @@
+"""fastinv.train."""

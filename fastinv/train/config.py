@@ -1,0 +1,289 @@
+"""Training configuration: typed dataclasses with defaults, loaded from a preset or a YAML file
+and overridden by ``--key=value`` (``--section.key=value``, or ``--key=value`` when the key name
+is unique across sections). Every value is checked; an error names the key and what to do.
+
+Presets: ``tiny`` (tests: 16 px, a few steps), ``demo-cpu`` (synthetic 32 px, fits 2 CPU
+cores), ``imagenet-128`` (BigGAN-128 sizes, batch 256 per GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # ImageFolder with train/ (and val/); None: make the synthetic set
+    resolution: int = 32  # G's output and D's input size
+    batch_size: int = 32  # per rank, per micro-batch
+    backend: str = "auto"  # loader backend: auto | dali | pil
+    workers: int | None = None  # PIL loader processes (None: the loader's default, 0: inline)
+    synthetic_n: int = 2000  # images in the synthetic set made when root is None
+    seed: int = 0
+
+
+@dataclass
+class ClassifierSection:
+    spec: str = "fastinv:small_resnet"
+    weights: str | None = None
+    random_init: bool = False  # tests only: an untrained classifier
+    num_classes: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    g_ch: int = 32
+    d_ch: int = 32
+    noise_dim: int = 120
+    shared_dim: int = 128
+    attention_resolution: int = 0  # 0: no self-attention
+    logit_preprocess: str = "none"  # none (the paper) | standardise | temperature
+    logit_temperature: float = 1.0
+    cross_replica_bn: bool = False  # sync G's batch norm statistics over ranks
+    bn_eps: float = 1e-5
+    sn_eps: float = 1e-6
+
+
+@dataclass
+class OptimConfig:
+    g_lr: float = 1e-4
+    d_lr: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    adam_eps: float = 1e-6
+    d_steps: int = 2  # D updates per G update
+    accumulate: int = 1  # micro-batches per update
+    ema_decay: float = 0.9999
+    ema_start: int = 1000  # before this G step the EMA copies G
+    aux_logit_weight: float = 0.0  # λ of ||Φ(G(z, ε)) - z||²; 0 = the paper
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/inverter"
+    steps: int = 1000  # G updates
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 (autocast, GPU)
+    channels_last: bool = False
+    cudnn_benchmark: bool = True
+    log_every: int = 50
+    image_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierSection = field(default_factory=ClassifierSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "data": dict(resolution=16, batch_size=8, synthetic_n=48, backend="pil", workers=0),
+        "classifier": dict(random_init=True, num_classes=4),
+        "model": dict(g_ch=4, d_ch=4, noise_dim=12, shared_dim=8),
+        "optim": dict(d_steps=1, ema_start=2, ema_decay=0.9),
+        "run": dict(steps=6, device="cpu", log_every=2, image_every=3, ckpt_every=3,
+                    progress=False, out_dir="runs/tiny"),
+    },
+    "demo-cpu": {
+        "data": dict(resolution=32, batch_size=32, synthetic_n=2000),
+        "model": dict(g_ch=16, d_ch=16, noise_dim=64, shared_dim=64, attention_resolution=0),
+        "optim": dict(g_lr=2e-4, d_lr=2e-4, d_steps=1, ema_start=200, ema_decay=0.999),
+        "run": dict(steps=1500, device="cpu", log_every=25, image_every=250, ckpt_every=250,
+                    out_dir="runs/demo-cpu"),
+    },
+    "imagenet-128": {
+        "data": dict(resolution=128, batch_size=256, backend="auto"),
+        "classifier": dict(spec="torchvision:resnet50"),
+        "model": dict(g_ch=96, d_ch=96, noise_dim=120, shared_dim=128, attention_resolution=64,
+                      cross_replica_bn=False),
+        "optim": dict(g_lr=1e-4, d_lr=4e-4, d_steps=2, ema_start=20000, ema_decay=0.9999),
+        "run": dict(steps=150000, device="cuda", amp="bf16", channels_last=True, log_every=100,
+                    image_every=2000, ckpt_every=2000, out_dir="runs/imagenet-128"),
+    },
+}
+
+
+def _resolve(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value, hint, key: str):
+    """Convert ``value`` (YAML value or command-line string) to the field type ``hint``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            number = hint(float(value)) if hint is int and isinstance(value, str) and "e" in value.lower() else hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be {'an integer' if hint is int else 'a number'}, "
+                              f"got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(cfg: TrainConfig, section: str, key: str, value, source: str) -> None:
+    sections = {f.name for f in dataclasses.fields(TrainConfig)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section {section!r}; sections are {sorted(sections)}")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; {section} has "
+                          f"{sorted(hints)}")
+    setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def _merge(cfg: TrainConfig, tree: dict, source: str) -> None:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping of key: value")
+        for key, value in values.items():
+            _apply(cfg, section, key, value, source)
+
+
+def _locate(key: str) -> tuple[str, str]:
+    """``section.key`` as given, or the one section that has ``key``."""
+    if "." in key:
+        section, _, name = key.partition(".")
+        return section, name
+    owners = [f.name for f in dataclasses.fields(TrainConfig)
+              if key in typing.get_type_hints(_resolve(TrainConfig, f.name))]
+    if not owners:
+        raise ConfigError(f"unknown config key {key!r}; run `fastinv train --print-config` to see "
+                          "every key")
+    if len(owners) > 1:
+        raise ConfigError(f"config key {key!r} is in several sections {owners}; write "
+                          f"--{owners[0]}.{key}=...")
+    return owners[0], key
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --key=value or --section.key=value")
+        key, _, value = text.partition("=")
+        section, name = _locate(key.strip())
+        _apply(cfg, section, name, value.strip(), f"override {item!r}")
+    return cfg
+
+
+def load_config(path_or_preset: str | Path | None = None, overrides: list[str] | None = None
+                ) -> TrainConfig:
+    """A validated TrainConfig from a preset name or YAML path (None: defaults), then overrides."""
+    cfg = TrainConfig()
+    if path_or_preset is not None:
+        name = str(path_or_preset)
+        if name in PRESETS:
+            _merge(cfg, PRESETS[name], f"preset {name}")
+        else:
+            path = Path(name)
+            if not path.is_file():
+                raise ConfigError(f"config {name!r} is neither a preset ({sorted(PRESETS)}) nor "
+                                  "an existing YAML file")
+            try:
+                tree = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+            _merge(cfg, tree, str(path))
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def from_dict(tree: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    _merge(cfg, tree, "saved config")
+    return cfg
+
+
+def save_yaml(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    from fastinv.models.generator import G_ARCH
+    from fastinv.models.layers import LOGIT_PREPROCESS
+
+    d, c, m, o, r = cfg.data, cfg.classifier, cfg.model, cfg.optim, cfg.run
+    _require(d.resolution in G_ARCH, f"data.resolution must be one of {sorted(G_ARCH)}, "
+             f"got {d.resolution}")
+    _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _require(d.backend in ("auto", "dali", "pil"), f"data.backend must be auto, dali or pil, "
+             f"got {d.backend!r}")
+    _require(d.root is not None or d.synthetic_n >= d.batch_size,
+             "data.synthetic_n must be at least data.batch_size")
+    _require(":" in c.spec, f"classifier.spec must look like kind:name, got {c.spec!r}")
+    _require(c.random_init or c.weights is not None or c.spec.startswith("torchscript:"),
+             f"classifier {c.spec!r} needs weights: pass --classifier.weights=PATH "
+             "(or --classifier.random_init=true for tests)")
+    for name in ("g_ch", "d_ch", "noise_dim", "shared_dim"):
+        _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    _require(m.attention_resolution == 0 or m.attention_resolution in (8, 16, 32, 64, 128, 256)
+             and m.attention_resolution <= d.resolution,
+             f"model.attention_resolution must be 0 or a power of two from 8 to data.resolution, "
+             f"got {m.attention_resolution}")
+    _require(m.logit_preprocess in LOGIT_PREPROCESS, f"model.logit_preprocess must be one of "
+             f"{LOGIT_PREPROCESS}, got {m.logit_preprocess!r}")
+    _require(m.logit_temperature > 0, "model.logit_temperature must be > 0")
+    _require(o.g_lr > 0 and o.d_lr > 0, "optim.g_lr and optim.d_lr must be > 0")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and beta2 must be in [0, 1)")
+    _require(o.d_steps >= 1 and o.accumulate >= 1, "optim.d_steps and optim.accumulate must be >= 1")
+    _require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    _require(o.ema_start >= 0 and o.aux_logit_weight >= 0,
+             "optim.ema_start and optim.aux_logit_weight must be >= 0")
+    _require(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")
+    _require(r.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, "
+             f"got {r.device!r}")
+    _require(r.amp in ("none", "bf16"), f"run.amp must be none or bf16, got {r.amp!r}")
+    for name in ("log_every", "image_every", "ckpt_every", "keep_checkpoints"):
+        _require(getattr(r, name) >= 1, f"run.{name} must be >= 1")

@@ -1,0 +1,365 @@
+"""Train the inverter ``G(z, ε)`` of a frozen classifier ``Φ`` against a projection
+discriminator ``D(x, z)``, ``z = Φ(x)`` the raw logits (Teterwak et al., ICML 2021).
+
+One training step is ``d_steps`` discriminator updates then one generator update, each over
+``accumulate`` micro-batches, with the hinge loss (fused op) and Adam(β=(0, 0.999)). The
+generator update conditions on the logits of the last real micro-batches seen by D, with fresh
+noise. G's EMA (from ``ema_start``) is what evaluation and ``load_inverter`` use.
+
+Under torchrun, G and D are wrapped in DDP: D's update goes through D's wrapper (gradients
+averaged over ranks), G's through G's; the other network is called unwrapped and without
+parameter gradients in each case. Rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fastinv.models.classifiers import Classifier, load_classifier
+from fastinv.models.discriminator import Discriminator
+from fastinv.models.generator import Generator
+from fastinv.models.layers import sigma_stats
+from fastinv.ops import hinge_loss_d, hinge_loss_g
+from fastinv.train import checkpoint, distributed
+from fastinv.train.config import TrainConfig, save_yaml, validate
+from fastinv.train.ema import EMA
+from fastinv.train.monitor import Monitor, image_grid
+
+
+class BatchStream:
+    """Endless batches from an epoch-based loader, resumable at (epoch, position)."""
+
+    def __init__(self, loader, epoch: int = 0, position: int = 0):
+        if len(loader) == 0:
+            raise ValueError("the training set gives no full batch per rank: lower "
+                             "data.batch_size or use more images")
+        self.loader, self.epoch, self.position = loader, epoch, position
+        self._it = None
+
+    def _start(self, skip: int) -> None:
+        self.loader.set_epoch(self.epoch)
+        self._it = iter(self.loader)
+        for _ in range(skip):  # resume mid-epoch: the same batches, discarded
+            next(self._it)
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._start(self.position)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._start(0)
+            batch = next(self._it)
+        self.position += 1
+        return batch
+
+
+def build_models(cfg: TrainConfig, num_classes: int) -> tuple[Generator, Discriminator]:
+    m, res = cfg.model, cfg.data.resolution
+    common = dict(num_classes=num_classes, resolution=res,
+                  attention_resolution=m.attention_resolution, logit_preprocess=m.logit_preprocess,
+                  logit_temperature=m.logit_temperature, sn_eps=m.sn_eps)
+    G = Generator(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim, bn_eps=m.bn_eps,
+                  **common)
+    D = Discriminator(ch=m.d_ch, **common)
+    return G, D
+
+
+def _prepare_data(cfg: TrainConfig, run_dir: Path, clf: Classifier, info) -> Path:
+    if cfg.data.root is not None:
+        root = Path(cfg.data.root)
+        split = root / "train" if (root / "train").is_dir() else root
+        if not split.exists():
+            raise FileNotFoundError(f"data.root {root} does not exist; pass an ImageFolder "
+                                    "directory (with train/) or leave data.root unset")
+        return split
+    root = run_dir / "data"
+    if info.is_main and not (root / "factors.csv").exists():
+        from fastinv.data import make_synthetic_dataset
+
+        make_synthetic_dataset(root, n=cfg.data.synthetic_n, seed=cfg.data.seed,
+                               resolution=max(cfg.data.resolution, min(clf.input_size, 128)))
+    distributed.barrier(info)
+    return root / "train"
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint and exits at the step's end."""
+
+    def __init__(self):
+        self.raised, self._old = False, {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class InverterTrainer:
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, loader=None,
+                 classifier: Classifier | None = None):
+        validate(cfg)
+        self.cfg, self.info, dev = cfg, info, info.device
+        self.run_dir = Path(cfg.run.out_dir)
+        c = cfg.classifier
+        self.classifier = (classifier or load_classifier(
+            c.spec, weights=c.weights, random_init=c.random_init, num_classes=c.num_classes
+        )).to(dev)
+        if loader is None:
+            from fastinv.data import make_loader
+
+            loader = make_loader(
+                _prepare_data(cfg, self.run_dir, self.classifier, info),
+                resolution=cfg.data.resolution, classifier_size=self.classifier.input_size,
+                classifier_mean=self.classifier.mean, classifier_std=self.classifier.std,
+                batch_size=cfg.data.batch_size, train=True, rank=info.rank,
+                world_size=info.world_size, seed=cfg.data.seed, backend=cfg.data.backend,
+                drop_last=True, device=dev, num_workers=cfg.data.workers)
+        self.batches = BatchStream(loader)
+
+        torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
+        self.G, self.D = build_models(cfg, self.classifier.num_classes)
+        self.G_ema = Generator(**self.G.config)
+        if cfg.model.cross_replica_bn and info.distributed:
+            from fastinv.nn import convert_sync_cbn
+
+            self.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(convert_sync_cbn(self.G, None))
+        fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+        for net in (self.G, self.D, self.G_ema):
+            net.to(dev, memory_format=fmt)
+        self.ema = EMA(self.G, self.G_ema, cfg.optim.ema_decay, cfg.optim.ema_start)
+        o = cfg.optim
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.g_lr, betas=(o.beta1, o.beta2),
+                                      eps=o.adam_eps)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.beta1, o.beta2),
+                                      eps=o.adam_eps)
+        if info.distributed:
+            ids = [dev.index] if dev.type == "cuda" else None
+            self.G_train, self.D_train = DDP(self.G, device_ids=ids), DDP(self.D, device_ids=ids)
+        else:
+            self.G_train, self.D_train = self.G, self.D
+        self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
+        self.step = 0
+
+    # --- one training step -------------------------------------------------------------------
+
+    def _autocast(self):
+        dev = self.info.device.type
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.run.amp == "bf16")
+
+    def _input(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.info.device, non_blocking=True)
+        return t.contiguous(memory_format=torch.channels_last) if self.cfg.run.channels_last else t
+
+    def _sync(self, net, micro: int, accumulate: int):
+        # accumulate locally, all-reduce gradients only with the last micro-batch
+        if self.info.distributed and micro < accumulate - 1:
+            return net.no_sync()
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        o, acc = self.cfg.optim, self.cfg.optim.accumulate
+        stats = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
+        logits = []
+        for _ in range(o.d_steps):
+            self.opt_D.zero_grad(set_to_none=True)
+            for micro in range(acc):
+                batch = self.batches.next()
+                x = self._input(batch["image"])
+                with torch.no_grad():
+                    z = self.classifier(self._input(batch["classifier_input"])).float()
+                    with self._autocast():
+                        fake = self.G(z, self._noise(len(z)))
+                logits.append(z)
+                with self._sync(self.D_train, micro, acc), self._autocast():
+                    # real and fake in one call: DDP sees one forward per backward
+                    out = self.D_train(torch.cat([x, fake.to(x.dtype)]), torch.cat([z, z]))
+                    d_real, d_fake = out[: len(x)], out[len(x):]
+                    loss = hinge_loss_d(d_real, d_fake)
+                (loss / acc).backward()
+                n = o.d_steps * acc
+                stats["loss_d"] += loss.item() / n
+                stats["d_real"] += d_real.float().mean().item() / n
+                stats["d_fake"] += d_fake.float().mean().item() / n
+            self.opt_D.step()
+
+        self.D.requires_grad_(False)
+        self.opt_G.zero_grad(set_to_none=True)
+        stats["loss_g"] = stats["aux_logit"] = 0.0
+        for micro in range(acc):
+            z = logits[len(logits) - acc + micro]
+            with self._sync(self.G_train, micro, acc), self._autocast():
+                fake = self.G_train(z, self._noise(len(z)))
+                loss = hinge_loss_g(self.D(fake, z))
+                stats["loss_g"] += loss.item() / acc
+                if o.aux_logit_weight > 0:
+                    aux = (self.classifier(self.classifier.prepare(fake)).float() - z).pow(2)
+                    aux = aux.sum(1).mean()
+                    stats["aux_logit"] += aux.item() / acc
+                    loss = loss + o.aux_logit_weight * aux
+            (loss / acc).backward()
+        self.opt_G.step()
+        self.D.requires_grad_(True)
+        self.step += 1
+        self.ema.update(self.step)
+        return stats
+
+    def _noise(self, n: int) -> torch.Tensor:
+        return self.G.sample_noise(n, generator=self.noise_gen)
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _noise_states(self) -> list[torch.Tensor]:
+        state = self.noise_gen.get_state()
+        if not self.info.distributed:
+            return [state]
+        import torch.distributed as dist
+
+        local = state.to(self.info.device)
+        gathered = [torch.empty_like(local) for _ in range(self.info.world_size)]
+        dist.all_gather(gathered, local)
+        return [g.cpu() for g in gathered]
+
+    def state_dict(self) -> dict:
+        noise = self._noise_states()  # a collective: every rank calls state_dict
+        return {
+            "format": checkpoint.FORMAT,
+            "step": self.step,
+            "data": {"epoch": self.batches.epoch, "position": self.batches.position},
+            "config": self.cfg.to_dict(),
+            "model_config": {"G": self.G_ema.config, "D": self.D.config},
+            "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+            "rng": checkpoint.rng_state(), "noise_rng": noise,
+            "world_size": self.info.world_size,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        if ckpt["world_size"] != self.info.world_size:
+            raise ValueError(f"checkpoint was written by {ckpt['world_size']} ranks, this run has "
+                             f"{self.info.world_size}; resume with the same world size")
+        self.G.load_state_dict(ckpt["G"])
+        self.D.load_state_dict(ckpt["D"])
+        self.G_ema.load_state_dict(ckpt["G_ema"])
+        self.opt_G.load_state_dict(ckpt["opt_G"])
+        self.opt_D.load_state_dict(ckpt["opt_D"])
+        self.step = int(ckpt["step"])
+        self.batches = BatchStream(self.batches.loader, ckpt["data"]["epoch"],
+                                   ckpt["data"]["position"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        self.noise_gen.set_state(ckpt["noise_rng"][self.info.rank])
+
+    def save(self) -> Path | None:
+        state = self.state_dict()
+        path = None
+        if self.info.is_main:
+            path = checkpoint.atomic_save(state, checkpoint.checkpoint_path(self.run_dir, self.step))
+            checkpoint.prune(self.run_dir, self.cfg.run.keep_checkpoints)
+        distributed.barrier(self.info)
+        return path
+
+    def try_resume(self) -> bool:
+        found = checkpoint.latest_checkpoint(self.run_dir)
+        if found is None:
+            return False
+        self.load_state_dict(checkpoint.load(found, device="cpu"))
+        return True
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconstruction_grid(self, batch: dict, noise: torch.Tensor) -> torch.Tensor:
+        """Columns: original | EMA reconstruction | live-G reconstruction."""
+        z = self.classifier(self._input(batch["classifier_input"])).float()
+        was = self.G.training
+        self.G.eval()
+        rows = [batch["image"], self.G_ema(z, noise), self.G(z, noise)]
+        self.G.train(was)
+        return image_grid(rows)
+
+
+def train_inverter(cfg: TrainConfig) -> Path:
+    """Train (or with ``run.resume`` continue) an inverter; returns the run directory."""
+    validate(cfg)
+    owns_group = not torch.distributed.is_initialized()
+    info = distributed.setup(cfg.run.device)
+    try:
+        return _run(cfg, info)
+    finally:
+        if owns_group:
+            distributed.cleanup()
+
+
+def _run(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
+    r = cfg.run
+    random.seed(r.seed)
+    np.random.seed(r.seed)
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = r.cudnn_benchmark
+    run_dir = Path(r.out_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not r.resume and checkpoint.latest_checkpoint(run_dir) is not None:
+            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume=true to "
+                                  "continue it, or choose another --out_dir")
+        save_yaml(cfg, run_dir / "config.yaml")
+    distributed.barrier(info)
+    trainer = InverterTrainer(cfg, info)
+    if r.resume:
+        trainer.try_resume()
+    fixed = None
+    if info.is_main:  # a fixed batch and noise for the image grids, away from the train stream
+        g = torch.Generator().manual_seed(12345)
+        fixed = (next(iter(trainer.batches.loader)), trainer.G.sample_noise(
+            min(8, cfg.data.batch_size), generator=g, device="cpu").to(info.device))
+        fixed = ({k: v[: len(fixed[1])] for k, v in fixed[0].items()}, fixed[1])
+    monitor = Monitor(run_dir, total_steps=r.steps, start_step=trainer.step, enabled=info.is_main,
+                      progress=r.progress)
+    images_per_step = cfg.data.batch_size * cfg.optim.d_steps * cfg.optim.accumulate * info.world_size
+    last_saved = trainer.step if r.resume else -1
+    t0, done0 = time.perf_counter(), trainer.step
+    try:
+        with _StopFlag() as stop:
+            while trainer.step < r.steps:
+                stats = trainer.train_step()
+                monitor.advance()
+                step = trainer.step
+                if step % r.log_every == 0 or step == r.steps:
+                    stats = distributed.mean_over_ranks(stats, info)
+                    elapsed = time.perf_counter() - t0
+                    stats["img_per_s"] = images_per_step * (step - done0) / max(elapsed, 1e-9)
+                    stats.update(sigma_stats(trainer.G))
+                    stats.update({f"D_{k}": v for k, v in sigma_stats(trainer.D).items()})
+                    monitor.scalars(step, stats)
+                    t0, done0 = time.perf_counter(), step
+                if info.is_main and (step % r.image_every == 0 or step == r.steps):
+                    monitor.images(step, "reconstructions", trainer.reconstruction_grid(*fixed))
+                if step % r.ckpt_every == 0:
+                    trainer.save()
+                    last_saved = step
+                if distributed.any_rank(stop.raised, info):
+                    break
+        # at exit, after Ctrl-C / SIGTERM too (an exception mid-step saves nothing: the step
+        # would be half done)
+        if trainer.step != last_saved:
+            trainer.save()
+    finally:
+        monitor.close()
+    return run_dir
