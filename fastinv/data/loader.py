@@ -47,6 +47,7 @@ def make_loader(
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
     eval_crop_fraction: float = 1.0,
+    jpeg_draft: bool = True,
 ) -> ImageLoader:
     """An iterable of batches from an ImageFolder tree or a .txt/.csv file list.
 
@@ -67,6 +68,8 @@ def make_loader(
     ``backend``: ``"dali"`` (GPU ``mixed`` decoding on a CUDA device, CPU pipeline otherwise),
     ``"pil"`` (torch DataLoader with ``num_workers`` processes), ``"auto"`` (DALI if importable).
     ``validate``: how files are checked when scanning (see fastinv.data.sources).
+    ``jpeg_draft`` (PIL only): let libjpeg decode big JPEGs at 1/2-1/8 scale (faster; outputs
+    then differ from DALI's full decode by a few levels, see tests/test_data_dali.py).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -109,4 +112,4 @@ def make_loader(
         return DaliLoader(source, num_threads=max(1, num_workers), **common)
     from fastinv.data.pil_loader import PilLoader
 
-    return PilLoader(source, num_workers=num_workers, **common)
+    return PilLoader(source, num_workers=num_workers, draft=jpeg_draft, **common)
