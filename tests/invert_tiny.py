@@ -46,3 +46,14 @@ def tiny_pair(seed: int = 0, num_classes: int = 4, resolution: int = 16):
     for p in C.parameters():
         p.requires_grad_(False)
     return G, C
+
+
+def one_thread():
+    """Generator for a module fixture: run on one intra-op thread, restore afterwards.
+
+    The dev machine's 2 cores are shared by several processes; with 2 OpenMP threads, tiny
+    ops spend most of their time in contended barriers (measured 18x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

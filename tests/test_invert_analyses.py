@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from fastinv.invert import analyses
-from tests.invert_tiny import tiny_pair
+from tests.invert_tiny import one_thread, tiny_pair
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ import torch
 
 from fastinv.invert.baselines import OptimizationConfig, optimize_inversion, total_variation
 from fastinv.invert.metrics import classifier_logits
-from tests.invert_tiny import tiny_pair
+from tests.invert_tiny import one_thread, tiny_pair
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def test_optimization_reduces_logit_distance():

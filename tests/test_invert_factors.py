@@ -11,6 +11,9 @@ from fastinv.invert.factors import (
     r2_per_factor,
     train_factor_regressor,
 )
+from tests.invert_tiny import one_thread
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def _synthetic(n, seed, res=32):

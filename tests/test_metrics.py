@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fastinv.invert import metrics
-from tests.invert_tiny import TinyClassifier
+from tests.invert_tiny import TinyClassifier, one_thread
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def _images(n=4, size=16, seed=0):
