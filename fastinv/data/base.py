@@ -79,17 +79,30 @@ class ImageLoader:
         return crop_boxes(self.source.sizes, index, train=self.train, seed=self.seed,
                           epoch=epoch, config=self.crop)
 
+    def _affine(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-channel ``scale, shift`` mapping 8-bit levels to ``image`` and to
+        ``classifier_input``: ``out = level * scale + shift``."""
+        mean = self._mean.flatten().numpy().astype(np.float64)
+        std = self._std.flatten().numpy().astype(np.float64)
+        img_scale = np.full(3, 1 / 127.5)
+        return (img_scale, -np.ones(3), 1 / (255.0 * std), -mean / std)
+
     def _finish(self, image: torch.Tensor, classifier: torch.Tensor,
                 index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 NCHW crops -> the batch dict on ``self.device`` (normalised there)."""
+        """Crops (NCHW; uint8 levels, or already normalised float) -> the batch dict on
+        ``self.device``. uint8 is normalised after the transfer (4x fewer bytes to move)."""
         dev = self.device
         non_blocking = dev.type == "cuda"
-        image = image.to(dev, non_blocking=non_blocking).float().div_(127.5).sub_(1.0)
-        cls = classifier.to(dev, non_blocking=non_blocking).float().div_(255.0)
-        cls = cls.sub_(self._mean.to(dev)).div_(self._std.to(dev))
+        image = image.to(dev, non_blocking=non_blocking)
+        classifier = classifier.to(dev, non_blocking=non_blocking)
+        if image.dtype == torch.uint8:
+            image = image.float().div_(127.5).sub_(1.0)
+        if classifier.dtype == torch.uint8:
+            classifier = classifier.float().div_(255.0)
+            classifier = classifier.sub_(self._mean.to(dev)).div_(self._std.to(dev))
         index = index.to(torch.int64)
         label = self._labels[index.cpu()]
-        return {"image": image, "classifier_input": cls,
+        return {"image": image, "classifier_input": classifier,
                 "label": label.to(dev, non_blocking=non_blocking),
                 "index": index.to(dev, non_blocking=non_blocking)}
 

@@ -2,9 +2,8 @@
 
 Pipeline: ``external_source`` (file bytes, crop box, flip, index) -> ``decoders.image_slice``
 (decodes only the crop's region where the codec allows) -> two ``resize`` (antialiased
-bilinear, like the PIL loader) -> ``crop_mirror_normalize`` (flip, HWC -> CHW, still uint8).
-Normalisation to [-1, 1] and to the classifier's mean/std happens in torch on the output
-device, shared with the PIL loader.
+bilinear, like the PIL loader) -> ``crop_mirror_normalize`` (flip, HWC -> CHW, normalise to [-1, 1] and to the classifier's mean/std, float32), on the
+GPU for a ``mixed`` pipeline, in DALI's threads for a CPU one.
 
 Why an ``external_source`` and not ``readers.file``: the Python side already owns the epoch
 plan (fastinv.data.plan), so both backends shuffle, shard (rank ``r`` of ``w`` — DALI's
@@ -56,7 +55,8 @@ class _BatchFeed:
 
 
 def _build_pipeline(feed: _BatchFeed, *, batch_size: int, num_threads: int,
-                    device_id: int | None, resolution: int, classifier_size: int, seed: int):
+                    device_id: int | None, resolution: int, classifier_size: int, seed: int,
+                    mean_std: tuple[tuple[list[float], list[float]], ...]):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -72,11 +72,11 @@ def _build_pipeline(feed: _BatchFeed, *, batch_size: int, num_threads: int,
             axis_names="WH", normalized_anchor=False, normalized_shape=False,
             adjust_orientation=False)
         outs = []
-        for size in (resolution, classifier_size):
+        for size, (mean, std) in zip((resolution, classifier_size), mean_std):
             resized = fn.resize(crops, size=[size, size], interp_type=types.INTERP_LINEAR,
                                 antialias=True)
-            outs.append(fn.crop_mirror_normalize(resized, mirror=flip, dtype=types.UINT8,
-                                                 output_layout="CHW"))
+            outs.append(fn.crop_mirror_normalize(resized, mirror=flip, dtype=types.FLOAT,
+                                                 output_layout="CHW", mean=mean, std=std))
         return outs[0], outs[1], index
 
     p = pipe()
@@ -99,7 +99,13 @@ class DaliLoader(ImageLoader):
         self._pipe = _build_pipeline(
             self._feed, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.device_id, resolution=self.resolution,
-            classifier_size=self.classifier_size, seed=self.seed)
+            classifier_size=self.classifier_size, seed=self.seed, mean_std=self._mean_std())
+
+    def _mean_std(self):
+        """``(level - mean) / std`` for the image ([-1, 1]) and the classifier input."""
+        img_scale, img_shift, cls_scale, cls_shift = self._affine()
+        return tuple(([float(v) for v in -shift / scale], [float(v) for v in 1 / scale])
+                     for scale, shift in ((img_scale, img_shift), (cls_scale, cls_shift)))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch, batches = self._start_epoch()
@@ -144,8 +150,8 @@ class DaliLoader(ImageLoader):
                 self.bad_files.add(self.source.paths[i], f"{type(exc).__name__}: {exc}")
                 continue
             good.append(int(i))
-            images.append(torch.from_numpy(image).permute(2, 0, 1))
-            classifier.append(torch.from_numpy(cls).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+            classifier.append(torch.from_numpy(np.array(cls)).permute(2, 0, 1))
         if not good:
             return None
         return self._finish(torch.stack(images), torch.stack(classifier),
