@@ -79,7 +79,7 @@ def test_misclassified_uses_only_wrong_images(setup, tmp_path):
     wrong = int((data.logits.argmax(1) != data.labels).sum())
     assert m["n_misclassified"] == wrong and wrong > 0
     assert (tmp_path / "misclassified.png").is_file()
-    assert "correct_psnr" in m  # reference point from correctly classified images
+    assert "correct_psnr" in m and "psnr_vs_other_images" in m
 
 
 def test_misclassified_with_a_perfect_classifier_says_so(setup, tmp_path):

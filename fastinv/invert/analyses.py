@@ -24,6 +24,7 @@ from fastinv.invert.metrics import (
     classifier_logits,
     json_safe,
     noise_std,
+    pixel_fidelity,
     reconstruction_metrics,
 )
 
@@ -172,6 +173,13 @@ def misclassified(
     sub = data.subset(wrong)
     rec = _match_size(invert(G, sub.logits, seed=seed), sub.images)
     metrics.update(reconstruction_metrics(classifier, rec, sub.images, sub.labels, sub.logits))
+    # Chance level: the same reconstructions scored against other images of the set. x̂ that
+    # looks like its own x, not like a generic member of the predicted class, beats it clearly.
+    gen = torch.Generator().manual_seed(seed)
+    others = torch.randint(0, len(data), (len(sub),), generator=gen)
+    clash = others.to(wrong.device) == wrong
+    others[clash.cpu()] = (others[clash.cpu()] + 1) % len(data)
+    metrics["psnr_vs_other_images"] = pixel_fidelity(rec, data.images[others.to(wrong.device)])["psnr"]
     # Reference point: reconstructions of correctly classified images of the same run.
     right = (pred == data.labels).nonzero().flatten()
     if right.numel() > 0:
