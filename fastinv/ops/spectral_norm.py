@@ -4,7 +4,7 @@ For each weight ``W`` (any ndim >= 2, viewed as the matrix ``W.reshape(W.shape[0
 its left and right singular-vector estimates ``u`` (rows) and ``v`` (columns)::
 
     repeat n_power_iterations times:  u = normalize(W v),  v = normalize(Wᵀ u)
-    σ = uᵀ W v          (u, v constants for autograd)
+    σ = uᵀ W v           (u, v constants for autograd; |σ| < eps becomes eps: no 0/0)
     return W / σ
 
 exactly the numerics of ``torch.nn.utils.parametrizations.spectral_norm``; ``normalize(x)`` is
@@ -112,7 +112,9 @@ def spectral_norm_reference(
         for _ in range(n_power_iterations):
             u = F.normalize(torch.mv(mat, v), dim=0, eps=eps)
             v = F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps)
+        # |σ| < eps becomes eps, so that an all-zero weight gives 0 instead of torch's 0/0 = NaN
         sigma = torch.dot(u, torch.mv(mat, v))
+        sigma = torch.where(sigma.abs() < eps, torch.full_like(sigma, eps), sigma)
         outs.append((w.to(u.dtype) / sigma).to(w.dtype).contiguous())
         us_new.append(u)
         vs_new.append(v)

@@ -1,0 +1,291 @@
+// CPU kernels of the multi-tensor spectral norm (schemas, reference and the math in
+// fastinv/ops/spectral_norm.py; CUDA twin in csrc/cuda/spectral_norm.cu).
+//
+// Each weight is a row-major matrix W (rows x cols). One power iteration,
+//   t = W v,  u = t / max(|t|, eps),  w = Wᵀ u = (Wᵀ t) / max(|t|, eps),  v = w / max(|w|, eps),
+// reads W ONCE: a work item owns a few rows and, row by row, takes t_r = W_r · v and then adds
+// t_r W_r into its own partial Wᵀt (the row is still in L1). σ = uᵀ W v = w · v needs no more
+// passes. Then out = W / σ. The work is cut into items of ~64K elements over ALL weights
+// together, so 60 small weights or one big one keep both cores busy; item boundaries depend
+// only on the shapes and partial sums are added in item order, so results do not depend on
+// the thread count. Accumulation in float (double for double weights).
+//
+// Backward: c = (Σ g∘W) / σ² per weight (chunked partial dots), then dW = g / σ - c u vᵀ.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace fastinv {
+namespace {
+
+constexpr const char* kOp = "fastinv.spectral_norm";
+constexpr int kLanes = 16;
+constexpr int64_t kItemElems = 1 << 16;  // elements of W per work item
+constexpr int64_t kMinRowsPerItem = 8;   // partial Wᵀt sums cost at most 1/8 of W
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// sum_c a[c] * b[c] with kLanes independent accumulators (vectorised without -ffast-math).
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* a, const acc_t* b, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(a[c + j]) * b[c + j];
+  }
+  acc_t s = 0;
+  for (; c < n; ++c) s += static_cast<acc_t>(a[c]) * b[c];
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t dot_same(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(a[c + j]) * static_cast<acc_t>(b[c + j]);
+  }
+  acc_t s = 0;
+  for (; c < n; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
+}
+
+template <typename acc_t>
+inline acc_t norm2(const acc_t* x, int64_t n) {
+  return std::sqrt(dot<acc_t, acc_t>(x, x, n));
+}
+
+struct RowItem {
+  int64_t k, r0, r1;
+  int64_t partial;  // offset of this item's cols-long partial Wᵀt
+};
+
+struct ElemItem {
+  int64_t k, e0, e1;
+};
+
+at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter, double eps) {
+  TORCH_CHECK(weights.size() == us.size() && us.size() == vs.size(), kOp, ": got ", weights.size(),
+              " weights, ", us.size(), " u vectors and ", vs.size(), " v vectors; pass one u and one v per weight");
+  TORCH_CHECK(n_iter >= 0, kOp, ": n_power_iterations must be >= 0 (0 = eval), got ", n_iter);
+  TORCH_CHECK(eps > 0, kOp, ": eps must be > 0, got ", eps);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    check_floating(w, kOp, "weights[i]");
+    TORCH_CHECK(w.dim() >= 2 && w.numel() > 0, kOp, ": weights[", i, "] has shape ", w.sizes(),
+                "; spectral norm needs a non-empty tensor with at least 2 dims");
+    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type() && w.device() == weights[0].device(), kOp,
+                ": weights[", i, "] is ", w.scalar_type(), " on ", w.device(), " but weights[0] is ",
+                weights[0].scalar_type(), " on ", weights[0].device(),
+                "; one call takes weights of one dtype and device (group them)");
+    const int64_t rows = w.size(0), cols = w.numel() / rows;
+    const at::ScalarType acc = acc_scalar(w.scalar_type());
+    const at::Tensor* vecs[2] = {&us[i], &vs[i]};
+    const int64_t lens[2] = {rows, cols};
+    const char* names[2] = {"us", "vs"};
+    for (int j = 0; j < 2; ++j) {
+      const at::Tensor& t = *vecs[j];
+      TORCH_CHECK(t.dim() == 1 && t.numel() == lens[j], kOp, ": ", names[j], "[", i, "] has shape ", t.sizes(),
+                  " but weights[", i, "] of shape ", w.sizes(), " is a ", rows, "x", cols,
+                  " matrix; pass a 1-d vector of ", lens[j], " elements");
+      TORCH_CHECK(t.scalar_type() == acc && t.device() == w.device(), kOp, ": ", names[j], "[", i, "] is ",
+                  t.scalar_type(), " on ", t.device(), "; for ", w.scalar_type(), " weights on ", w.device(),
+                  " it must be ", acc, " on ", w.device());
+    }
+  }
+}
+
+std::vector<ElemItem> elem_items(const std::vector<at::Tensor>& W) {
+  std::vector<ElemItem> items;
+  for (int64_t k = 0; k < static_cast<int64_t>(W.size()); ++k) {
+    const int64_t n = W[k].numel();
+    for (int64_t e = 0; e < n; e += kItemElems) items.push_back({k, e, std::min(n, e + kItemElems)});
+  }
+  return items;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
+spectral_norm_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter, double eps) {
+  check_inputs(weights, us, vs, n_iter, eps);
+  const int64_t K = static_cast<int64_t>(weights.size());
+  if (K == 0) return {{}, {}, {}, at::empty({0}, at::TensorOptions().dtype(at::kFloat))};
+  std::vector<at::Tensor> W(K), U(K), V(K), out(K);
+  std::vector<int64_t> rows(K), cols(K);
+  for (int64_t k = 0; k < K; ++k) {
+    W[k] = weights[k].contiguous();
+    U[k] = us[k].clone(at::MemoryFormat::Contiguous);
+    V[k] = vs[k].clone(at::MemoryFormat::Contiguous);
+    out[k] = at::empty(W[k].sizes(), W[k].options());
+    rows[k] = W[k].size(0);
+    cols[k] = W[k].numel() / rows[k];
+  }
+  at::Tensor sigma = at::empty({K}, U[0].options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W[0].scalar_type(), "spectral_norm_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    std::vector<const scalar_t*> wp(K);
+    std::vector<acc_t*> up(K), vp(K);
+    std::vector<int64_t> t_off(K + 1, 0), p_off(K + 1, 0);
+    std::vector<RowItem> row_items;
+    for (int64_t k = 0; k < K; ++k) {
+      wp[k] = W[k].const_data_ptr<scalar_t>();
+      up[k] = U[k].mutable_data_ptr<acc_t>();
+      vp[k] = V[k].mutable_data_ptr<acc_t>();
+      const int64_t rpi = std::min(rows[k], std::max(kMinRowsPerItem, (kItemElems + cols[k] - 1) / cols[k]));
+      for (int64_t r = 0; r < rows[k]; r += rpi) {
+        row_items.push_back({k, r, std::min(rows[k], r + rpi), p_off[k] + (r / rpi) * cols[k]});
+      }
+      const int64_t chunks = (rows[k] + rpi - 1) / rpi;
+      t_off[k + 1] = t_off[k] + rows[k];
+      p_off[k + 1] = p_off[k] + (n_iter > 0 ? chunks * cols[k] : 0);
+    }
+    std::vector<acc_t> t(t_off[K]);
+    std::vector<acc_t> partial(p_off[K]);
+    acc_t* sig = sigma.mutable_data_ptr<acc_t>();
+    const acc_t e = static_cast<acc_t>(eps);
+    const int64_t nrow_items = static_cast<int64_t>(row_items.size());
+
+    for (int64_t it = 0; it < n_iter; ++it) {
+      at::parallel_for(0, nrow_items, 1, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          const RowItem& item = row_items[i];
+          const int64_t C = cols[item.k];
+          const acc_t* v = vp[item.k];
+          acc_t* s = partial.data() + item.partial;
+          std::fill(s, s + C, acc_t(0));
+          for (int64_t r = item.r0; r < item.r1; ++r) {
+            const scalar_t* row = wp[item.k] + r * C;
+            const acc_t tr = dot<scalar_t, acc_t>(row, v, C);
+            t[t_off[item.k] + r] = tr;
+            for (int64_t c = 0; c < C; ++c) s[c] += tr * static_cast<acc_t>(row[c]);
+          }
+        }
+      });
+      at::parallel_for(0, K, 1, [&](int64_t b, int64_t end) {
+        for (int64_t k = b; k < end; ++k) {
+          const int64_t R = rows[k], C = cols[k];
+          acc_t* s = partial.data() + p_off[k];
+          const int64_t chunks = (p_off[k + 1] - p_off[k]) / C;
+          for (int64_t ch = 1; ch < chunks; ++ch) {
+            const acc_t* p = s + ch * C;
+            for (int64_t c = 0; c < C; ++c) s[c] += p[c];
+          }
+          const acc_t* tk = t.data() + t_off[k];
+          const acc_t tn = std::max(norm2(tk, R), e);
+          for (int64_t r = 0; r < R; ++r) up[k][r] = tk[r] / tn;
+          for (int64_t c = 0; c < C; ++c) s[c] = s[c] / tn;  // s = Wᵀ u
+          const acc_t sn = std::max(norm2(s, C), e);
+          for (int64_t c = 0; c < C; ++c) vp[k][c] = s[c] / sn;
+          sig[k] = dot<acc_t, acc_t>(s, vp[k], C);  // uᵀ W v = (Wᵀ u) · v
+        }
+      });
+    }
+    if (n_iter == 0) {  // eval: σ = uᵀ (W v) with the stored u, v
+      at::parallel_for(0, nrow_items, 1, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          const RowItem& item = row_items[i];
+          const int64_t C = cols[item.k];
+          for (int64_t r = item.r0; r < item.r1; ++r) {
+            t[t_off[item.k] + r] = dot<scalar_t, acc_t>(wp[item.k] + r * C, vp[item.k], C);
+          }
+        }
+      });
+      for (int64_t k = 0; k < K; ++k) sig[k] = dot<acc_t, acc_t>(up[k], t.data() + t_off[k], rows[k]);
+    }
+    // |σ| < eps becomes eps, so that an all-zero weight gives 0, not 0/0 (torch gives NaN).
+    for (int64_t k = 0; k < K; ++k) sig[k] = std::abs(sig[k]) < e ? e : sig[k];
+
+    const std::vector<ElemItem> items = elem_items(W);
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const ElemItem& item = items[i];
+        const scalar_t* w = wp[item.k];
+        scalar_t* o = out[item.k].mutable_data_ptr<scalar_t>();
+        const acc_t s = sig[item.k];
+        for (int64_t j = item.e0; j < item.e1; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) / s);
+      }
+    });
+  });
+  return {out, U, V, sigma};
+}
+
+std::vector<at::Tensor> spectral_norm_backward_cpu(at::TensorList grads, at::TensorList weights, at::TensorList us,
+                                                   at::TensorList vs, const at::Tensor& sigma) {
+  const int64_t K = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == K && static_cast<int64_t>(us.size()) == K &&
+                  static_cast<int64_t>(vs.size()) == K && sigma.numel() == K,
+              "fastinv.spectral_norm_backward: expected ", K, " grads, u, v and sigma entries");
+  if (K == 0) return {};
+  std::vector<at::Tensor> G(K), W(K), U(K), V(K), dW(K);
+  for (int64_t k = 0; k < K; ++k) {
+    W[k] = weights[k].contiguous();
+    G[k] = grads[k].to(W[k].scalar_type()).contiguous();
+    TORCH_CHECK(G[k].numel() == W[k].numel(), "fastinv.spectral_norm_backward: grads[", k, "] has shape ",
+                grads[k].sizes(), " but weights[", k, "] has shape ", weights[k].sizes());
+    U[k] = us[k].contiguous();
+    V[k] = vs[k].contiguous();
+    dW[k] = at::empty(W[k].sizes(), W[k].options());
+  }
+  const at::Tensor sig_t = sigma.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W[0].scalar_type(), "spectral_norm_backward_cpu", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    const acc_t* sig = sig_t.const_data_ptr<acc_t>();
+    const std::vector<ElemItem> items = elem_items(W);
+    const int64_t n_items = static_cast<int64_t>(items.size());
+    std::vector<acc_t> pdot(n_items);
+    at::parallel_for(0, n_items, 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const ElemItem& it = items[i];
+        pdot[i] = dot_same<scalar_t, acc_t>(G[it.k].const_data_ptr<scalar_t>() + it.e0,
+                                            W[it.k].const_data_ptr<scalar_t>() + it.e0, it.e1 - it.e0);
+      }
+    });
+    std::vector<acc_t> coef(K, acc_t(0));
+    for (int64_t i = 0; i < n_items; ++i) coef[items[i].k] += pdot[i];  // item order: deterministic
+    for (int64_t k = 0; k < K; ++k) coef[k] = coef[k] / (sig[k] * sig[k]);
+    at::parallel_for(0, n_items, 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const ElemItem& it = items[i];
+        const int64_t C = W[it.k].numel() / W[it.k].size(0);
+        const scalar_t* g = G[it.k].const_data_ptr<scalar_t>();
+        const acc_t* u = U[it.k].const_data_ptr<acc_t>();
+        const acc_t* v = V[it.k].const_data_ptr<acc_t>();
+        scalar_t* d = dW[it.k].mutable_data_ptr<scalar_t>();
+        const acc_t s = sig[it.k], c = coef[it.k];
+        // walk the item's elements row by row so the inner loop has no division
+        for (int64_t e = it.e0; e < it.e1;) {
+          const int64_t r = e / C, c0 = e - r * C, c1 = std::min(C, c0 + (it.e1 - e));
+          const acc_t a = c * u[r];
+          const scalar_t* gr = g + r * C;
+          scalar_t* dr = d + r * C;
+          for (int64_t col = c0; col < c1; ++col) {
+            dr[col] = static_cast<scalar_t>(static_cast<acc_t>(gr[col]) / s - a * v[col]);
+          }
+          e += c1 - c0;
+        }
+      }
+    });
+  });
+  return dW;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastinv, CPU, m) {
+  m.impl("spectral_norm", &spectral_norm_cpu);
+  m.impl("spectral_norm_backward", &spectral_norm_backward_cpu);
+}
+
+}  // namespace fastinv

@@ -1,0 +1,242 @@
+"""Spectral-normed layers, SpectralNormGroup, checkpoint layouts and DDP, against torch's
+``parametrizations.spectral_norm``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+import fastinv.nn as fnn
+from fastinv.nn.spectral_norm import is_spectral_norm
+from fastinv.nn.spectral_norm_state import state_dict_as_biggan, state_dict_as_torch
+from tests.conftest import TOL
+
+F64 = TOL[torch.float64]
+
+
+def _pairs():
+    """(fastinv layer, torch layer with torch's spectral norm, input) with equal weights, u, v."""
+    specs = [
+        (fnn.SNLinear(7, 5), nn.Linear(7, 5), torch.randn(3, 7)),
+        (fnn.SNConv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5)),
+        (fnn.SNEmbedding(10, 6), nn.Embedding(10, 6), torch.tensor([1, 4, 9])),
+        (fnn.spectral_norm(nn.ConvTranspose2d(4, 3, 4, 2, 1)), nn.ConvTranspose2d(4, 3, 4, 2, 1), torch.randn(2, 4, 3, 3)),
+    ]
+    out = []
+    for ours, theirs, x in specs:
+        ours.double()
+        theirs.double()
+        dim = 1 if isinstance(theirs, nn.ConvTranspose2d) else 0
+        torch_spectral_norm(theirs, dim=dim)
+        theirs.load_state_dict(state_dict_as_torch(ours))
+        out.append((ours, theirs, x.double() if x.is_floating_point() else x))
+    return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_layers_equal_torch_parametrization(train):
+    for ours, theirs, x in _pairs():
+        ours.train(train), theirs.train(train)
+        for _ in range(2):  # two steps: buffers carry over
+            y1, y2 = ours(x), theirs(x)
+            torch.testing.assert_close(y1, y2, **F64)
+            g = torch.randn_like(y1)
+            (y1 * g).sum().backward()
+            (y2 * g).sum().backward()
+        p = theirs.parametrizations.weight
+        torch.testing.assert_close(ours.weight_orig.grad, p.original.grad, **F64)
+        torch.testing.assert_close(ours.weight_u, p[0]._u, **F64)
+        torch.testing.assert_close(ours.weight_v, p[0]._v, **F64)
+
+
+def _model():
+    return nn.Sequential(
+        fnn.SNConv2d(3, 6, 3, padding=1), nn.ReLU(),
+        fnn.spectral_norm(nn.ConvTranspose2d(6, 4, 4, 2, 1)), nn.ReLU(),
+        nn.Flatten(), fnn.SNLinear(4 * 8 * 8, 5),
+    )
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_group_equals_layers_on_their_own():
+    solo = _model().double()
+    grouped = copy.deepcopy(solo)
+    group = fnn.SpectralNormGroup(grouped)
+    assert len(group) == 3
+    x_real, x_fake = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for _ in range(2):
+        for m in (solo, grouped):
+            m.zero_grad()
+            # two forwards before one backward, as in a discriminator step
+            (m(x_real).square().sum() - m(x_fake).sum()).backward()
+        for (k, a), b in zip(solo.state_dict().items(), grouped.state_dict().values()):
+            torch.testing.assert_close(a, b, **F64, msg=k)
+        for a, b in zip(solo.parameters(), grouped.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, **F64)
+    solo.eval(), grouped.eval()
+    before = _snapshot(grouped)
+    torch.testing.assert_close(solo(x_real), grouped(x_real), **F64)
+    assert all(torch.equal(before[k], v) for k, v in grouped.state_dict().items()), "eval must not update u, v"
+
+
+def _count_op_calls(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "fastinv::spectral_norm")
+
+
+def test_group_makes_one_op_call_per_forward():
+    model = _model()
+    x = torch.randn(2, 3, 4, 4)
+    assert _count_op_calls(lambda: model(x)) == 3
+    group = fnn.SpectralNormGroup(model)
+    assert _count_op_calls(lambda: model(x).sum().backward()) == 1
+    group.remove()
+    assert _count_op_calls(lambda: model(x)) == 3
+
+
+def test_explicit_refresh_is_used_by_the_next_forward_and_by_calls_outside_it():
+    model = _model()
+    group = fnn.SpectralNormGroup(model)
+    x = torch.randn(2, 3, 4, 4)
+    u0 = model[0].weight_u.clone()
+    group.refresh()
+    u1 = model[0].weight_u.clone()
+    assert not torch.equal(u0, u1)
+    outside = model[0](x)  # a layer called outside the model's forward uses the refreshed weight
+    assert torch.equal(model[0].weight_u, u1)
+    model(x)  # uses the refreshed weights: no second power iteration
+    assert torch.equal(model[0].weight_u, u1)
+    assert outside.shape == (2, 6, 4, 4)
+    model(x)
+    assert not torch.equal(model[0].weight_u, u1)
+    # after the forward the group's weights are dropped: a layer alone does its own iteration
+    u2 = model[0].weight_u.clone()
+    model[0](x)
+    assert not torch.equal(model[0].weight_u, u2)
+
+
+def test_group_compiles_fullgraph():
+    model = _model()
+    ref = copy.deepcopy(model)
+    fnn.SpectralNormGroup(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 4, 4)
+    for _ in range(2):
+        y, y_ref = compiled(x), ref(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        y.sum().backward()
+        y_ref.sum().backward()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[0].weight_u, ref[0].weight_u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_weights_keep_fp32_u_v(dtype):
+    model = _model()
+    u = model[0].weight_u.clone()
+    model.to(dtype)
+    assert model[0].weight_orig.dtype == dtype
+    assert model[0].weight_u.dtype == torch.float32 and torch.equal(model[0].weight_u, u)
+    fnn.SpectralNormGroup(model)
+    y = model(torch.randn(2, 3, 4, 4, dtype=dtype))
+    y.float().sum().backward()
+    assert y.dtype == dtype and model[0].weight_orig.grad.dtype == dtype
+    assert model[0].weight_u.dtype == torch.float32
+
+
+def test_deepcopy_after_forward_works():
+    model = _model()
+    fnn.SpectralNormGroup(model)
+    model(torch.randn(2, 3, 4, 4)).sum().backward()
+    ema = copy.deepcopy(model)  # BigGAN's EMA copy of G
+    assert is_spectral_norm(ema[0]) and torch.equal(ema[0].weight_u, model[0].weight_u)
+
+
+def test_spectral_norm_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="has no parameter 'bias'"):
+        fnn.spectral_norm(nn.Linear(2, 2, bias=False), name="bias")
+    with pytest.raises(ValueError, match="needs >= 2 dims"):
+        fnn.spectral_norm(nn.Linear(2, 2), name="bias")
+    with pytest.raises(RuntimeError, match="already spectral-normed"):
+        fnn.spectral_norm(fnn.SNLinear(2, 2))
+    with pytest.raises(ValueError, match="n_power_iterations must be positive"):
+        fnn.SNLinear(2, 2, n_power_iterations=0)
+
+
+def test_torch_checkpoint_loads_and_ours_saves_for_torch():
+    for ours, theirs, x in _pairs():
+        ours.eval(), theirs.eval()
+        with torch.no_grad():
+            theirs.parametrizations.weight.original.mul_(1.5)
+        fresh = copy.deepcopy(ours)
+        fresh.load_state_dict(theirs.state_dict())  # torch's parametrization keys
+        torch.testing.assert_close(fresh(x), theirs(x), **F64)
+        back = copy.deepcopy(theirs)
+        back.load_state_dict(state_dict_as_torch(fresh))
+        torch.testing.assert_close(back(x), theirs(x), **F64)
+
+
+def _biggan_linear_forward(sd, x):
+    """BigGAN-PyTorch's SNLinear in eval: one power iteration from u0 without update."""
+    w, u = sd["weight"], sd["u0"]
+    v = nn.functional.normalize(u @ w, eps=1e-12)
+    u = nn.functional.normalize(v @ w.t(), eps=1e-12)
+    sv = (v @ w.t() @ u.t()).squeeze()
+    return nn.functional.linear(x, w / sv, sd["bias"])
+
+
+def test_biggan_checkpoint_round_trip():
+    lin = fnn.SNLinear(6, 4).double()
+    for _ in range(30):  # converge u, v so BigGAN's extra half-iteration changes nothing visible
+        lin.train()
+        _ = lin.weight
+    lin.eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    sd = state_dict_as_biggan(lin)
+    assert set(sd) == {"weight", "bias", "u0", "sv0"} and sd["u0"].shape == (1, 4)
+    torch.testing.assert_close(sd["sv0"], torch.linalg.matrix_norm(lin.weight_orig.detach(), 2).reshape(1), rtol=1e-8, atol=0)
+    torch.testing.assert_close(_biggan_linear_forward(sd, x), lin(x), rtol=1e-8, atol=1e-10)
+    other = fnn.SNLinear(6, 4).double().eval()
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other(x), lin(x), rtol=1e-8, atol=1e-10)
+
+
+def _ddp_worker(rank, world, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # identical initial weights and u, v on both ranks
+        model = nn.Sequential(fnn.SNLinear(4, 8), nn.ReLU(), fnn.SNLinear(8, 1))
+        fnn.SpectralNormGroup(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        torch.manual_seed(1 + rank)  # different data per rank
+        for _ in range(3):
+            opt.zero_grad()
+            ddp(torch.randn(5, 4)).square().mean().backward()
+            opt.step()
+        results[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_keeps_u_v_identical_on_all_ranks(tmp_path):
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True,
+                           start_method="spawn")
+        r0, r1 = results[0], results[1]
+    assert set(r0) == set(r1) and any(k.endswith("_u") for k in r0)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
