@@ -96,7 +96,19 @@ def init_orthogonal(model: nn.Module) -> None:
             w = m.weight
         if isinstance(w, nn.Parameter) and w.dim() >= 2:
             nn.init.orthogonal_(w)
-    # torch's SN keeps (u, v) tuned to the old weight; the first power iterations retune them.
+    retune_spectral_norms(model)
+
+
+@torch.no_grad()
+def retune_spectral_norms(model: nn.Module, iterations: int = 15) -> None:
+    """Run power iterations on every SN weight's (u, v), as torch does when SN is attached:
+    after re-initialising the weights, stale (u, v) would make σ = uᵀWv far too small and an
+    eval-mode forward (no power iteration) blow up."""
+    for w, u, v in _sn_triples(model):
+        w = w.detach().to(u.dtype)
+        for _ in range(iterations):
+            v.copy_(F.normalize(w.T @ u, dim=0, eps=1e-12))
+            u.copy_(F.normalize(w @ v, dim=0, eps=1e-12))
 
 
 class LogitPreprocess(nn.Module):

@@ -119,6 +119,7 @@ class InverterTrainer:
         self.cfg, self.info, dev = cfg, info, info.device
         self.run_dir = Path(cfg.run.out_dir)
         c = cfg.classifier
+        torch.manual_seed(cfg.run.seed)  # a random-init classifier is the same on every rank
         self.classifier = (classifier or load_classifier(
             c.spec, weights=c.weights, random_init=c.random_init, num_classes=c.num_classes
         )).to(dev)

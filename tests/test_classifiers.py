@@ -1,0 +1,164 @@
+"""The classifier zoo (local weights only, frozen) and the small ResNet's standard / PGD training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastinv.models.classifiers import Classifier, load_classifier, save_small_resnet
+from fastinv.models.small_resnet import SmallResNet
+from fastinv.train.classifier import ClassifierConfig, pgd_attack, train_classifier
+from tests.train_tiny import tiny_dataset
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory)
+
+
+def _same_outputs(a, b, size=32):
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_torchvision_from_saved_state_dict(tmp_path):
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=7).eval()
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    clf = load_classifier("torchvision:resnet18", weights=tmp_path / "r18.pth", num_classes=7)
+    assert (clf.input_size, clf.num_classes) == (224, 7)
+    assert clf.mean == pytest.approx((0.485, 0.456, 0.406))
+    _same_outputs(net, clf)
+
+
+def test_robustness_format_checkpoint(tmp_path):
+    """Madry lab's `robustness` checkpoints: model under module.model., an attacker copy under
+    module.attacker.model., the normalizer's mean/std under module.normalizer."""
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    sd = {}
+    for k, v in net.state_dict().items():
+        sd["module.model." + k] = v
+        sd["module.attacker.model." + k] = v.clone()
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
+    sd["module.normalizer.new_mean"], sd["module.normalizer.new_std"] = mean, std
+    sd["module.attacker.normalize.new_mean"] = mean
+    torch.save({"model": sd, "epoch": 90, "schedule": None}, tmp_path / "robust.pt")
+    clf = load_classifier("robust:resnet18", weights=tmp_path / "robust.pt", num_classes=5)
+    assert clf.mean == pytest.approx((0.4, 0.5, 0.6)) and clf.std == pytest.approx((0.2, 0.25, 0.3))
+    _same_outputs(net, clf)
+
+
+def test_missing_weights_name_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--weights PATH"):
+        load_classifier("torchvision:resnet18", weights=tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="--weights PATH"):
+        load_classifier("robust:resnet50")
+    with pytest.raises(ValueError, match="kind:name|<kind>:<name>"):
+        load_classifier("resnet50")
+    with pytest.raises(ValueError, match="unknown torchvision classifier"):
+        load_classifier("torchvision:resnet_does_not_exist", random_init=True)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_classifier("torchvision:resnet18", weights=tmp_path / "evil.pt")
+
+
+def test_mismatched_weights_are_a_clear_error(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r.pth")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_classifier("torchvision:resnet34", weights=tmp_path / "r.pth", num_classes=3)
+
+
+def test_classifier_is_frozen_and_gets_no_gradient():
+    clf = load_classifier("fastinv:small_resnet", random_init=True, num_classes=4)
+    clf.train()
+    assert not clf.training and not clf.net.training
+    assert all(not p.requires_grad for p in clf.parameters())
+    x = torch.rand(2, 3, 16, 16, requires_grad=True) * 2 - 1
+    x.retain_grad()
+    clf(clf.prepare(x)).sum().backward()
+    assert x.grad is not None  # gradients reach the input (aux loss), never the weights
+    assert all(p.grad is None for p in clf.parameters())
+
+
+def test_prepare_resizes_and_normalises():
+    clf = load_classifier("fastinv:small_resnet", random_init=True)
+    out = clf.prepare(torch.zeros(1, 3, 16, 16))  # grey 0.5 at [0, 1], mean 0.5 -> 0
+    assert out.shape == (1, 3, 32, 32) and out.abs().max() < 1e-6
+
+
+def test_timm_and_torchscript_specs(tmp_path):
+    clf = load_classifier("timm:resnet18", random_init=True, num_classes=3)
+    assert isinstance(clf, Classifier) and clf.num_classes == 3 and clf.input_size == 224
+    net = SmallResNet(6, width=4, blocks_per_stage=1).eval()
+    torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    (tmp_path / "net.pt.json").write_text(json.dumps({"input_size": 32, "mean": [0.5] * 3,
+                                                      "std": [0.5] * 3}))
+    ts = load_classifier(f"torchscript:{tmp_path / 'net.pt'}")
+    assert (ts.input_size, ts.num_classes) == (32, 6)
+    _same_outputs(net, ts, size=32)
+
+
+def test_small_resnet_roundtrip_with_sidecar(tmp_path):
+    net = SmallResNet(4, width=4, blocks_per_stage=1).eval()
+    path = save_small_resnet(net, tmp_path / "clf", input_size=32, mean=(0.1, 0.2, 0.3),
+                             std=(0.5, 0.5, 0.5))
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    clf = load_classifier("fastinv:small_resnet", weights=path)
+    assert clf.mean == pytest.approx((0.1, 0.2, 0.3)) and clf.num_classes == 4
+    _same_outputs(net, clf, size=32)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="metadata"):
+        load_classifier("fastinv:small_resnet", weights=path)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_stays_in_the_ball_and_raises_the_loss(norm, eps):
+    torch.manual_seed(0)
+    net = SmallResNet(3, width=4, blocks_per_stage=1).eval()
+    x = torch.rand(4, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 0])
+    adv = pgd_attack(net, x, y, norm=norm, eps=eps, steps=5, step_size=2.5 * eps / 5,
+                     normalize=lambda t: (t - 0.5) / 0.5)
+    d = (adv - x).flatten(1)
+    size = d.abs().max(1).values if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-5).all() and adv.min() >= 0 and adv.max() <= 1
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert ce(net((adv - 0.5) / 0.5), y) > ce(net((x - 0.5) / 0.5), y)
+
+
+@pytest.mark.parametrize("adversarial", ["none", "linf"])
+def test_train_classifier_writes_loadable_weights(tmp_path, synthetic_data, adversarial):
+    cfg = ClassifierConfig(data=str(synthetic_data), out=str(tmp_path / "clf.safetensors"),
+                           width=4, blocks_per_stage=1, epochs=1, batch_size=8, workers=0,
+                           device="cpu", backend="pil", adversarial=adversarial, eps=8 / 255,
+                           pgd_steps=2)
+    path = train_classifier(cfg)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["arch"] == "small_resnet" and meta["training"]["adversarial"] == adversarial
+    assert 0 <= meta["val_accuracy"] <= 1
+    assert ("val_robust_accuracy" in meta) == (adversarial != "none")
+    clf = load_classifier("fastinv:small_resnet", weights=path)
+    assert clf.num_classes == meta["num_classes"] == len(meta["classes"])
+
+
+def test_classifier_config_errors():
+    with pytest.raises(ValueError, match="--data DIR"):
+        train_classifier(ClassifierConfig())
+    with pytest.raises(ValueError, match="adversarial must be one of"):
+        ClassifierConfig(data="x", adversarial="l1").validate()

@@ -1,0 +1,116 @@
+"""The logit-conditioned BigGAN generator, projection discriminator and self-attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastinv.models import layers
+from fastinv.models.discriminator import Discriminator
+from fastinv.models.generator import Generator
+from fastinv.nn.attention import SelfAttention
+
+
+def _g(**kw):
+    args = dict(num_classes=5, resolution=16, ch=4, noise_dim=12, shared_dim=8,
+                attention_resolution=0)
+    args.update(kw)
+    return Generator(**args)
+
+
+@pytest.mark.parametrize("resolution,attention", [(16, 0), (32, 16), (64, 32)])
+def test_generator_output_shape_and_range(resolution, attention):
+    G = _g(resolution=resolution, ch=8 if resolution == 64 else 4, attention_resolution=attention)
+    z = torch.randn(3, 5) * 10
+    x = G(z, G.sample_noise(3))
+    assert x.shape == (3, 3, resolution, resolution)
+    assert x.abs().max() <= 1 and torch.isfinite(x).all()
+    assert len(G.attention) == (1 if attention else 0)
+
+
+def test_generator_noise_is_split_hierarchically():
+    G = _g(noise_dim=13)  # 2 blocks + 1 -> chunks of 4, noise_dim rounded down to 12
+    assert G.noise_dim == 12 and G.chunk == 4
+    assert G.sample_noise(2).shape == (2, 12)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(G.sample_noise(2, generator=g1), G.sample_noise(2, generator=g2))
+
+
+def test_generator_depends_on_logits_and_noise():
+    G = _g().eval()
+    z, e = torch.randn(2, 5), G.sample_noise(2)
+    x = G(z, e)
+    assert not torch.allclose(x, G(z + 1, e))
+    assert not torch.allclose(x, G(z, G.sample_noise(2)))
+
+
+def test_generator_rejects_bad_shapes():
+    G = _g()
+    with pytest.raises(ValueError, match=r"logits of shape \(N, 5\)"):
+        G(torch.randn(2, 4), G.sample_noise(2))
+    with pytest.raises(ValueError, match="use G.sample_noise"):
+        G(torch.randn(2, 5), torch.randn(2, 7))
+    with pytest.raises(ValueError, match="resolution must be one of"):
+        Generator(5, resolution=48)
+
+
+def test_discriminator_projection_uses_logits():
+    D = Discriminator(5, resolution=16, ch=4)
+    x, z = torch.randn(4, 3, 16, 16), torch.randn(4, 5)
+    out = D(x, z)
+    assert out.shape == (4,)
+    assert not torch.allclose(out, D(x, z + torch.randn(4, 5)))
+    with pytest.raises(ValueError, match="logits of shape"):
+        D(x, torch.randn(3, 5))
+
+
+def test_discriminator_projection_is_linear_in_embedding():
+    D = Discriminator(5, resolution=32, ch=4, attention_resolution=16).eval()
+    x, z = torch.randn(2, 3, 32, 32), torch.randn(2, 5)
+    base = D(x, torch.zeros(2, 5))  # embed has no bias: zero logits project to 0
+    diff1, diff2 = D(x, z) - base, D(x, 2 * z) - base
+    torch.testing.assert_close(diff2, 2 * diff1, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_starts_as_identity_and_learns_gamma():
+    att = SelfAttention(16)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    y = att(x)
+    torch.testing.assert_close(y, x)
+    y.square().sum().backward()
+    assert att.gamma.grad is not None
+    with torch.no_grad():
+        att.gamma.fill_(1.0)
+    assert not torch.allclose(att(x), x)
+    with pytest.raises(ValueError, match="at least 8 channels"):
+        SelfAttention(4)
+
+
+def test_models_use_spectral_norm_and_orthogonal_init():
+    G = _g()
+    triples = list(layers._sn_triples(G))
+    assert len(triples) >= 8  # shared, linear, 2 x (conv1, conv2, sc), CBN linears, output
+    w = triples[0][0]  # orthogonal init: rows (or columns) orthonormal
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-4, rtol=1e-4)
+    stats = layers.sigma_stats(G)
+    assert stats["sigma_mean"] > 0
+
+
+def test_logit_preprocess_modes():
+    z = torch.randn(3, 6) * 5 + 2
+    assert torch.equal(layers.LogitPreprocess("none")(z), z)
+    s = layers.LogitPreprocess("standardise")(z)
+    torch.testing.assert_close(s.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(layers.LogitPreprocess("temperature", 2.0)(z), z / 2)
+    with pytest.raises(ValueError, match="logit_preprocess must be one of"):
+        layers.LogitPreprocess("softmax")
+
+
+def test_generator_trains_with_gradients_everywhere():
+    G = _g(resolution=32, attention_resolution=16)
+    D = Discriminator(5, resolution=32, ch=4, attention_resolution=16)
+    z = torch.randn(4, 5)
+    D(G(z, G.sample_noise(4)), z).mean().backward()
+    missing = [n for n, p in G.named_parameters() if p.grad is None]
+    assert missing == ["attention.1.gamma"] or missing == []  # gamma=0 still gets a gradient
