@@ -15,7 +15,7 @@ file order that ``make_loader(out / "train", train=False)`` uses, then the val r
 So ``load_factors(out, split="train")`` row ``i`` describes the sample with ``index == i``.
 
 Rendering: the shape's coverage mask is drawn with PIL at 4x and box-downsampled (anti-aliasing
-by supersampling), then composited in numpy: ``pixel = a * fg + (1 - a) * background``. Every
+by supersampling), then composited: ``pixel = a * fg + (1 - a) * background`` (PIL, in C). Every
 shape is centred on its area centroid, so the measured centroid of the mask is ``(x, y)``.
 """
 
@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 # Sorted, so that the class index equals the ImageFolder label (class folders sort by name).
 CLASS_NAMES = tuple(sorted((
@@ -118,42 +118,54 @@ def draw_factors(n: int, seed: int, num_classes: int = 10) -> dict[str, np.ndarr
 
 def render(factors: dict[str, float], resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """Render one image (H, W, 3) uint8 and its coverage mask (H, W) float32 in [0, 1]."""
+    image, mask = _render_pil(factors, resolution)
+    return np.asarray(image), np.asarray(mask, dtype=np.float32) / 255.0
+
+
+def _colour(factors, prefix: str) -> tuple[int, int, int]:
+    return tuple(int(factors[f"{prefix}_{c}"] * 255.0 + 0.5) for c in "rgb")
+
+
+def _render_pil(factors: dict[str, float], resolution: int) -> tuple[Image.Image, Image.Image]:
+    """The image (RGB) and the coverage mask (L); all pixel work runs in PIL's C code."""
     name = CLASS_NAMES[int(factors["class"])]
-    s = SUPERSAMPLE
-    big = resolution * s
+    big = resolution * SUPERSAMPLE
     cx, cy = factors["x"] * big, factors["y"] * big
     radius = factors["scale"] * big
     theta = np.deg2rad(factors["rotation"])
-    rot = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
-    pts = _POLYGONS[name] @ rot.T * radius
-    # image y grows downwards: flip so that rotation is counter-clockwise on screen
-    poly = [(cx + px, cy - py) for px, py in pts]
+    c, s = np.cos(theta), np.sin(theta)
+    unit = _POLYGONS[name]
+    # image y grows downwards: minus sign so that rotation is counter-clockwise on screen
+    px = radius * (unit[:, 0] * c - unit[:, 1] * s)
+    py = radius * (unit[:, 0] * s + unit[:, 1] * c)
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    draw.polygon(poly, fill=255)
+    draw.polygon(list(zip((cx + px).tolist(), (cy - py).tolist())), fill=255)
     if name == "ring":
-        draw.polygon([(cx + RING_INNER * px, cy - RING_INNER * py) for px, py in pts], fill=0)
-    alpha = np.asarray(mask.reduce(s), dtype=np.float32)[..., None] / 255.0
+        draw.polygon(list(zip((cx + RING_INNER * px).tolist(), (cy - RING_INNER * py).tolist())),
+                     fill=0)
+    mask = mask.reduce(SUPERSAMPLE)  # box filter over 4x4 samples: the anti-aliasing
 
-    bg = np.array([factors["bg_r"], factors["bg_g"], factors["bg_b"]], np.float32)
-    fg = np.array([factors["fg_r"], factors["fg_g"], factors["fg_b"]], np.float32)
-    background = bg * _texture(int(factors["texture"]), resolution)
-    image = background + alpha * (fg - background)
-    return (image * 255.0 + 0.5).clip(0, 255).astype(np.uint8), alpha[..., 0]
+    size = (resolution, resolution)
+    background = Image.new("RGB", size, _colour(factors, "bg"))
+    texture = int(factors["texture"])
+    if TEXTURES[texture] != "flat":
+        background = ImageChops.multiply(background, _texture(texture, resolution))
+    image = Image.composite(Image.new("RGB", size, _colour(factors, "fg")), background, mask)
+    return image, mask
 
 
 @functools.lru_cache(maxsize=16)
-def _texture(texture: int, resolution: int) -> np.ndarray:
-    """Multiplicative background texture (H, W, 1) float32."""
+def _texture(texture: int, resolution: int) -> Image.Image:
+    """Multiplicative background texture: white, and (1 - TEXTURE_CONTRAST) in alternate cells."""
     i = np.arange(resolution)
     period = max(resolution // 8, 2)
-    if TEXTURES[texture] == "flat":
-        cells = np.zeros((resolution, resolution))
-    elif TEXTURES[texture] == "stripes":
+    if TEXTURES[texture] == "stripes":
         cells = ((i[:, None] + i[None, :]) // period) % 2
     else:
         cells = (i[:, None] // period + i[None, :] // period) % 2
-    return (1.0 - TEXTURE_CONTRAST * cells[..., None]).astype(np.float32)
+    level = np.round(255 * (1.0 - TEXTURE_CONTRAST * cells)).astype(np.uint8)
+    return Image.fromarray(np.repeat(level[..., None], 3, axis=2))
 
 
 def _write(path: str, data: bytes) -> None:
@@ -167,9 +179,9 @@ def _render_chunk(job: tuple[list[dict], list[str], int, int]) -> int:
     with ThreadPoolExecutor(4) as io_pool:
         writes = []
         for row, path in zip(rows, paths):
-            image, _ = render(row, resolution)
+            image, _ = _render_pil(row, resolution)
             buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
+            image.save(buf, format="JPEG", quality=quality, subsampling=0)
             writes.append(io_pool.submit(_write, path, buf.getvalue()))
         for w in writes:
             w.result()  # re-raise a failed write (disk full, permissions) here
