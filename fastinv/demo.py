@@ -1,0 +1,254 @@
+"""``fastinv demo``: synthetic data -> standard and PGD-robust classifiers -> an inverter for
+each -> every analysis and baseline -> report, in one command.
+
+Sizes come from a preset: ``default`` (≤ 15 min on 2 CPU cores), ``quick`` (≤ 5 min),
+``tiny`` (an end-to-end smoke run for CI, about a minute) and ``gpu`` (chosen automatically on
+CUDA unless a preset is named). Everything a user looks at later stays in ``--out``::
+
+    data/                       the synthetic ImageFolder + factors.csv
+    classifiers/<name>.safetensors (+ .json)
+    <name>/inverter/            inverter run: checkpoints, TensorBoard logs, config.yaml
+    <name>/deepsim/             DeePSiM decoder (safetensors) + TensorBoard logs
+    <name>/analyses/<analysis>/ figures + metrics.json
+    <name>/methods.json, <name>/classifier.json
+    factors.json, summary.json, report.md, report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CLASSIFIERS = ("standard", "robust")
+
+
+@dataclass
+class DemoPreset:
+    n_images: int = 3000  # synthetic images (train + val)
+    val_fraction: float = 0.15
+    num_classes: int = 10
+    resolution: int = 32
+    clf_width: int = 16
+    clf_blocks: int = 1
+    clf_epochs: int = 4
+    clf_max_steps: int | None = None
+    robust_eps: float = 0.5  # L2 PGD radius in [0, 1] pixel units
+    robust_pgd_steps: int = 3
+    gan_preset: str = "demo-cpu"
+    gan_steps: int = 600
+    gan_overrides: tuple[str, ...] = ()
+    deepsim_steps: int = 400
+    deepsim_width: int = 32
+    opt_steps: int = 100
+    opt_restarts: int = 2
+    n_optimization: int = 24
+    n_eval: int = 256
+    k_resample: int = 6
+    factor_epochs: int = 10
+    workers: int | None = 0  # data loader processes; 0: in the main process
+
+
+PRESETS: dict[str, DemoPreset] = {
+    "default": DemoPreset(),
+    "quick": DemoPreset(n_images=1500, clf_epochs=3, gan_steps=200, deepsim_steps=150,
+                        opt_steps=50, n_optimization=16, n_eval=128, k_resample=4,
+                        factor_epochs=6),
+    "tiny": DemoPreset(n_images=160, num_classes=4, resolution=16, clf_width=8, clf_epochs=1,
+                       clf_max_steps=4, robust_pgd_steps=1, gan_preset="tiny", gan_steps=4,
+                       deepsim_steps=4, deepsim_width=8, opt_steps=3, opt_restarts=1,
+                       n_optimization=4, n_eval=24, k_resample=2, factor_epochs=1),
+    "gpu": DemoPreset(n_images=20000, resolution=64, clf_width=32, clf_blocks=2, clf_epochs=15,
+                      robust_pgd_steps=7, gan_steps=6000,
+                      gan_overrides=("--data.batch_size=64", "--model.g_ch=32", "--model.d_ch=32",
+                                     "--run.device=cuda", "--run.image_every=1000",
+                                     "--run.ckpt_every=2000", "--optim.ema_start=1000"),
+                      deepsim_steps=3000, deepsim_width=64, opt_steps=300, opt_restarts=4,
+                      n_optimization=64, n_eval=1024, k_resample=8, factor_epochs=20,
+                      workers=None),
+}
+
+
+def _stage(name: str, timings: dict, fn, *args, **kwargs):
+    print(f"[demo] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    timings[name] = time.perf_counter() - t0
+    print(f"[demo] {name}: {timings[name]:.1f} s", flush=True)
+    return out
+
+
+def _train_classifiers(p: DemoPreset, out: Path, device: str) -> dict[str, Path]:
+    from fastinv.train.classifier import ClassifierConfig, train_classifier
+
+    paths = {}
+    for name in CLASSIFIERS:
+        cfg = ClassifierConfig(
+            data=str(out / "data"), out=str(out / "classifiers" / f"{name}.safetensors"),
+            input_size=p.resolution, width=p.clf_width, blocks_per_stage=p.clf_blocks,
+            epochs=p.clf_epochs, max_steps=p.clf_max_steps, device=device, workers=p.workers,
+            adversarial="l2" if name == "robust" else "none", eps=p.robust_eps,
+            pgd_steps=p.robust_pgd_steps)
+        paths[name] = train_classifier(cfg)
+    return paths
+
+
+def _train_inverter(p: DemoPreset, out: Path, name: str, weights: Path, device: str) -> Path:
+    from fastinv.train.config import load_config
+    from fastinv.train.gan import train_inverter
+
+    overrides = [f"--data.root={out / 'data'}", f"--data.resolution={p.resolution}",
+                 "--classifier.spec=fastinv:small_resnet", f"--classifier.weights={weights}",
+                 "--classifier.random_init=false", "--classifier.num_classes=none",
+                 f"--run.out_dir={out / name / 'inverter'}", f"--run.steps={p.gan_steps}",
+                 f"--run.device={device}", "--run.progress=true",
+                 f"--data.workers={'none' if p.workers is None else p.workers}",
+                 *p.gan_overrides]
+    return train_inverter(load_config(p.gan_preset, overrides))
+
+
+def _images(root: Path, classifier, p: DemoPreset, n: int, device: str):
+    from fastinv.data import make_loader
+    from fastinv.invert.analyses import collect_images
+
+    loader = make_loader(root, resolution=p.resolution, classifier_size=classifier.input_size,
+                         classifier_mean=classifier.mean, classifier_std=classifier.std,
+                         batch_size=64, train=False, device=device, num_workers=p.workers)
+    return collect_images(loader, classifier, n, device)
+
+
+def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
+             seed: int = 0) -> dict:
+    """The whole pipeline; returns the summary (also written to ``out/summary.json``)."""
+    from fastinv.data import CLASS_NAMES, load_factors, make_synthetic_dataset
+    from fastinv.invert import factors as fac
+    from fastinv.invert.baselines import OptimizationConfig
+    from fastinv.invert.deepsim_train import DeepSimConfig, train_deepsim
+    from fastinv.invert.evaluate import compare_methods, run_analyses, write_classifier_info
+    from fastinv.invert.report import write_report
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.checkpoint import load_inverter
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out)
+    if (out / "data").exists():
+        raise FileExistsError(f"{out} already holds a demo run; pass another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    torch.manual_seed(seed)
+
+    _stage("synthetic data", timings, make_synthetic_dataset, out / "data", n=p.n_images,
+           resolution=p.resolution, seed=seed, val_fraction=p.val_fraction,
+           num_classes=p.num_classes)
+    weights = _stage("classifiers (standard + PGD-robust)", timings, _train_classifiers, p, out,
+                     device)
+    class_names = list(CLASS_NAMES[: p.num_classes])
+    val_factors = load_factors(out / "data", split="val")
+    train_factors = load_factors(out / "data", split="train")
+
+    factor_model = None
+    factor_table: dict[str, dict] = {}
+    methods_table: dict[str, dict] = {}
+    for name in CLASSIFIERS:
+        _stage(f"inverter for {name}", timings, _train_inverter, p, out, name, weights[name], device)
+        clf = load_classifier("fastinv:small_resnet", weights=weights[name]).to(device)
+        meta = json.loads(weights[name].with_suffix(".json").read_text())
+        write_classifier_info(out / name, {
+            "name": name, "robust": name == "robust", "weights": str(weights[name]),
+            "val_accuracy": meta.get("val_accuracy"),
+            "val_robust_accuracy": meta.get("val_robust_accuracy")})
+        G, _ = load_inverter(out / name / "inverter", device=device)
+        val = _images(out / "data" / "val", clf, p, p.n_eval, device)
+        train = _images(out / "data" / "train", clf, p, p.n_images, device)
+        _stage(f"analyses for {name}", timings, run_analyses, G, clf, val, out / name / "analyses",
+               class_names=class_names, k=p.k_resample, seed=seed, progress=True)
+        dcfg = DeepSimConfig(steps=p.deepsim_steps, width=p.deepsim_width, seed=seed)
+        deepsim, _ = _stage(f"DeePSiM decoder for {name}", timings, train_deepsim, clf,
+                            train.images, train.logits, out / name / "deepsim", dcfg)
+        ocfg = OptimizationConfig(steps=p.opt_steps, restarts=p.opt_restarts, seed=seed)
+        methods, recs = _stage(f"method comparison for {name}", timings, compare_methods, clf, val,
+                               {"inverter": G, "deepsim": deepsim}, out / name / "methods.json",
+                               optimization=ocfg, n_optimization=p.n_optimization, seed=seed)
+        methods_table[name] = methods
+        if factor_model is None:  # one regressor of the factors, trained on real train images
+            y_train, fnames = fac.factor_targets(
+                {k: v[train.index.numpy()] for k, v in train_factors.items()})
+            factor_model = _stage("factor regressor", timings, fac.train_factor_regressor,
+                                  train.images, y_train.to(device), epochs=p.factor_epochs,
+                                  seed=seed, progress=True)
+        y_val, fnames = fac.factor_targets({k: v[val.index.numpy()] for k, v in val_factors.items()})
+        y_val = y_val.to(device)
+        table = fac.factor_retention(factor_model, y_val, fnames, val.images,
+                                     {k: v for k, v in recs.items() if k != "optimization"})
+        if "optimization" in recs:
+            n = recs["optimization"].shape[0]
+            table[f"optimization (first {n})"] = fac.r2_per_factor(
+                factor_model.predict(recs["optimization"]), y_val[:n], fnames)
+        factor_table[name] = table
+    (out / "factors.json").write_text(json.dumps(factor_table, indent=2))
+
+    summary = {"preset": preset, "device": device, "threads": torch.get_num_threads(),
+               "images": p.n_images, "resolution": p.resolution,
+               "total_seconds": time.perf_counter() - t_start, "stage_seconds": timings,
+               "settings": dataclasses.asdict(p)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _stage("report", timings, write_report, out)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out)  # again, so the report's timing table includes the report itself
+    print_summary(out, methods_table, summary)
+    return summary
+
+
+def print_summary(out: Path, methods: dict[str, dict], summary: dict) -> None:
+    from fastinv.invert.report import collect, findings
+
+    print(f"\nfastinv demo ({summary['preset']}, {summary['device']}): "
+          f"{summary['total_seconds']:.0f} s in all\n")
+    head = f"{'classifier':<10} {'method':<12} {'top1 Φ(x)':>9} {'top1 y':>7} {'cos':>6} " \
+           f"{'PSNR':>6} {'SSIM':>6} {'s/img':>8}"
+    print(head)
+    print("-" * len(head))
+    for clf, table in methods.items():
+        for name, m in table.items():
+            if name.endswith("_opt_subset"):
+                continue
+            print(f"{clf:<10} {name:<12} {m['top1_vs_orig']:>9.3f} {m['top1_vs_label']:>7.3f} "
+                  f"{m['logit_cosine']:>6.3f} {m['psnr']:>6.2f} {m['ssim']:>6.3f} "
+                  f"{m['seconds_per_image']:>8.4f}")
+    runs, factors, _ = collect(out)
+    print()
+    for claim, verdict, _ in findings(runs, factors):
+        print(f"  [{verdict}] {claim}")
+    print(f"\nreport: {out / 'report.html'}  (and report.md)\n")
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--quick", action="store_true", help="the ≤ 5 min preset")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="sizes (default: 'default' on CPU, 'gpu' on CUDA; --quick = quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastinv demo: --device cuda but no CUDA GPU is visible; use --device cpu")
+    preset = args.preset or ("quick" if args.quick else ("gpu" if device == "cuda" else "default"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(args.out, preset=preset, device=device, seed=args.seed)
+    return 0

@@ -1,0 +1,58 @@
+"""`fastinv demo --preset tiny` runs the whole pipeline end to end (the CI preset), and the
+invert/report subcommands work on what it leaves behind."""
+
+import json
+
+import pytest
+
+from fastinv.cli import main
+from tests.invert_tiny import one_thread
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--preset", "tiny", "--out", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_demo_leaves_everything_a_user_looks_at(demo_dir):
+    for rel in ("data/factors.csv", "classifiers/standard.safetensors", "classifiers/robust.json",
+                "factors.json", "summary.json", "report.md", "report.html"):
+        assert (demo_dir / rel).is_file(), rel
+    for name in ("standard", "robust"):
+        d = demo_dir / name
+        assert json.loads((d / "classifier.json").read_text())["robust"] == (name == "robust")
+        assert any((d / "inverter" / "checkpoints").iterdir())
+        assert any((d / "inverter" / "tensorboard").rglob("events.out.tfevents.*"))
+        assert (d / "deepsim" / "deepsim.safetensors").is_file()
+        for analysis in ("reconstruct", "resample", "misclassified", "shift", "scale", "perturb"):
+            assert (d / "analyses" / analysis / "metrics.json").is_file(), (name, analysis)
+        methods = json.loads((d / "methods.json").read_text())
+        assert {"inverter", "deepsim", "optimization"} <= set(methods)
+    factors = json.loads((demo_dir / "factors.json").read_text())
+    assert {"real", "inverter", "deepsim"} <= set(factors["standard"])
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert summary["preset"] == "tiny" and summary["total_seconds"] > 0
+    assert "The paper's findings on this data" in (demo_dir / "report.md").read_text()
+
+
+def test_demo_refuses_to_overwrite_a_run(demo_dir):
+    with pytest.raises(FileExistsError, match="already holds a demo run"):
+        main(["demo", "--preset", "tiny", "--out", str(demo_dir), "--device", "cpu"])
+
+
+def test_invert_and_report_commands_on_the_demo_inverter(demo_dir, tmp_path, capsys):
+    out = tmp_path / "inv"
+    rc = main(["invert", "shift", "--inverter", str(demo_dir / "standard" / "inverter"),
+               "--data", str(demo_dir / "data" / "val"), "--out", str(out), "--n", "8",
+               "--values", "0,2", "--device", "cpu", "--robust", "no"])
+    assert rc == 0
+    m = json.loads((out / "analyses" / "shift" / "metrics.json").read_text())
+    assert [e["value"] for e in m["per_value"]] == [0.0, 2.0]
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").is_file()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
