@@ -248,3 +248,14 @@ def test_bad_arguments_are_clear_errors(synth):
         loader(synth, "pil", crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="validate must be one of"):
         loader(synth, "pil", validate="maybe")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pil_loader_delivers_the_same_batches_on_cuda(synth):
+    cpu = list(loader(synth, "pil", train=True, seed=3))
+    gpu = list(loader(synth, "pil", train=True, seed=3, device="cuda", num_workers=2))
+    assert len(cpu) == len(gpu)
+    for a, b in zip(cpu, gpu):
+        for key in ("image", "classifier_input", "label", "index"):
+            assert b[key].device.type == "cuda"
+            torch.testing.assert_close(b[key].cpu(), a[key], atol=1e-5, rtol=1e-5)

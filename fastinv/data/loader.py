@@ -48,6 +48,7 @@ def make_loader(
     flip: bool = True,
     eval_crop_fraction: float = 1.0,
     jpeg_draft: bool = True,
+    scan_cache: bool | None = None,
 ) -> ImageLoader:
     """An iterable of batches from an ImageFolder tree or a .txt/.csv file list.
 
@@ -67,7 +68,8 @@ def make_loader(
 
     ``backend``: ``"dali"`` (GPU ``mixed`` decoding on a CUDA device, CPU pipeline otherwise),
     ``"pil"`` (torch DataLoader with ``num_workers`` processes), ``"auto"`` (DALI if importable).
-    ``validate``: how files are checked when scanning (see fastinv.data.sources).
+    ``validate``: how files are checked when scanning (see fastinv.data.sources);
+    ``scan_cache``: reuse earlier scan results (default: for datasets of 10k+ files).
     ``jpeg_draft`` (PIL only): let libjpeg decode big JPEGs at 1/2-1/8 scale (faster; outputs
     then differ from DALI's full decode by a few levels, see tests/test_data_dali.py).
     """
@@ -97,7 +99,7 @@ def make_loader(
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
 
-    source = scan_source(root, validate=validate)
+    source = scan_source(root, validate=validate, cache=scan_cache)
     common = dict(
         resolution=int(resolution), classifier_size=int(classifier_size),
         classifier_mean=tuple(float(m) for m in classifier_mean),

@@ -12,6 +12,9 @@ never reaches a decoder in the middle of an epoch. The checks (``validate=``):
 
 Sample order (the dataset ``index``): ImageFolder — classes sorted by name, then files by
 relative path within each class (torchvision's order); file list — the list's own order.
+
+Large datasets are scanned with one process per core and the results cached
+(fastinv.data.scan_cache), keyed by every file's size and modification time.
 """
 
 from __future__ import annotations
@@ -19,18 +22,22 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fastinv.data import scan_cache
+
 log = logging.getLogger("fastinv.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VALIDATE_MODES = ("header", "decode", "none")
 _JPEG_EOI = b"\xff\xd9"
+CACHE_MIN_FILES = 10_000
+PROCESS_SCAN_MIN_FILES = 20_000
 _JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some writers pad after it)
 
 
@@ -95,15 +102,27 @@ def dataset_classes(root: str | os.PathLike) -> list[str]:
 
 
 def scan_source(root: str | os.PathLike, *, validate: str = "header",
-                workers: int | None = None) -> Source:
-    """List, check and measure every image of ``root`` (ImageFolder dir or .txt/.csv list)."""
+                workers: int | None = None, cache: bool | None = None) -> Source:
+    """List, check and measure every image of ``root`` (ImageFolder dir or .txt/.csv list).
+
+    ``cache``: reuse / store the results (fastinv.data.scan_cache); ``None`` caches datasets
+    of at least CACHE_MIN_FILES files, where a scan takes long enough to matter."""
     if validate not in VALIDATE_MODES:
         raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
     root = Path(root)
     paths, labels, classes = _list_entries(root)
     workers = workers or min(32, 4 * (os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:  # header reads are I/O-bound
-        results = list(pool.map(lambda p: _inspect(p, validate), paths))
+    if cache is None:
+        cache = len(paths) >= CACHE_MIN_FILES
+    results = None
+    if cache:
+        with ThreadPoolExecutor(workers) as pool:
+            stats = np.array(list(pool.map(_stat, paths)), dtype=np.int64).reshape(-1, 2)
+        results = scan_cache.load(root, validate, paths, stats)
+    if results is None:
+        results = _inspect_all(paths, validate, workers)
+        if cache:
+            scan_cache.save(root, validate, paths, stats, results)
     report = BadFileReport()
     keep = []
     sizes = []
@@ -204,6 +223,29 @@ def _is_int(s: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _inspect_all(paths: list[str], validate: str, workers: int) -> list:
+    if len(paths) >= PROCESS_SCAN_MIN_FILES and (os.cpu_count() or 1) > 1:
+        # header parsing is Python code that holds the GIL: big scans use every core
+        chunks = [paths[i:i + 2000] for i in range(0, len(paths), 2000)]
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            return [r for part in pool.map(_inspect_chunk, chunks, [validate] * len(chunks))
+                    for r in part]
+    with ThreadPoolExecutor(workers) as pool:  # small scans: threads start instantly
+        return list(pool.map(lambda p: _inspect(p, validate), paths))
+
+
+def _inspect_chunk(paths: list[str], validate: str) -> list:
+    return [_inspect(p, validate) for p in paths]
 
 
 def _inspect(path: str, validate: str) -> tuple[tuple[int, int] | None, str | None]:
