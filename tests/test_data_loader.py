@@ -259,3 +259,14 @@ def test_pil_loader_delivers_the_same_batches_on_cuda(synth):
         for key in ("image", "classifier_input", "label", "index"):
             assert b[key].device.type == "cuda"
             torch.testing.assert_close(b[key].cpu(), a[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_abandoned_epoch_does_not_leak_into_the_next(synth, backend):
+    ld = loader(synth, backend, train=True, batch_size=8, seed=7)
+    reference = [b["index"].tolist() for b in loader(synth, backend, train=True, batch_size=8,
+                                                     seed=7)]
+    for _ in ld:
+        break  # e.g. an analysis that needs only the first batch
+    ld.set_epoch(0)
+    assert [b["index"].tolist() for b in ld] == reference

@@ -93,6 +93,7 @@ class DaliLoader(ImageLoader):
         self.device_id = self.device.index if self.device.type == "cuda" else None
         self._feed = _BatchFeed(source.paths)
         self._pipe = None
+        self._dirty = False
 
     def _new_pipeline(self):
         self._feed.queue.clear()
@@ -113,10 +114,13 @@ class DaliLoader(ImageLoader):
         for index in batches:
             boxes, flips = self._boxes(index, epoch)
             plan.append((index, boxes, flips))
-        if self._pipe is None:
+        if self._pipe is None or self._dirty:
+            # the last iteration was abandoned mid-epoch: its prefetched batches are still
+            # queued inside the pipeline, so start from a fresh one
             self._new_pipeline()
         self._feed.queue.clear()
         self._feed.queue.extend(plan)
+        self._dirty = True
         done = 0
         while done < len(plan):
             try:
@@ -138,7 +142,8 @@ class DaliLoader(ImageLoader):
             dev = self.device
             yield self._finish(_to_torch(image, dev), _to_torch(cls, dev), _to_torch(index, dev))
         if self._pipe is not None:
-            self._pipe.reset()  # drain the epoch's end so the next iteration starts clean
+            self._pipe.reset()  # end the external source's epoch: the next one starts clean
+            self._dirty = False
 
     def _pil_batch(self, index, boxes, flips):
         good, images, classifier = [], [], []
