@@ -63,6 +63,12 @@ def _expected(x, gain, bias, eps=1e-5, mean=None, var=None):
     return xhat * gain.double()[:, :, None, None] + bias.double()[:, :, None, None]
 
 
+def test_cpu_kernels_are_registered():
+    info = ops.backend_info()
+    for name in [*SPLIT_OPS, "conditional_batch_norm_update_running"]:
+        assert info[name]["cpu"] == "cpp", name
+
+
 # --- forward --------------------------------------------------------------------------------
 
 

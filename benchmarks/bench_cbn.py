@@ -1,0 +1,81 @@
+"""Conditional batch norm: BigGAN-PyTorch's ccbn in eager (F.batch_norm without affine, then a
+multiply and an add), the same under torch.compile, and fastinv's fused op.
+
+Bytes that must move: forward reads x and writes y (2 * numel * element size); forward+backward
+adds reading x and dy and writing dx (5 * numel * element size in all). gain/bias/statistics
+are O(N*C) and not counted.
+
+CUDA: the BigGAN-128 generator's shapes at N=256, fp32 and bf16, NCHW and channels_last.
+CPU (2 cores here): the issue's N=32, C=128, 32x32 shape and one scaled-down generator shape.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastinv import ops
+
+# (N, C, H, W) of the BigGAN-128 generator's batch norms at batch 256
+BIGGAN128 = [(256, 1536, 4, 4), (256, 768, 16, 16), (256, 384, 32, 32), (256, 192, 64, 64),
+             (256, 96, 128, 128)]
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+CASES = []  # (device, shape, dtype, layout)
+if torch.cuda.is_available():
+    CASES += [("cuda", s, dt, lay) for s in BIGGAN128 for dt in (torch.float32, torch.bfloat16)
+              for lay in LAYOUTS]
+CASES += [
+    ("cpu", (32, 128, 32, 32), torch.float32, "nchw"),
+    ("cpu", (32, 128, 32, 32), torch.float32, "nhwc"),
+    ("cpu", (32, 128, 32, 32), torch.bfloat16, "nchw"),
+    ("cpu", (8, 192, 64, 64), torch.float32, "nchw"),  # BigGAN-128's 64x64 stage at batch 8
+]
+
+
+def ccbn_eager(x, gain, bias, running_mean, running_var):
+    """BigGAN-PyTorch layers.ccbn: batch norm without affine, then the conditional affine."""
+    out = F.batch_norm(x, running_mean, running_var, None, None, True, 0.1, 1e-5)
+    return out * gain[:, :, None, None] + bias[:, :, None, None]
+
+
+def ccbn_fastinv(x, gain, bias, running_mean, running_var):
+    return ops.conditional_batch_norm(x, gain, bias, running_mean, running_var, True, 0.1, 1e-5)
+
+
+def _case_id(case):
+    device, (n, c, h, w), dtype, layout = case
+    return f"{device}-{n}x{c}x{h}x{w}-{str(dtype)[6:]}-{layout}"
+
+
+@pytest.mark.parametrize("impl", ["reference-eager", "torch.compile", "fastinv"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_cbn(measure, case, mode, impl):
+    device, shape, dtype, layout = case
+    if device == "cpu" and mode == "fwd" and shape != (32, 128, 32, 32):
+        pytest.skip("CPU: forward alone measured on the small shape only (keeps the run short)")
+    n, c = shape[:2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])
+    gain = (1 + 0.1 * torch.randn(n, c, generator=g)).to(device, dtype)
+    bias = torch.randn(n, c, generator=g).to(device, dtype)
+    dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    fn = {"reference-eager": ccbn_eager, "torch.compile": torch.compile(ccbn_eager, dynamic=False),
+          "fastinv": ccbn_fastinv}[impl]
+    backward = mode == "fwd+bwd"
+    x.requires_grad_(backward)
+    gain.requires_grad_(backward)
+    bias.requires_grad_(backward)
+
+    def step():
+        if not backward:
+            with torch.no_grad():
+                return fn(x, gain, bias, rm, rv)
+        x.grad = gain.grad = bias.grad = None
+        fn(x, gain, bias, rm, rv).backward(dy)
+
+    nbytes = (5 if backward else 2) * x.numel() * x.element_size()
+    measure(step, op="cbn", case=f"{_case_id(case)} {mode}", impl=impl, nbytes=nbytes, device=device)
