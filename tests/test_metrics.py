@@ -107,3 +107,15 @@ def test_json_safe_keeps_metrics_json_valid():
 def test_pixel_fidelity_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         metrics.pixel_fidelity(_images(size=16), _images(size=8))
+
+
+def test_lpips_reads_a_local_alexnet_state_dict(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path / "alexnet.pth"  # a torchvision alexnet state dict; LPIPS reads features.*
+    features = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in features.items()}, path)
+    x, y = _images(n=2, size=32, seed=0), _images(n=2, size=32, seed=1)
+    assert metrics.lpips(x, x, path) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.lpips(x, y, path) > 0

@@ -13,7 +13,6 @@ reported as ``"not computed"`` with what to pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -209,9 +208,3 @@ def optional_perceptual_metrics(
     fid_inception: str | Path | None = None,
 ) -> dict[str, float | str]:
     return {"lpips": lpips(rec, orig, lpips_alexnet), "fid": fid(orig, rec, fid_inception)}
-
-
-def mean_of(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Average dicts of per-batch metrics, weighting each equally."""
-    keys = dicts[0].keys()
-    return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}

@@ -182,8 +182,9 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                 for k, v in summary.items() if not isinstance(v, dict | list)]
         b.append(("table", ["item", "value"], rows))
         if isinstance(summary.get("stage_seconds"), dict):
-            rows = [[k, _fmt(v, 1)] for k, v in summary["stage_seconds"].items()]
-            b.append(("table", ["stage", "seconds"], rows))
+            cpu = summary.get("stage_cpu_seconds", {})
+            rows = [[k, _fmt(v, 1), _fmt(cpu.get(k), 1)] for k, v in summary["stage_seconds"].items()]
+            b.append(("table", ["stage", "wall s", "CPU s (this process)"], rows))
 
     b.append(("h", 2, "The paper's findings on this data"))
     rows = [[c, v, e] for c, v, e in findings(runs, factors)]
