@@ -8,6 +8,9 @@ Two kinds of source, both made on the spot (nothing is downloaded):
 Each case runs one warm-up epoch (workers, pipeline build) and reports the best of the timed
 epochs, as images per second delivered to the output device (train mode: random-resized
 crop + flip, the target at ``resolution`` plus the classifier input at ``classifier_size``).
+``img/CPU-s`` repeats the case in one process (PIL without workers, DALI with one thread)
+and divides by the process's CPU time: the cost per image, independent of how loaded the
+machine is (on a shared box wall-clock rates say more about the neighbours).
 
 Run: ``python benchmarks/bench_data.py [--device cuda] [--backends pil,dali] [--n 512]``
 or through pytest: ``pytest -s benchmarks/bench_data.py``.
@@ -49,7 +52,9 @@ def make_photo_folder(out: Path, n: int, seed: int = 0) -> Path:
 
 
 def throughput(root: Path, *, backend: str, resolution: int, classifier_size: int,
-               batch_size: int, workers: int, device: str, epochs: int) -> float:
+               batch_size: int, workers: int, device: str, epochs: int,
+               clock=time.perf_counter) -> float:
+    """Best images/s over ``epochs`` after a warm-up epoch, timed with ``clock``."""
     ld = make_loader(root, resolution=resolution, classifier_size=classifier_size,
                      classifier_mean=MEAN, classifier_std=STD, batch_size=batch_size,
                      train=True, backend=backend, device=device, num_workers=workers)
@@ -59,13 +64,13 @@ def throughput(root: Path, *, backend: str, resolution: int, classifier_size: in
     for _ in range(epochs):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         n = 0
         for batch in ld:
             n += len(batch["index"])
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = max(best, n / (time.perf_counter() - t0))
+        best = max(best, n / (clock() - t0))
     return best
 
 
@@ -100,21 +105,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       classifier_size=cls_size, batch_size=args.batch_size,
                                       workers=args.workers, device=args.device,
                                       epochs=args.epochs)
+                    # per CPU-second, in one process (PIL in-process, DALI one thread):
+                    # the cost of an image, whatever else the machine is doing
+                    per_cpu_s = throughput(root, backend=backend, resolution=res,
+                                           classifier_size=cls_size,
+                                           batch_size=args.batch_size, workers=0 if
+                                           backend == "pil" else 1, device=args.device,
+                                           epochs=args.epochs, clock=time.process_time)
                     rows.append(dict(source=name, backend=backend, resolution=res,
-                                     classifier_size=cls_size, rate=rate))
+                                     classifier_size=cls_size, rate=rate, per_cpu_s=per_cpu_s))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\ndata throughput on {args.device} ({args.workers} workers/threads, batch "
           f"{args.batch_size}, {args.n} images per source, train mode, best of {args.epochs})")
     print(f"{'source':<18}{'backend':<9}{'resolution':>11}{'classifier':>11}{'images/s':>11}"
-          f"{'vs pil':>8}")
+          f"{'vs pil':>8}{'img/CPU-s':>11}")
     for r in rows:
         base = next((x["rate"] for x in rows if x["backend"] == "pil" and x["source"] ==
                      r["source"] and x["resolution"] == r["resolution"]), None)
         ratio = f"{r['rate'] / base:.2f}x" if base else "-"
         print(f"{r['source']:<18}{r['backend']:<9}{r['resolution']:>11}{r['classifier_size']:>11}"
-              f"{r['rate']:>11.0f}{ratio:>8}")
+              f"{r['rate']:>11.0f}{ratio:>8}{r['per_cpu_s']:>11.0f}")
     print(f"synthetic generator: {synth_rate:.0f} images/s (64 px, {args.workers} processes, "
           f"{args.n * 4} images incl. pool start-up)")
     return rows

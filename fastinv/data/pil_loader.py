@@ -66,12 +66,12 @@ class _CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _tensor(self, hwc: np.ndarray, scale, shift) -> torch.Tensor:
+    def _chw(self, hwc: np.ndarray, scale, shift) -> np.ndarray:
         if self.affine is not None:
             hwc = hwc.astype(np.float32)
             hwc *= scale
             hwc += shift
-        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+        return hwc.transpose(2, 0, 1)
 
     def __getitem__(self, task):
         index, x0, y0, w, h, flip = task
@@ -81,18 +81,20 @@ class _CropDataset(torch.utils.data.Dataset):
         except Exception as exc:  # a corrupt file must not end the epoch: report it instead
             return index, None, None, f"{type(exc).__name__}: {exc}"
         a = self.affine or (None,) * 4
-        return (index, self._tensor(image, a[0], a[1]), self._tensor(cls, a[2], a[3]), None)
+        return (index, self._chw(image, a[0], a[1]), self._chw(cls, a[2], a[3]), None)
 
 
 def _collate(items):
+    """Stack with numpy (single-threaded: torch.stack's thread pool stalls on a busy machine);
+    the tensors made here travel from worker processes through shared memory."""
     good = [it for it in items if it[3] is None]
     bad = [(it[0], it[3]) for it in items if it[3] is not None]
     if not good:
         return {"index": torch.zeros(0, dtype=torch.int64), "bad": bad}
     return {
         "index": torch.tensor([it[0] for it in good], dtype=torch.int64),
-        "image": torch.stack([it[1] for it in good]).contiguous(),
-        "classifier": torch.stack([it[2] for it in good]).contiguous(),
+        "image": torch.from_numpy(np.stack([it[1] for it in good])),
+        "classifier": torch.from_numpy(np.stack([it[2] for it in good])),
         "bad": bad,
     }
 
