@@ -21,11 +21,11 @@
 #include <vector>
 
 #include "common.h"
+#include "spectral_norm_checks.h"
 
 namespace fastinv {
 namespace {
 
-constexpr const char* kOp = "fastinv.spectral_norm";
 constexpr int kLanes = 16;
 constexpr int64_t kItemElems = 1 << 16;  // elements of W per work item
 constexpr int64_t kMinRowsPerItem = 8;   // partial Wᵀt sums cost at most 1/8 of W
@@ -74,39 +74,6 @@ struct ElemItem {
   int64_t k, e0, e1;
 };
 
-at::ScalarType acc_scalar(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_inputs(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter, double eps) {
-  TORCH_CHECK(weights.size() == us.size() && us.size() == vs.size(), kOp, ": got ", weights.size(),
-              " weights, ", us.size(), " u vectors and ", vs.size(), " v vectors; pass one u and one v per weight");
-  TORCH_CHECK(n_iter >= 0, kOp, ": n_power_iterations must be >= 0 (0 = eval), got ", n_iter);
-  TORCH_CHECK(eps > 0, kOp, ": eps must be > 0, got ", eps);
-  for (size_t i = 0; i < weights.size(); ++i) {
-    const at::Tensor& w = weights[i];
-    check_floating(w, kOp, "weights[i]");
-    TORCH_CHECK(w.dim() >= 2 && w.numel() > 0, kOp, ": weights[", i, "] has shape ", w.sizes(),
-                "; spectral norm needs a non-empty tensor with at least 2 dims");
-    TORCH_CHECK(w.scalar_type() == weights[0].scalar_type() && w.device() == weights[0].device(), kOp,
-                ": weights[", i, "] is ", w.scalar_type(), " on ", w.device(), " but weights[0] is ",
-                weights[0].scalar_type(), " on ", weights[0].device(),
-                "; one call takes weights of one dtype and device (group them)");
-    const int64_t rows = w.size(0), cols = w.numel() / rows;
-    const at::ScalarType acc = acc_scalar(w.scalar_type());
-    const at::Tensor* vecs[2] = {&us[i], &vs[i]};
-    const int64_t lens[2] = {rows, cols};
-    const char* names[2] = {"us", "vs"};
-    for (int j = 0; j < 2; ++j) {
-      const at::Tensor& t = *vecs[j];
-      TORCH_CHECK(t.dim() == 1 && t.numel() == lens[j], kOp, ": ", names[j], "[", i, "] has shape ", t.sizes(),
-                  " but weights[", i, "] of shape ", w.sizes(), " is a ", rows, "x", cols,
-                  " matrix; pass a 1-d vector of ", lens[j], " elements");
-      TORCH_CHECK(t.scalar_type() == acc && t.device() == w.device(), kOp, ": ", names[j], "[", i, "] is ",
-                  t.scalar_type(), " on ", t.device(), "; for ", w.scalar_type(), " weights on ", w.device(),
-                  " it must be ", acc, " on ", w.device());
-    }
-  }
-}
-
 std::vector<ElemItem> elem_items(const std::vector<at::Tensor>& W) {
   std::vector<ElemItem> items;
   for (int64_t k = 0; k < static_cast<int64_t>(W.size()); ++k) {
@@ -118,7 +85,7 @@ std::vector<ElemItem> elem_items(const std::vector<at::Tensor>& W) {
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
 spectral_norm_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter, double eps) {
-  check_inputs(weights, us, vs, n_iter, eps);
+  check_spectral_norm_inputs(weights, us, vs, n_iter, eps);
   const int64_t K = static_cast<int64_t>(weights.size());
   if (K == 0) return {{}, {}, {}, at::empty({0}, at::TensorOptions().dtype(at::kFloat))};
   std::vector<at::Tensor> W(K), U(K), V(K), out(K);
