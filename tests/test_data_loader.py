@@ -270,3 +270,18 @@ def test_an_abandoned_epoch_does_not_leak_into_the_next(synth, backend):
         break  # e.g. an analysis that needs only the first batch
     ld.set_epoch(0)
     assert [b["index"].tolist() for b in ld] == reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_epoch_can_resume_mid_epoch(synth, backend):
+    ld = loader(synth, backend, train=True, batch_size=8, seed=2)
+    ld.set_epoch(3)
+    full = list(ld)
+    ld.set_epoch(3, start_batch=5)
+    rest = list(ld)
+    assert len(rest) == len(full) - 5
+    for a, b in zip(full[5:], rest):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+    assert indices(ld) != indices(rest)  # the start applies to one iteration only
+    with pytest.raises(ValueError, match="start_batch must be in"):
+        ld.set_epoch(0, start_batch=len(ld) + 1)

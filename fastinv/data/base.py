@@ -39,6 +39,7 @@ class ImageLoader:
         self.device = device
         self.crop = crop
         self._epoch = 0
+        self._start_batch = 0
         self._mean = torch.tensor(classifier_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(classifier_std, dtype=torch.float32).view(1, 3, 1, 1)
         self._labels = torch.from_numpy(source.labels)
@@ -57,10 +58,15 @@ class ImageLoader:
         """The epoch the next iteration will use."""
         return self._epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Use ``epoch``'s shuffle and crops for the next iteration. Without calls, each new
-        iteration moves on to the next epoch by itself."""
+        iteration moves on to the next epoch by itself. ``start_batch`` resumes mid-epoch: the
+        next iteration yields that epoch's batches from ``start_batch`` on, without decoding
+        the ones before."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
         self._epoch = int(epoch)
+        self._start_batch = int(start_batch)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch."""
@@ -73,7 +79,8 @@ class ImageLoader:
         batches = epoch_order(len(self.source), train=self.train, seed=self.seed, epoch=epoch,
                               rank=self.rank, world_size=self.world_size,
                               batch_size=self.batch_size, drop_last=self.drop_last)
-        return epoch, batches
+        start, self._start_batch = self._start_batch, 0
+        return epoch, batches[start:]
 
     def _boxes(self, index: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         return crop_boxes(self.source.sizes, index, train=self.train, seed=self.seed,

@@ -63,7 +63,7 @@ def make_loader(
     crop of ``eval_crop_fraction`` of the short side. Rank ``rank`` of ``world_size`` sees its
     shard exactly once per epoch; ``drop_last=True`` gives every rank the same number of full
     batches. ``len(loader)`` is the number of batches per epoch, ``loader.set_epoch(e)`` picks
-    the epoch (otherwise each iteration starts the next one), ``loader.bad_files`` lists the
+    the epoch (otherwise each iteration starts the next one; ``start_batch=k`` resumes there), ``loader.bad_files`` lists the
     files that were skipped (corrupt or unreadable; each is logged once).
 
     ``backend``: ``"dali"`` (GPU ``mixed`` decoding on a CUDA device, CPU pipeline otherwise),
