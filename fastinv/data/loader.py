@@ -62,9 +62,10 @@ def make_loader(
     ``crop_ratio``) and horizontal ``flip``. ``train=False``: sorted file order, centred square
     crop of ``eval_crop_fraction`` of the short side. Rank ``rank`` of ``world_size`` sees its
     shard exactly once per epoch; ``drop_last=True`` gives every rank the same number of full
-    batches. ``len(loader)`` is the number of batches per epoch, ``loader.set_epoch(e)`` picks
-    the epoch (otherwise each iteration starts the next one; ``start_batch=k`` resumes there), ``loader.bad_files`` lists the
-    files that were skipped (corrupt or unreadable; each is logged once).
+    batches. ``len(loader)`` is the number of batches per epoch; ``loader.set_epoch(e)`` picks
+    the epoch (otherwise each iteration starts the next one), ``set_epoch(e, start_batch=k)``
+    resumes mid-epoch; ``loader.bad_files`` lists the files that were skipped (corrupt or
+    unreadable; each is logged once).
 
     ``backend``: ``"dali"`` (GPU ``mixed`` decoding on a CUDA device, CPU pipeline otherwise),
     ``"pil"`` (torch DataLoader with ``num_workers`` processes), ``"auto"`` (DALI if importable).
