@@ -123,3 +123,24 @@ def test_dali_gpu_decoding_matches_pil(synth):
     for key in ("image", "classifier_input"):
         d = torch.cat([_levels(a, key) - _levels(b, key) for a, b in zip(pil, dali)])
         assert d.abs().mean() <= 1.0, key  # nvJPEG vs libjpeg: a level or so
+
+
+def test_dali_and_pil_agree_on_grey_palette_alpha_and_cmyk_files(photos, tmp_path):
+    from PIL import Image
+
+    rgb = Image.open(photos.parent / "china.jpg").resize((96, 64))
+    folder = tmp_path / "modes" / "a"
+    folder.mkdir(parents=True)
+    rgb.convert("L").save(folder / "grey.jpg")
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("P").save(folder / "palette.png")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "alpha.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    pil, dali = _both(folder.parent, resolution=64, classifier_size=48, batch_size=8,
+                      train=False, jpeg_draft=False)
+    assert len(pil[0]["index"]) == 5
+    for key in ("image", "classifier_input"):
+        mean, worst, _ = _diff(pil, dali, key)
+        assert mean <= 0.5 and worst <= 8, (key, mean, worst)
