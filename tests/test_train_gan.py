@@ -136,3 +136,15 @@ def test_ema_copies_before_start_then_averages(tmp_path, synthetic_data):
     trainer.train_step()  # step 2: ema = 0.5 * ema + 0.5 * G
     for p, q, b in zip(trainer.G.parameters(), trainer.G_ema.parameters(), before):
         torch.testing.assert_close(q, 0.5 * b + 0.5 * p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_run_on_cuda_bf16_channels_last(tmp_path, synthetic_data):
+    cfg = _cfg(tmp_path, synthetic_data, "--device=cuda", "--amp=bf16", "--channels_last=true",
+               "--steps=4", "--aux_logit_weight=0.1")
+    run_dir = train_inverter(cfg)
+    for tag in ("loss_d", "loss_g"):
+        assert all(math.isfinite(v) for v in _scalars(run_dir, tag))
+    G, _ = checkpoint.load_inverter(run_dir, device="cuda")
+    z = torch.randn(2, G.num_classes, device="cuda")
+    assert G(z, G.sample_noise(2)).is_cuda

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastinv.models import layers
+from fastinv.models import layers as _layers
 
 # resolution -> (channel multipliers in, out, downsample per block); the first "in" is RGB.
 D_ARCH: dict[int, tuple[list[int], list[int], list[bool]]] = {
@@ -57,8 +58,15 @@ class Discriminator(nn.Module):
 
     def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96,
                  attention_resolution: int = 64, logit_preprocess: str = "none",
-                 logit_temperature: float = 1.0, sn_eps: float = 1e-6):
+                 logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv"):
         super().__init__()
+        with _layers.implementation(layers):
+            self._build(num_classes, resolution, ch, attention_resolution, logit_preprocess,
+                        logit_temperature, sn_eps)
+        self.config["layers"] = layers
+
+    def _build(self, num_classes, resolution, ch, attention_resolution, logit_preprocess,
+               logit_temperature, sn_eps):
         if resolution not in D_ARCH:
             raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
         self.config = dict(num_classes=num_classes, resolution=resolution, ch=ch,

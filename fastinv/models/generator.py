@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastinv.models import layers
+from fastinv.models import layers as _layers
 
 # resolution -> (channel multipliers in, channel multipliers out) of the residual blocks;
 # each block doubles the resolution, starting from a 4x4 map.
@@ -55,13 +56,22 @@ class Generator(nn.Module):
         shared_dim: size of the logit embedding fed to every block.
         attention_resolution: resolution of the self-attention block (0: none).
         logit_preprocess / logit_temperature: see ``layers.LogitPreprocess``.
+        layers: ``fastinv`` (fused spectral norm / conditional batch norm) or ``torch``
+            (torch's own layers, same numerics; the benchmark baseline).
     """
 
     def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96, noise_dim: int = 120,
                  shared_dim: int = 128, attention_resolution: int = 64,
                  logit_preprocess: str = "none", logit_temperature: float = 1.0,
-                 bn_eps: float = 1e-5, sn_eps: float = 1e-6):
+                 bn_eps: float = 1e-5, sn_eps: float = 1e-6, layers: str = "fastinv"):
         super().__init__()
+        with _layers.implementation(layers):
+            self._build(num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
+                        logit_preprocess, logit_temperature, bn_eps, sn_eps)
+        self.config["layers"] = layers
+
+    def _build(self, num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
+               logit_preprocess, logit_temperature, bn_eps, sn_eps):
         if resolution not in G_ARCH:
             raise ValueError(f"Generator resolution must be one of {sorted(G_ARCH)}, got {resolution}")
         if num_classes < 1 or ch < 1 or shared_dim < 1:

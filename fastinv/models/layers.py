@@ -7,14 +7,33 @@ fall back to torch's own layers with the same numerics, so the models always wor
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 LOGIT_PREPROCESS = ("none", "standardise", "temperature")
+IMPLEMENTATIONS = ("fastinv", "torch")
+_impl = ["fastinv"]
+
+
+@contextlib.contextmanager
+def implementation(name: str):
+    """Build layers with ``fastinv`` (fused SN / CBN ops) or plain ``torch`` equivalents (same
+    numerics; the baseline the benchmarks compare against, and what torch.compile sees whole)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"layer implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
+    _impl.append(name)
+    try:
+        yield
+    finally:
+        _impl.pop()
 
 
 def _fastinv_nn(name: str):
+    if _impl[-1] == "torch":
+        return None
     import fastinv.nn as fnn
 
     return getattr(fnn, name, None)
@@ -39,21 +58,29 @@ def sn_linear(in_features: int, out_features: int, eps: float, bias: bool = True
 
 
 class _TorchConditionalBatchNorm2d(nn.Module):
-    """BigGAN's ``ccbn`` on torch layers: ``BN(x) * (1 + Linear(cond)) + Linear(cond)``."""
+    """BigGAN's ``ccbn`` on torch layers: ``BN(x) * (1 + Linear(cond)) + Linear(cond)``, with
+    the parameter and buffer names of fastinv.nn.ConditionalBatchNorm2d."""
 
     def __init__(self, num_features: int, cond_dim: int, eps: float, momentum: float,
                  spectral_norm: bool = True):
         super().__init__()
-        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
-        make = (lambda i, o: sn_linear(i, o, eps=1e-6, bias=False)) if spectral_norm else (
-            lambda i, o: nn.Linear(i, o, bias=False))
+        self.eps, self.momentum = eps, momentum
+        make = (lambda i, o: nn.utils.parametrizations.spectral_norm(nn.Linear(i, o))) if (
+            spectral_norm) else nn.Linear
         self.gain = make(cond_dim, num_features)
         self.bias = make(cond_dim, num_features)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        gain = (1 + self.gain(cond)).view(cond.shape[0], -1, 1, 1)
-        bias = self.bias(cond).view(cond.shape[0], -1, 1, 1)
-        return self.bn(x) * gain + bias
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        h = F.batch_norm(x, self.running_mean, self.running_var, training=self.training,
+                         momentum=self.momentum, eps=self.eps)
+        gain = (1 + self.gain(cond)).to(x.dtype).view(cond.shape[0], -1, 1, 1)
+        bias = self.bias(cond).to(x.dtype).view(cond.shape[0], -1, 1, 1)
+        return h * gain + bias
 
 
 def conditional_bn(num_features: int, cond_dim: int, eps: float = 1e-5,
@@ -65,7 +92,9 @@ def conditional_bn(num_features: int, cond_dim: int, eps: float = 1e-5,
 def self_attention(channels: int, sn_eps: float) -> nn.Module:
     from fastinv.nn.attention import SelfAttention
 
-    return SelfAttention(channels, sn_eps=sn_eps)
+    conv = (lambda i, o, eps: _torch_sn(nn.Conv2d(i, o, 1, bias=False), eps)) if (
+        _impl[-1] == "torch") else None
+    return SelfAttention(channels, sn_eps=sn_eps, conv=conv)
 
 
 def attach_spectral_norm_group(model: nn.Module) -> object | None:

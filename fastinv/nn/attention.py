@@ -31,15 +31,18 @@ def _sn_conv1x1(in_ch: int, out_ch: int, eps: float) -> nn.Module:
 class SelfAttention(nn.Module):
     """Self-attention over the spatial positions of an ``(N, C, H, W)`` map (H, W even)."""
 
-    def __init__(self, channels: int, sn_eps: float = 1e-6):
+    def __init__(self, channels: int, sn_eps: float = 1e-6, conv=None):
+        """``conv(in_ch, out_ch, eps)`` makes the spectral-normed 1x1 convolutions (default:
+        fastinv's SNConv2d)."""
         super().__init__()
         if channels < 8:
             raise ValueError(f"SelfAttention needs at least 8 channels (C/8 keys), got {channels}")
         self.channels = channels
-        self.theta = _sn_conv1x1(channels, channels // 8, sn_eps)
-        self.phi = _sn_conv1x1(channels, channels // 8, sn_eps)
-        self.g = _sn_conv1x1(channels, channels // 2, sn_eps)
-        self.o = _sn_conv1x1(channels // 2, channels, sn_eps)
+        conv = conv or _sn_conv1x1
+        self.theta = conv(channels, channels // 8, sn_eps)
+        self.phi = conv(channels, channels // 8, sn_eps)
+        self.g = conv(channels, channels // 2, sn_eps)
+        self.o = conv(channels // 2, channels, sn_eps)
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

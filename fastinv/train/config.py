@@ -50,6 +50,7 @@ class ModelConfig:
     logit_preprocess: str = "none"  # none (the paper) | standardise | temperature
     logit_temperature: float = 1.0
     cross_replica_bn: bool = False  # sync G's batch norm statistics over ranks
+    layers: str = "fastinv"  # fastinv (fused SN / CBN kernels) | torch (torch's own layers)
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -77,6 +78,7 @@ class RunConfig:
     amp: str = "none"  # none | bf16 (autocast, GPU)
     channels_last: bool = False
     cudnn_benchmark: bool = True
+    compile: bool = False  # torch.compile G and D
     log_every: int = 50
     image_every: int = 500
     ckpt_every: int = 500
@@ -107,10 +109,10 @@ PRESETS: dict[str, dict] = {
                     progress=False, out_dir="runs/tiny"),
     },
     "demo-cpu": {
-        "data": dict(resolution=32, batch_size=32, synthetic_n=2000),
-        "model": dict(g_ch=16, d_ch=16, noise_dim=64, shared_dim=64, attention_resolution=0),
+        "data": dict(resolution=32, batch_size=16, synthetic_n=2000),
+        "model": dict(g_ch=8, d_ch=8, noise_dim=64, shared_dim=64, attention_resolution=0),
         "optim": dict(g_lr=2e-4, d_lr=2e-4, d_steps=1, ema_start=200, ema_decay=0.999),
-        "run": dict(steps=1500, device="cpu", log_every=25, image_every=250, ckpt_every=250,
+        "run": dict(steps=1000, device="cpu", log_every=25, image_every=250, ckpt_every=250,
                     out_dir="runs/demo-cpu"),
     },
     "imagenet-128": {
@@ -275,6 +277,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.logit_preprocess in LOGIT_PREPROCESS, f"model.logit_preprocess must be one of "
              f"{LOGIT_PREPROCESS}, got {m.logit_preprocess!r}")
     _require(m.logit_temperature > 0, "model.logit_temperature must be > 0")
+    _require(m.layers in ("fastinv", "torch"), f"model.layers must be fastinv or torch, "
+             f"got {m.layers!r}")
     _require(o.g_lr > 0 and o.d_lr > 0, "optim.g_lr and optim.d_lr must be > 0")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and beta2 must be in [0, 1)")
     _require(o.d_steps >= 1 and o.accumulate >= 1, "optim.d_steps and optim.accumulate must be >= 1")

@@ -67,7 +67,7 @@ def build_models(cfg: TrainConfig, num_classes: int) -> tuple[Generator, Discrim
     m, res = cfg.model, cfg.data.resolution
     common = dict(num_classes=num_classes, resolution=res,
                   attention_resolution=m.attention_resolution, logit_preprocess=m.logit_preprocess,
-                  logit_temperature=m.logit_temperature, sn_eps=m.sn_eps)
+                  logit_temperature=m.logit_temperature, sn_eps=m.sn_eps, layers=m.layers)
     G = Generator(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim, bn_eps=m.bn_eps,
                   **common)
     D = Discriminator(ch=m.d_ch, **common)
@@ -151,11 +151,17 @@ class InverterTrainer:
                                       eps=o.adam_eps)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.beta1, o.beta2),
                                       eps=o.adam_eps)
+        # G_train / D_train take the gradient-carrying passes (DDP-wrapped under torchrun);
+        # G_fake makes D's fakes without gradients, D_judge scores G's fakes for G's update.
+        self.G_fake, self.D_judge = self.G, self.D
         if info.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             self.G_train, self.D_train = DDP(self.G, device_ids=ids), DDP(self.D, device_ids=ids)
         else:
             self.G_train, self.D_train = self.G, self.D
+        if cfg.run.compile:
+            self.G_train, self.D_train = torch.compile(self.G_train), torch.compile(self.D_train)
+            self.G_fake, self.D_judge = torch.compile(self.G), torch.compile(self.D)
         self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
         self.step = 0
 
@@ -175,7 +181,9 @@ class InverterTrainer:
             return net.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, torch.Tensor | float]:
+        """One G update after ``d_steps`` D updates; returns the step's losses and D outputs
+        (0-dim tensors on the device, averaged over micro-batches)."""
         o, acc = self.cfg.optim, self.cfg.optim.accumulate
         stats = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
         logits = []
@@ -184,10 +192,9 @@ class InverterTrainer:
             for micro in range(acc):
                 batch = self.batches.next()
                 x = self._input(batch["image"])
-                with torch.no_grad():
+                with torch.no_grad(), self._autocast():
                     z = self.classifier(self._input(batch["classifier_input"])).float()
-                    with self._autocast():
-                        fake = self.G(z, self._noise(len(z)))
+                    fake = self.G_fake(z, self._noise(len(z)))
                 logits.append(z)
                 with self._sync(self.D_train, micro, acc), self._autocast():
                     # real and fake in one call: DDP sees one forward per backward
@@ -195,10 +202,10 @@ class InverterTrainer:
                     d_real, d_fake = out[: len(x)], out[len(x):]
                     loss = hinge_loss_d(d_real, d_fake)
                 (loss / acc).backward()
-                n = o.d_steps * acc
-                stats["loss_d"] += loss.item() / n
-                stats["d_real"] += d_real.float().mean().item() / n
-                stats["d_fake"] += d_fake.float().mean().item() / n
+                n = o.d_steps * acc  # statistics stay on the device: no sync per micro-batch
+                stats["loss_d"] += loss.detach() / n
+                stats["d_real"] += d_real.detach().float().mean() / n
+                stats["d_fake"] += d_fake.detach().float().mean() / n
             self.opt_D.step()
 
         self.D.requires_grad_(False)
@@ -208,12 +215,12 @@ class InverterTrainer:
             z = logits[len(logits) - acc + micro]
             with self._sync(self.G_train, micro, acc), self._autocast():
                 fake = self.G_train(z, self._noise(len(z)))
-                loss = hinge_loss_g(self.D(fake, z))
-                stats["loss_g"] += loss.item() / acc
+                loss = hinge_loss_g(self.D_judge(fake, z))
+                stats["loss_g"] += loss.detach() / acc
                 if o.aux_logit_weight > 0:
                     aux = (self.classifier(self.classifier.prepare(fake)).float() - z).pow(2)
                     aux = aux.sum(1).mean()
-                    stats["aux_logit"] += aux.item() / acc
+                    stats["aux_logit"] += aux.detach() / acc
                     loss = loss + o.aux_logit_weight * aux
             (loss / acc).backward()
         self.opt_G.step()
@@ -315,11 +322,11 @@ def _run(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = r.cudnn_benchmark
     run_dir = Path(r.out_dir)
+    if not r.resume and checkpoint.latest_checkpoint(run_dir) is not None:  # on every rank
+        raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume=true to "
+                              "continue it, or choose another --out_dir")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not r.resume and checkpoint.latest_checkpoint(run_dir) is not None:
-            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume=true to "
-                                  "continue it, or choose another --out_dir")
         save_yaml(cfg, run_dir / "config.yaml")
     distributed.barrier(info)
     trainer = InverterTrainer(cfg, info)
@@ -343,7 +350,7 @@ def _run(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
                 monitor.advance()
                 step = trainer.step
                 if step % r.log_every == 0 or step == r.steps:
-                    stats = distributed.mean_over_ranks(stats, info)
+                    stats = distributed.mean_over_ranks({k: float(v) for k, v in stats.items()}, info)
                     elapsed = time.perf_counter() - t0
                     stats["img_per_s"] = images_per_step * (step - done0) / max(elapsed, 1e-9)
                     stats.update(sigma_stats(trainer.G))
