@@ -139,3 +139,10 @@ def test_refuses_to_overwrite_and_rejects_bad_arguments(synth, tmp_path):
         make_synthetic_dataset(tmp_path / "c", n=10, num_classes=11)
     with pytest.raises(FileNotFoundError, match="fastinv data synth"):
         load_factors(tmp_path)
+
+
+def test_cli_reports_bad_paths_without_a_traceback(synth, tmp_path, capsys):
+    assert cli_main(["data", "inspect", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["data", "synth", "--out", str(synth), "--n", "5"]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import Counter
 
@@ -23,6 +24,14 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (OSError, ValueError) as exc:  # bad paths and arguments: a message, not a traceback
+        print(f"fastinv data {args.data_command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from fastinv.data.synth import make_synthetic_dataset
 
