@@ -212,38 +212,28 @@ class _EagerSpectralNorm(torch.autograd.Function):
     """The same two ops and formula as the registered autograd above, for eager mode only:
     ``register_autograd``'s generic wrapper flattens the tensor lists with pytree on every call
     and costs ~50 µs a call on the dev box (more than the kernels of a 128x128 weight), which
-    matters when each layer normalises its own weight. torch.compile traces the op itself."""
+    matters when each layer normalises its own weight. Only the weights are autograd inputs and
+    only W/σ outputs (u, v go straight into the buffers). torch.compile traces the op itself."""
 
     @staticmethod
-    def forward(ctx, n_power_iterations, eps, n, *tensors):
-        weights, us, vs = list(tensors[:n]), list(tensors[n : 2 * n]), list(tensors[2 * n :])
+    def forward(ctx, n_power_iterations, eps, us, vs, *weights):
         with torch._C._AutoDispatchBelowAutograd():
-            outs, us_new, vs_new, sigma = _sn.default(weights, us, vs, n_power_iterations, eps)
-        ctx.n = n
+            outs, us_new, vs_new, sigma = _sn.default(list(weights), us, vs, n_power_iterations, eps)
+        if n_power_iterations > 0:
+            torch._foreach_copy_(us + vs, us_new + vs_new)
         ctx.save_for_backward(*weights, *us_new, *vs_new, sigma)
-        ctx.mark_non_differentiable(*us_new, *vs_new, sigma)
-        return (*outs, *us_new, *vs_new, sigma)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        n = ctx.n
+        n = len(grads)
         saved = ctx.saved_tensors
         weights = saved[:n]
-        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads[:n], weights)]
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
         with torch._C._AutoDispatchBelowAutograd():
             grad_weights = _sn_bwd.default(grads, list(weights), list(saved[n : 2 * n]),
                                            list(saved[2 * n : 3 * n]), saved[3 * n])
-        return (None, None, None, *grad_weights, *([None] * (2 * n)))
-
-
-def _call(weights, us, vs, n_power_iterations, eps):
-    if torch.compiler.is_compiling() or not (
-        torch.is_grad_enabled() and any(w.requires_grad for w in weights)
-    ):
-        return _sn.default(list(weights), list(us), list(vs), n_power_iterations, eps)
-    n = len(weights)
-    flat = _EagerSpectralNorm.apply(n_power_iterations, eps, n, *weights, *us, *vs)
-    return list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n]), flat[3 * n]
+        return (None, None, None, None, *grad_weights)
 
 
 # --- public API ----------------------------------------------------------------------------
@@ -264,10 +254,13 @@ def spectral_norm_(
         _check(weights, us, vs, n_power_iterations, eps)
         return []
     n = n_power_iterations if training else 0
-    outs, us_new, vs_new, _ = _call(weights, us, vs, n, eps)
+    us, vs = list(us), list(vs)
+    if not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return list(_EagerSpectralNorm.apply(n, eps, us, vs, *weights))
+    outs, us_new, vs_new, _ = _sn.default(list(weights), us, vs, n, eps)
     if n > 0:
         with torch.no_grad():
-            torch._foreach_copy_(list(us) + list(vs), list(us_new) + list(vs_new))
+            torch._foreach_copy_(us + vs, list(us_new) + list(vs_new))
     return list(outs)
 
 
@@ -280,4 +273,4 @@ def spectral_norm_with_sigma(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """The functional op itself: ``(W/σ list, new u list, new v list, σ)``; writes nothing.
     σ (and u, v) carry no gradient."""
-    return _call(weights, us, vs, n_power_iterations, eps)
+    return _sn.default(list(weights), list(us), list(vs), n_power_iterations, eps)
