@@ -372,3 +372,78 @@ def test_convert_sync_cbn_sets_the_group_on_every_layer():
     assert model["a"].process_group is sentinel and model["b"][0].process_group is sentinel
     with pytest.raises(RuntimeError, match="not initialized"):
         convert_sync_cbn(model)
+
+
+# --- CUDA kernel paths (vectorised / scalar, split reductions, run groups) ------------------
+
+
+@requires_cuda
+def test_cuda_kernels_are_registered():
+    info = ops.backend_info()
+    for name in [*SPLIT_OPS, "conditional_batch_norm_update_running"]:
+        assert info[name]["cuda"] == "cuda", name
+
+
+def _misaligned(shape, dtype, device):
+    # A view one element into its storage: not 16-byte aligned, so the scalar paths run.
+    n = torch.Size(shape).numel()
+    return torch.randn(n + 1, dtype=torch.float64).to(device, dtype)[1:].view(shape)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "shape",
+    [(64, 96, 32, 32), (256, 24, 4, 4), (8, 1536, 4, 4), (3, 5, 7, 9), (2, 3, 1, 1), (4, 16, 128, 128)],
+)
+def test_cuda_matches_float64_on_kernel_paths(dtype, layout, shape):
+    """Shapes that take every branch: many blocks per channel, short runs grouped per warp,
+    odd sizes (scalar loads), C not a multiple of the vector width, H = W = 1."""
+    x, gain, bias = _inputs(shape, dtype, "cuda", layout)
+    dy = torch.randn(shape, dtype=torch.float64).to("cuda", dtype).contiguous(memory_format=layout)
+    y, mean, invstd, var = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.double(), _expected(x, gain, bias), **TOL[dtype])
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
+    ref = cbn.conditional_batch_norm_backward_reference(dy.double(), x64, gain.double(), mean.double(), invstd.double(), True)
+    tol = TOL[dtype] if dtype != torch.bfloat16 else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@requires_cuda
+def test_cuda_misaligned_views_take_the_scalar_path():
+    x = _misaligned((4, 8, 6, 6), torch.float32, "cuda")
+    gain = torch.randn(4, 8, device="cuda")
+    bias = torch.randn(4, 8, device="cuda")
+    torch.testing.assert_close(
+        ops.conditional_batch_norm(x, gain, bias).double(), _expected(x, gain, bias), **TOL[torch.float32]
+    )
+
+
+@requires_cuda
+def test_cuda_is_deterministic():
+    x, gain, bias = _inputs((32, 64, 16, 16), torch.float32, "cuda")
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        y, mean, invstd, var = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
+        runs.append((y, mean, var, *fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cuda_running_stat_update_matches_cpu(running_dtype):
+    x, gain, bias = _inputs((4, 6, 3, 3), torch.float32, "cpu")
+    rm = torch.randn(6).to(running_dtype)
+    rv = (torch.rand(6) + 0.5).to(running_dtype)
+    rm_c, rv_c = rm.cuda(), rv.cuda()
+    ops.conditional_batch_norm(x, gain, bias, rm, rv, momentum=0.25)
+    ops.conditional_batch_norm(x.cuda(), gain.cuda(), bias.cuda(), rm_c, rv_c, momentum=0.25)
+    torch.testing.assert_close(rm_c.cpu(), rm)
+    torch.testing.assert_close(rv_c.cpu(), rv)

@@ -1,0 +1,94 @@
+// Argument checks and the layout rule of conditional batch norm, shared by the CPU and CUDA
+// kernels (csrc/cpu/conditional_batch_norm.cpp, csrc/cuda/conditional_batch_norm.cu). They
+// mirror _check_* and _layout in fastinv/ops/conditional_batch_norm.py, message for message.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "common.h"
+
+namespace fastinv {
+namespace cbn {
+
+constexpr const char* kOp = "fastinv.conditional_batch_norm";
+
+// ---- argument checks (mirror _check_* in the Python op file) -------------------------------
+
+inline void check_x(const at::Tensor& x) {
+  check_floating(x, kOp, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.numel() > 0, kOp, ": x is empty (shape ", x.sizes(),
+                    "); batch norm needs values");
+}
+
+inline void check_nc(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_floating(t, kOp, name);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), kOp, ": ",
+                    name, " must have shape (N, C) = (", x.size(0), ", ", x.size(1),
+                    ") to match x of shape ", x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), kOp, ": x is ", x.scalar_type(), " but ",
+                   name, " is ", t.scalar_type(), "; cast them to one dtype");
+  check_same_device(x, t, kOp, "x", name);
+}
+
+inline void check_c(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_floating(t, kOp, name);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(1), kOp, ": ", name,
+                    " must have shape (C,) = (", x.size(1), ",) to match x of shape ", x.sizes(),
+                    ", got ", t.sizes());
+  check_same_device(x, t, kOp, "x", name);
+}
+
+inline void check_forward(const at::Tensor& x, const at::Tensor& gain, const at::Tensor& bias,
+                   const std::optional<at::Tensor>& rm, const std::optional<at::Tensor>& rv,
+                   bool training) {
+  check_x(x);
+  check_nc(gain, x, "gain");
+  check_nc(bias, x, "bias");
+  TORCH_CHECK_VALUE(rm.has_value() == rv.has_value(), kOp,
+                    ": pass both running_mean and running_var, or neither");
+  if (rm.has_value()) {
+    check_c(*rm, x, "running_mean");
+    check_c(*rv, x, "running_var");
+  }
+  if (training) {
+    TORCH_CHECK_VALUE(x.numel() / x.size(1) > 1, kOp,
+                      ": Expected more than 1 value per channel when training, got input size ",
+                      x.sizes(), "; use a batch of at least 2 (or H*W > 1), or eval mode");
+  } else {
+    TORCH_CHECK_VALUE(rm.has_value(), kOp,
+                      ": eval mode (training=False) normalises with running_mean and running_var; "
+                      "pass them, or use training=True for batch statistics");
+  }
+}
+
+// ---- layout ---------------------------------------------------------------------------------
+
+// Same rule as _layout() in Python: channels_last when x is that and not also contiguous.
+inline bool is_nhwc(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  return is_nhwc(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+struct Dims {
+  int64_t N, C, HW;
+};
+
+inline Dims dims(const at::Tensor& x) { return {x.size(0), x.size(1), x.size(2) * x.size(3)}; }
+
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_grad(const at::Tensor& grad_y, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), kOp, ": grad_y has shape ", grad_y.sizes(),
+                    " but x has shape ", x.sizes());
+  check_same_device(x, grad_y, kOp, "x", "grad_y");
+}
+
+}  // namespace cbn
+}  // namespace fastinv

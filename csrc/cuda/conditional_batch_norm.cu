@@ -1,0 +1,809 @@
+// CUDA kernels of conditional batch norm (schemas, reference and math in
+// fastinv/ops/conditional_batch_norm.py; CPU twin in csrc/cpu/conditional_batch_norm.cpp).
+//
+//   y = (x - mean[c]) * invstd[c] * gain[n,c] + bias[n,c]
+//
+// Launches (fused ops):
+//   forward (training)  stats_partial -> finalize_stats -> apply               3 launches
+//   backward            reduce -> finalize_backward -> elemt                   3 launches
+// against ~16 for F.batch_norm + mul + add forward and backward in eager. Bytes moved: the
+// forward reads x twice and writes y (the statistics must be complete before any y is
+// written, and at BigGAN's shapes a channel's slab, N*H*W values, is far larger than an
+// SM's shared memory); the backward reads x and dy twice and writes dx.
+//
+// Statistics: every thread sums x - K and (x - K)^2 in fp32, K being the channel's first
+// value; since all partial sums of a channel share K they add exactly, block by block and
+// then over blocks in finalize_stats (in double), and var = q/n - (s/n)^2 loses nothing to
+// cancellation while |mean - K| is a few standard deviations. (The cross-replica merge, with
+// different shifts per rank, is Chan's parallel Welford formula, in Python.)
+//
+// Memory: 16-byte vector loads and stores (4 fp32, 8 bf16/fp16, 2 fp64) when the row
+// length allows (H*W for NCHW, C for channels_last) and the pointers are 16-byte aligned;
+// scalar otherwise. Both layouts have their own reduction kernels; the elementwise kernels
+// differ only in how a flat index maps to (n, c).
+//
+// Determinism: no atomics; every sum has an order fixed by the shape and the SM count.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common.h"
+#include "conditional_batch_norm.h"
+
+namespace fastinv {
+namespace {
+
+using namespace cbn;  // checks, layout rule, Dims
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = 8;  // channels_last reductions: blocks of (32 lanes, 8 rows)
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+template <typename T>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Sum of two values over a block of kThreads threads, fixed order; the result is valid in
+// thread 0.
+template <typename A>
+__device__ void block_sum2(A& a, A& b) {
+  __shared__ A sa[kThreads / 32], sb[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, o);
+    b += __shfl_down_sync(0xffffffffu, b, o);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    sa[warp] = a;
+    sb[warp] = b;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    a = sa[0];
+    b = sb[0];
+    for (int w = 1; w < kThreads / 32; ++w) {
+      a += sa[w];
+      b += sb[w];
+    }
+  }
+}
+
+// Index division in 32 bits when every index fits (S = true: numel < 2^32, BigGAN's largest
+// tensor is 4e8): a 64-bit division is a ~100-instruction software routine on the GPU, as
+// much as a memory-bound kernel can spend per 16-byte vector.
+template <bool S>
+__device__ __forceinline__ int64_t idiv(int64_t a, int64_t b) {
+  return S ? static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b)) : a / b;
+}
+
+bool small_index(int64_t numel) { return numel < (int64_t{1} << 32); }
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::max(lo, std::min(v, hi)); }
+
+// ---- statistics ------------------------------------------------------------------------------
+
+// grid (C, splits): block (c, sp) sums its share of channel c's N*HW values.
+template <typename T, typename A, int V, bool S>
+__global__ void __launch_bounds__(kThreads)
+nchw_stats_partial(const T* __restrict__ x, int64_t N, int64_t C, int64_t HW, A* __restrict__ part_s,
+                   A* __restrict__ part_q) {
+  const int64_t c = blockIdx.x;
+  const int splits = gridDim.y, sp = blockIdx.y;
+  const int64_t hwv = HW / V, total = N * hwv;
+  const int64_t u0 = total * sp / splits, u1 = total * (sp + 1) / splits;
+  const A k = static_cast<A>(x[c * HW]);
+  A s = 0, q = 0;
+#pragma unroll 4
+  for (int64_t u = u0 + threadIdx.x; u < u1; u += kThreads) {
+    const int64_t n = idiv<S>(u, hwv), i = u - n * hwv;
+    const Vec<T, V> v = load<T, V>(x + (n * C + c) * HW + i * V);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A d = static_cast<A>(v.v[j]) - k;
+      s += d;
+      q += d * d;
+    }
+  }
+  block_sum2(s, q);
+  if (threadIdx.x == 0) {
+    part_s[c * splits + sp] = s;
+    part_q[c * splits + sp] = q;
+  }
+}
+
+// grid (ceil(C / (32 V)), splits), block (32, kRowsPerBlock): lanes over channel vectors, rows
+// strided over the block's share of the N*HW rows.
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(32 * kRowsPerBlock)
+nhwc_stats_partial(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict__ part_s,
+                   A* __restrict__ part_q) {
+  __shared__ A ss[kRowsPerBlock][32][V], sq[kRowsPerBlock][32][V];
+  const int splits = gridDim.y, sp = blockIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * V;
+  const int64_t r0 = R * sp / splits, r1 = R * (sp + 1) / splits;
+  A s[V], q[V], k[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    s[j] = q[j] = 0;
+    k[j] = c0 + j < C ? static_cast<A>(x[c0 + j]) : A(0);
+  }
+  if (c0 < C) {
+#pragma unroll 4
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
+      const Vec<T, V> v = load<T, V>(x + r * C + c0);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A d = static_cast<A>(v.v[j]) - k[j];
+        s[j] += d;
+        q[j] += d * d;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    ss[threadIdx.y][threadIdx.x][j] = s[j];
+    sq[threadIdx.y][threadIdx.x][j] = q[j];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && c0 < C) {
+    for (int t = 1; t < kRowsPerBlock; ++t) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        s[j] += ss[t][threadIdx.x][j];
+        q[j] += sq[t][threadIdx.x][j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      part_s[(c0 + j) * splits + sp] = s[j];
+      part_q[(c0 + j) * splits + sp] = q[j];
+    }
+  }
+}
+
+// One thread per channel: add the blocks' partial sums (double, split order) and finish.
+template <typename T, typename A>
+__global__ void finalize_stats(const T* __restrict__ x, bool nhwc, int64_t C, int64_t HW, int splits,
+                               int64_t count, const A* __restrict__ part_s,
+                               const A* __restrict__ part_q, double eps, A* __restrict__ mean,
+                               A* __restrict__ var, A* __restrict__ invstd) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const double k = static_cast<double>(static_cast<A>(nhwc ? x[c] : x[c * HW]));
+  double s = 0, q = 0;
+  for (int sp = 0; sp < splits; ++sp) {
+    s += static_cast<double>(part_s[c * splits + sp]);
+    q += static_cast<double>(part_q[c * splits + sp]);
+  }
+  const double m = s / static_cast<double>(count);
+  const double v = fmax(0.0, q / static_cast<double>(count) - m * m);
+  mean[c] = static_cast<A>(k + m);
+  var[c] = static_cast<A>(v);
+  if (invstd != nullptr) invstd[c] = static_cast<A>(1.0 / sqrt(v + eps));
+}
+
+// ---- elementwise: normalise-and-affine, and grad_x -------------------------------------------
+
+// Flat element e (the first of a vector) -> (channel, index into the (N, C) gain/bias).
+template <bool NHWC, bool S>
+__device__ __forceinline__ void locate(int64_t e, int64_t C, int64_t HW, int64_t& c, int64_t& nc) {
+  if (NHWC) {
+    const int64_t row = idiv<S>(e, C);  // n * HW + hw
+    c = e - row * C;
+    nc = idiv<S>(row, HW) * C + c;
+  } else {
+    nc = idiv<S>(e, HW);  // n * C + c: the (n, c) run, also the (N, C) row-major index
+    c = nc - idiv<S>(nc, C) * C;
+  }
+}
+
+// A vector of V never straddles two channels (NCHW: HW % V == 0) or two rows (NHWC: C % V == 0).
+template <typename T, typename A, int V, bool NHWC, bool S>
+__global__ void __launch_bounds__(kThreads)
+apply_kernel(const T* __restrict__ x, const T* __restrict__ gain, const T* __restrict__ bias,
+             const A* __restrict__ mean, const A* __restrict__ invstd, int64_t numel, int64_t C,
+             int64_t HW, T* __restrict__ y) {
+  const int64_t units = numel / V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+#pragma unroll 2
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; u < units; u += stride) {
+    const int64_t e = u * V;
+    int64_t c, nc;
+    locate<NHWC, S>(e, C, HW, c, nc);
+    const Vec<T, V> xv = load<T, V>(x + e);
+    Vec<T, V> yv;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t cj = NHWC ? c + j : c, ncj = NHWC ? nc + j : nc;
+      const A scale = invstd[cj] * static_cast<A>(gain[ncj]);
+      yv.v[j] = static_cast<T>((static_cast<A>(xv.v[j]) - mean[cj]) * scale + static_cast<A>(bias[ncj]));
+    }
+    store<T, V>(y + e, yv);
+  }
+}
+
+// grad_x = invstd*gain*dy - invstd*A/M - (x - mean)*invstd^2*B/M; sum_a == nullptr: eval,
+// grad_x = invstd*gain*dy.
+template <typename T, typename A, int V, bool NHWC, bool S>
+__global__ void __launch_bounds__(kThreads)
+elemt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ gain,
+             const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ sum_a,
+             const A* __restrict__ sum_b, double inv_count, int64_t numel, int64_t C, int64_t HW,
+             T* __restrict__ dx) {
+  const int64_t units = numel / V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const A inv_m = static_cast<A>(inv_count);
+#pragma unroll 2
+  for (int64_t u = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; u < units; u += stride) {
+    const int64_t e = u * V;
+    int64_t c, nc;
+    locate<NHWC, S>(e, C, HW, c, nc);
+    const Vec<T, V> xv = load<T, V>(x + e);
+    const Vec<T, V> gv = load<T, V>(dy + e);
+    Vec<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t cj = NHWC ? c + j : c, ncj = NHWC ? nc + j : nc;
+      const A is = invstd[cj];
+      const A k0 = sum_a != nullptr ? -is * sum_a[cj] * inv_m : A(0);
+      const A k2 = sum_b != nullptr ? -is * is * sum_b[cj] * inv_m : A(0);
+      const A k1 = is * static_cast<A>(gain[ncj]);
+      out.v[j] = static_cast<T>(k1 * static_cast<A>(gv.v[j]) +
+                                k2 * (static_cast<A>(xv.v[j]) - mean[cj]) + k0);
+    }
+    store<T, V>(dx + e, out);
+  }
+}
+
+// ---- backward reductions -------------------------------------------------------------------
+
+// Per-(n, c) run sums of dy and dy*(x - mean) for NCHW: a group of G lanes (a power of two,
+// about the run's length in vectors) per run, 32/G runs per warp, warps grid-strided over the
+// N*C runs. Writes raw sums into part_b/part_q at the run index n*C + c.
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean, int64_t N,
+            int64_t C, int64_t HW, int G, A* __restrict__ part_b, A* __restrict__ part_q) {
+  const int lane = threadIdx.x % 32;
+  const int g = lane / G, li = lane % G, per_warp = 32 / G;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kThreads / 32;
+  const int64_t runs = N * C, hwv = HW / V;
+  for (int64_t base = warp * per_warp; base < runs; base += warps * per_warp) {  // warp-uniform
+    const int64_t r = base + g;
+    A s = 0, q = 0;
+    if (r < runs) {
+      const A m = mean[r % C];
+      const T* xs = x + r * HW;
+      const T* gs = dy + r * HW;
+#pragma unroll 4
+      for (int64_t i = li; i < hwv; i += G) {
+        const Vec<T, V> xv = load<T, V>(xs + i * V);
+        const Vec<T, V> gv = load<T, V>(gs + i * V);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A gj = static_cast<A>(gv.v[j]);
+          s += gj;
+          q += gj * (static_cast<A>(xv.v[j]) - m);
+        }
+      }
+    }
+    for (int o = G / 2; o > 0; o >>= 1) {
+      s += __shfl_down_sync(0xffffffffu, s, o, G);
+      q += __shfl_down_sync(0xffffffffu, q, o, G);
+    }
+    if (r < runs && li == 0) {
+      part_b[r] = s;
+      part_q[r] = q;
+    }
+  }
+}
+
+// channels_last: grid (ceil(C / (32 V)), N, splits), block (32, kRowsPerBlock); block
+// (cx, n, sp) sums its share of sample n's HW rows. Partials at [sp][n][c].
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(32 * kRowsPerBlock)
+nhwc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean, int64_t N,
+            int64_t C, int64_t HW, A* __restrict__ part_b, A* __restrict__ part_q) {
+  __shared__ A ss[kRowsPerBlock][32][V], sq[kRowsPerBlock][32][V];
+  const int64_t n = blockIdx.y;
+  const int splits = gridDim.z, sp = blockIdx.z;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * V;
+  const int64_t h0 = HW * sp / splits, h1 = HW * (sp + 1) / splits;
+  A s[V], q[V], m[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    s[j] = q[j] = 0;
+    m[j] = c0 + j < C ? mean[c0 + j] : A(0);
+  }
+  if (c0 < C) {
+#pragma unroll 4
+    for (int64_t h = h0 + threadIdx.y; h < h1; h += kRowsPerBlock) {
+      const int64_t off = (n * HW + h) * C + c0;
+      const Vec<T, V> xv = load<T, V>(x + off);
+      const Vec<T, V> gv = load<T, V>(dy + off);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A gj = static_cast<A>(gv.v[j]);
+        s[j] += gj;
+        q[j] += gj * (static_cast<A>(xv.v[j]) - m[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    ss[threadIdx.y][threadIdx.x][j] = s[j];
+    sq[threadIdx.y][threadIdx.x][j] = q[j];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && c0 < C) {
+    for (int t = 1; t < kRowsPerBlock; ++t) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        s[j] += ss[t][threadIdx.x][j];
+        q[j] += sq[t][threadIdx.x][j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      part_b[(sp * N + n) * C + c0 + j] = s[j];
+      part_q[(sp * N + n) * C + c0 + j] = q[j];
+    }
+  }
+}
+
+// grid ceil(C / 32), block (32, kRowsPerBlock): lanes over channels, rows over samples.
+// Adds the split partials per (n, c) -> grad_bias = sum dy, grad_gain = invstd * sum dy (x-mean)
+// (acc dtype, and rounded to T when out_* are given); with gain, also the per-channel
+// A = sum_n gain*grad_bias and B = sum_n gain*grad_gain (zeros unless training).
+template <typename T, typename A>
+__global__ void __launch_bounds__(32 * kRowsPerBlock)
+finalize_backward(const T* __restrict__ gain, const A* __restrict__ invstd, int64_t N, int64_t C,
+                  int splits, const A* __restrict__ part_b, const A* __restrict__ part_q,
+                  bool training, A* __restrict__ gb_acc, A* __restrict__ gg_acc,
+                  T* __restrict__ gb_out, T* __restrict__ gg_out, A* __restrict__ sum_a,
+                  A* __restrict__ sum_b) {
+  __shared__ A sa[kRowsPerBlock][32], sb[kRowsPerBlock][32];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  A a = 0, b = 0;
+  if (c < C) {
+    const A is = invstd[c];
+    for (int64_t n = threadIdx.y; n < N; n += kRowsPerBlock) {
+      A s = 0, q = 0;
+      for (int sp = 0; sp < splits; ++sp) {
+        s += part_b[(sp * N + n) * C + c];
+        q += part_q[(sp * N + n) * C + c];
+      }
+      q *= is;
+      const int64_t k = n * C + c;
+      if (gb_acc != nullptr) {
+        gb_acc[k] = s;
+        gg_acc[k] = q;
+      }
+      if (gb_out != nullptr) {
+        gb_out[k] = static_cast<T>(s);
+        gg_out[k] = static_cast<T>(q);
+      }
+      if (gain != nullptr) {
+        const A g = static_cast<A>(gain[k]);
+        a += g * s;
+        b += g * q;
+      }
+    }
+  }
+  sa[threadIdx.y][threadIdx.x] = a;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C && sum_a != nullptr) {
+    for (int t = 1; t < kRowsPerBlock; ++t) {
+      a += sa[t][threadIdx.x];
+      b += sb[t][threadIdx.x];
+    }
+    sum_a[c] = training ? a : A(0);
+    sum_b[c] = training ? b : A(0);
+  }
+}
+
+template <typename R, typename A>
+__global__ void update_running_kernel(R* __restrict__ rm, R* __restrict__ rv, const A* __restrict__ mean,
+                                      const A* __restrict__ var, int64_t C, double unbias,
+                                      double momentum) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const A mo = static_cast<A>(momentum);
+  rm[c] = static_cast<R>(static_cast<A>(rm[c]) * (A(1) - mo) + mean[c] * mo);
+  rv[c] = static_cast<R>(static_cast<A>(rv[c]) * (A(1) - mo) + var[c] * static_cast<A>(unbias) * mo);
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+struct Launch {
+  cudaStream_t stream;
+  int sms;
+};
+
+Launch launch_config() { return {at::cuda::getCurrentCUDAStream(), sm_count()}; }
+
+int elementwise_grid(int64_t units, int sms) {
+  return static_cast<int>(clamp64((units + kThreads - 1) / kThreads, 1, static_cast<int64_t>(sms) * 16));
+}
+
+// Per-channel (mean, var[, invstd]) of x (acc dtype, shape (C,)), 2 launches.
+template <typename T, typename A>
+void batch_stats(const at::Tensor& x, bool nhwc, double eps, at::Tensor& mean, at::Tensor& var,
+                 at::Tensor* invstd, const Launch& L) {
+  const Dims d = dims(x);
+  const T* px = x.const_data_ptr<T>();
+  constexpr int V = vec_width<T>();
+  int64_t splits;
+  at::Tensor part;
+  if (!nhwc) {
+    const int64_t per_channel = d.N * d.HW;
+    splits = clamp64((8LL * L.sms + d.C - 1) / d.C, 1, std::max<int64_t>(1, per_channel / (kThreads * 16)));
+    splits = std::min<int64_t>(splits, 1024);
+    part = at::empty({2, d.C * splits}, x.options().dtype(mean.scalar_type()));
+    A* ps = part.mutable_data_ptr<A>();
+    const dim3 grid(static_cast<unsigned>(d.C), static_cast<unsigned>(splits));
+    const bool vec = d.HW % V == 0 && aligned16(px), small = small_index(x.numel());
+    auto kernel = vec ? (small ? nchw_stats_partial<T, A, V, true> : nchw_stats_partial<T, A, V, false>)
+                      : (small ? nchw_stats_partial<T, A, 1, true> : nchw_stats_partial<T, A, 1, false>);
+    kernel<<<grid, kThreads, 0, L.stream>>>(px, d.N, d.C, d.HW, ps, ps + d.C * splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const bool vec = d.C % V == 0 && aligned16(px);
+    const int64_t width = vec ? 32 * V : 32;
+    const int64_t gx = (d.C + width - 1) / width;
+    const int64_t rows = d.N * d.HW;
+    splits = clamp64((4LL * L.sms + gx - 1) / gx, 1, std::max<int64_t>(1, rows / (kRowsPerBlock * 16)));
+    splits = std::min<int64_t>(splits, 65535);
+    part = at::empty({2, d.C * splits}, x.options().dtype(mean.scalar_type()));
+    A* ps = part.mutable_data_ptr<A>();
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
+    const dim3 block(32, kRowsPerBlock);
+    if (vec) {
+      nhwc_stats_partial<T, A, V><<<grid, block, 0, L.stream>>>(px, rows, d.C, ps, ps + d.C * splits);
+    } else {
+      nhwc_stats_partial<T, A, 1><<<grid, block, 0, L.stream>>>(px, rows, d.C, ps, ps + d.C * splits);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const A* ps = part.const_data_ptr<A>();
+  finalize_stats<T, A><<<static_cast<unsigned>((d.C + 127) / 128), 128, 0, L.stream>>>(
+      px, nhwc, d.C, d.HW, static_cast<int>(splits), d.N * d.HW, ps, ps + d.C * splits, eps,
+      mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(),
+      invstd != nullptr ? invstd->mutable_data_ptr<A>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename A>
+void launch_apply(const at::Tensor& x, const at::Tensor& gain, const at::Tensor& bias,
+                  const at::Tensor& mean, const at::Tensor& invstd, bool nhwc, at::Tensor& y,
+                  const Launch& L) {
+  const Dims d = dims(x);
+  constexpr int V = vec_width<T>();
+  const T* px = x.const_data_ptr<T>();
+  T* py = y.mutable_data_ptr<T>();
+  const bool vec = (nhwc ? d.C % V == 0 : d.HW % V == 0) && aligned16(px) && aligned16(py);
+  const int64_t numel = x.numel();
+  const int grid = elementwise_grid(vec ? numel / V : numel, L.sms);
+  // numel >= 2^32 is served by the 64-bit-index variants (as the scalar path is for rows of an
+  // odd length or misaligned views).
+  auto kernel = small_index(numel)
+      ? (nhwc ? (vec ? apply_kernel<T, A, V, true, true> : apply_kernel<T, A, 1, true, true>)
+              : (vec ? apply_kernel<T, A, V, false, true> : apply_kernel<T, A, 1, false, true>))
+      : (nhwc ? (vec ? apply_kernel<T, A, V, true, false> : apply_kernel<T, A, 1, true, false>)
+              : (vec ? apply_kernel<T, A, V, false, false> : apply_kernel<T, A, 1, false, false>));
+  kernel<<<grid, kThreads, 0, L.stream>>>(px, gain.const_data_ptr<T>(), bias.const_data_ptr<T>(),
+                                          mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
+                                          numel, d.C, d.HW, py);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename A>
+void launch_elemt(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gain,
+                  const at::Tensor& mean, const at::Tensor& invstd, const A* sum_a, const A* sum_b,
+                  double inv_count, bool nhwc, at::Tensor& dx, const Launch& L) {
+  const Dims d = dims(x);
+  constexpr int V = vec_width<T>();
+  const T* px = x.const_data_ptr<T>();
+  const T* pdy = dy.const_data_ptr<T>();
+  T* pdx = dx.mutable_data_ptr<T>();
+  const bool vec = (nhwc ? d.C % V == 0 : d.HW % V == 0) && aligned16(px) && aligned16(pdy) &&
+                   aligned16(pdx);
+  const int64_t numel = x.numel();
+  const int grid = elementwise_grid(vec ? numel / V : numel, L.sms);
+  auto kernel = small_index(numel)
+      ? (nhwc ? (vec ? elemt_kernel<T, A, V, true, true> : elemt_kernel<T, A, 1, true, true>)
+              : (vec ? elemt_kernel<T, A, V, false, true> : elemt_kernel<T, A, 1, false, true>))
+      : (nhwc ? (vec ? elemt_kernel<T, A, V, true, false> : elemt_kernel<T, A, 1, true, false>)
+              : (vec ? elemt_kernel<T, A, V, false, false> : elemt_kernel<T, A, 1, false, false>));
+  kernel<<<grid, kThreads, 0, L.stream>>>(pdy, px, gain.const_data_ptr<T>(), mean.const_data_ptr<A>(),
+                                          invstd.const_data_ptr<A>(), sum_a, sum_b, inv_count,
+                                          numel, d.C, d.HW, pdx);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Raw per-(n, c) sums into part (shape (2, splits, N, C)); returns splits.
+template <typename T, typename A>
+int64_t launch_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, bool nhwc,
+                      at::Tensor& part, const Launch& L) {
+  const Dims d = dims(x);
+  constexpr int V = vec_width<T>();
+  const T* px = x.const_data_ptr<T>();
+  const T* pdy = dy.const_data_ptr<T>();
+  const A* pm = mean.const_data_ptr<A>();
+  const at::TensorOptions acc = x.options().dtype(mean.scalar_type());
+  if (!nhwc) {
+    part = at::empty({2, 1, d.N, d.C}, acc);
+    A* pp = part.mutable_data_ptr<A>();
+    const bool vec = d.HW % V == 0 && aligned16(px) && aligned16(pdy);
+    const int64_t hwv = vec ? d.HW / V : d.HW;
+    int G = 1;
+    while (G < 32 && G < hwv) G *= 2;
+    const int64_t warps = (d.N * d.C + (32 / G) - 1) / (32 / G);
+    const int grid = static_cast<int>(clamp64((warps * 32 + kThreads - 1) / kThreads, 1, static_cast<int64_t>(L.sms) * 16));
+    if (vec) {
+      nchw_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, pp, pp + d.N * d.C);
+    } else {
+      nchw_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, pp, pp + d.N * d.C);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return 1;
+  }
+  const bool vec = d.C % V == 0 && aligned16(px) && aligned16(pdy);
+  const int64_t width = vec ? 32 * V : 32;
+  const int64_t gx = (d.C + width - 1) / width;
+  int64_t splits = clamp64((4LL * L.sms + gx * d.N - 1) / (gx * d.N), 1,
+                           std::max<int64_t>(1, d.HW / (kRowsPerBlock * 16)));
+  splits = std::min<int64_t>(splits, 65535);
+  part = at::empty({2, splits, d.N, d.C}, acc);
+  A* pp = part.mutable_data_ptr<A>();
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(d.N), static_cast<unsigned>(splits));
+  const dim3 block(32, kRowsPerBlock);
+  TORCH_CHECK(d.N <= 65535, kOp, ": channels_last backward supports N <= 65535 on CUDA, got ", d.N);
+  if (vec) {
+    nhwc_reduce<T, A, V><<<grid, block, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
+  } else {
+    nhwc_reduce<T, A, 1><<<grid, block, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return splits;
+}
+
+template <typename T, typename A>
+void launch_finalize_backward(const T* gain, const at::Tensor& invstd, Dims d, int64_t splits,
+                              const at::Tensor& part, bool training, A* gb_acc, A* gg_acc, T* gb_out,
+                              T* gg_out, A* sum_a, A* sum_b, const Launch& L) {
+  const A* pp = part.const_data_ptr<A>();
+  const dim3 block(32, kRowsPerBlock);
+  finalize_backward<T, A><<<static_cast<unsigned>((d.C + 31) / 32), block, 0, L.stream>>>(
+      gain, invstd.const_data_ptr<A>(), d.N, d.C, static_cast<int>(splits), pp,
+      pp + splits * d.N * d.C, training, gb_acc, gg_acc, gb_out, gg_out, sum_a, sum_b);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor as_acc(const at::Tensor& t, const at::Tensor& x) {
+  return t.to(acc_dtype(x.scalar_type())).contiguous();
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cuda(
+    const at::Tensor& x_in, const at::Tensor& gain_in, const at::Tensor& bias_in,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    bool training, double eps) {
+  check_forward(x_in, gain_in, bias_in, running_mean, running_var, training);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool nhwc = is_nhwc(x_in);
+  const at::Tensor x = x_in.contiguous(layout_of(x_in));
+  const at::Tensor gain = gain_in.contiguous(), bias = bias_in.contiguous();
+  const Dims d = dims(x);
+  const at::TensorOptions acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(layout_of(x_in)));
+  at::Tensor mean, var, invstd;
+  const Launch L = launch_config();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_forward_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    if (training) {
+      mean = at::empty({d.C}, acc);
+      var = at::empty({d.C}, acc);
+      invstd = at::empty({d.C}, acc);
+      batch_stats<scalar_t, A>(x, nhwc, eps, mean, var, &invstd, L);
+    } else {
+      mean = as_acc(*running_mean, x).clone();
+      var = as_acc(*running_var, x).clone();
+      invstd = (var + eps).rsqrt();
+    }
+    launch_apply<scalar_t, A>(x, gain, bias, mean, invstd, nhwc, y, L);
+  });
+  return {y, mean, invstd, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& gain_in,
+    const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training) {
+  check_x(x_in);
+  check_nc(gain_in, x_in, "gain");
+  check_grad(grad_y, x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool nhwc = is_nhwc(x_in);
+  const at::Tensor x = x_in.contiguous(layout_of(x_in));
+  const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(layout_of(x_in));
+  const at::Tensor gain = gain_in.contiguous();
+  const at::Tensor mean = as_acc(mean_in, x), invstd = as_acc(invstd_in, x);
+  const Dims d = dims(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout_of(x_in)));
+  at::Tensor grad_gain = at::empty({d.N, d.C}, gain.options());
+  at::Tensor grad_bias = at::empty({d.N, d.C}, gain.options());
+  at::Tensor sums = at::empty({2, d.C}, mean.options());
+  const Launch L = launch_config();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_backward_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    at::Tensor part;
+    const int64_t splits = launch_reduce<scalar_t, A>(dy, x, mean, nhwc, part, L);
+    A* ps = sums.mutable_data_ptr<A>();
+    launch_finalize_backward<scalar_t, A>(gain.const_data_ptr<scalar_t>(), invstd, d, splits, part,
+                                          training, nullptr, nullptr,
+                                          grad_bias.mutable_data_ptr<scalar_t>(),
+                                          grad_gain.mutable_data_ptr<scalar_t>(), ps, ps + d.C, L);
+    launch_elemt<scalar_t, A>(dy, x, gain, mean, invstd, training ? ps : nullptr,
+                              training ? ps + d.C : nullptr, 1.0 / static_cast<double>(d.N * d.HW),
+                              nhwc, dx, L);
+  });
+  return {dx, grad_gain, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> cbn_stats_cuda(const at::Tensor& x_in) {
+  check_x(x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool nhwc = is_nhwc(x_in);
+  const at::Tensor x = x_in.contiguous(layout_of(x_in));
+  const at::TensorOptions acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor mean = at::empty({x.size(1)}, acc), var = at::empty({x.size(1)}, acc);
+  const Launch L = launch_config();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_stats_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    batch_stats<scalar_t, A>(x, nhwc, 0.0, mean, var, nullptr, L);
+  });
+  return {mean, var};
+}
+
+at::Tensor cbn_apply_cuda(const at::Tensor& x_in, const at::Tensor& gain_in, const at::Tensor& bias_in,
+                          const at::Tensor& mean_in, const at::Tensor& invstd_in) {
+  check_x(x_in);
+  check_nc(gain_in, x_in, "gain");
+  check_nc(bias_in, x_in, "bias");
+  check_c(mean_in, x_in, "mean");
+  check_c(invstd_in, x_in, "invstd");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool nhwc = is_nhwc(x_in);
+  const at::Tensor x = x_in.contiguous(layout_of(x_in));
+  const at::Tensor gain = gain_in.contiguous(), bias = bias_in.contiguous();
+  const at::Tensor mean = as_acc(mean_in, x), invstd = as_acc(invstd_in, x);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(layout_of(x_in)));
+  const Launch L = launch_config();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_apply_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    launch_apply<scalar_t, A>(x, gain, bias, mean, invstd, nhwc, y, L);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> cbn_backward_reduce_cuda(const at::Tensor& grad_y,
+                                                            const at::Tensor& x_in,
+                                                            const at::Tensor& mean_in,
+                                                            const at::Tensor& invstd_in) {
+  check_x(x_in);
+  check_grad(grad_y, x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool nhwc = is_nhwc(x_in);
+  const at::Tensor x = x_in.contiguous(layout_of(x_in));
+  const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(layout_of(x_in));
+  const at::Tensor mean = as_acc(mean_in, x), invstd = as_acc(invstd_in, x);
+  const Dims d = dims(x);
+  at::Tensor gg = at::empty({d.N, d.C}, mean.options()), gb = at::empty({d.N, d.C}, mean.options());
+  const Launch L = launch_config();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_backward_reduce_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    at::Tensor part;
+    const int64_t splits = launch_reduce<scalar_t, A>(dy, x, mean, nhwc, part, L);
+    launch_finalize_backward<scalar_t, A>(nullptr, invstd, d, splits, part, true,
+                                          gb.mutable_data_ptr<A>(), gg.mutable_data_ptr<A>(), nullptr,
+                                          nullptr, nullptr, nullptr, L);
+  });
+  return {gg, gb};
+}
+
+at::Tensor cbn_backward_elemt_cuda(const at::Tensor& grad_y, const at::Tensor& x_in,
+                                   const at::Tensor& gain_in, const at::Tensor& mean_in,
+                                   const at::Tensor& invstd_in, const at::Tensor& sum_dxhat,
+                                   const at::Tensor& sum_dxhat_xhat, int64_t count) {
+  check_x(x_in);
+  check_nc(gain_in, x_in, "gain");
+  check_c(sum_dxhat, x_in, "sum_dxhat");
+  check_c(sum_dxhat_xhat, x_in, "sum_dxhat_xhat");
+  check_grad(grad_y, x_in);
+  TORCH_CHECK_VALUE(count > 0, kOp, ": count must be positive, got ", count);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const bool nhwc = is_nhwc(x_in);
+  const at::Tensor x = x_in.contiguous(layout_of(x_in));
+  const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(layout_of(x_in));
+  const at::Tensor gain = gain_in.contiguous();
+  const at::Tensor mean = as_acc(mean_in, x), invstd = as_acc(invstd_in, x);
+  const at::Tensor sa = as_acc(sum_dxhat, x), sb = as_acc(sum_dxhat_xhat, x);
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout_of(x_in)));
+  const Launch L = launch_config();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_backward_elemt_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    launch_elemt<scalar_t, A>(dy, x, gain, mean, invstd, sa.const_data_ptr<A>(), sb.const_data_ptr<A>(),
+                              1.0 / static_cast<double>(count), nhwc, dx, L);
+  });
+  return dx;
+}
+
+void cbn_update_running_cuda(at::Tensor& running_mean, at::Tensor& running_var,
+                             const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                             double momentum) {
+  TORCH_CHECK_VALUE(count > 1, kOp, ": the running variance needs count > 1, got ", count);
+  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(), kOp,
+                    ": running_mean and running_var must be contiguous");
+  TORCH_CHECK_VALUE(running_mean.numel() == mean.numel() && running_var.numel() == var.numel(), kOp,
+                    ": running statistics have ", running_mean.numel(), " channels but the batch has ",
+                    mean.numel());
+  const c10::cuda::CUDAGuard guard(running_mean.device());
+  const at::Tensor m = mean.contiguous(), v = var.to(mean.scalar_type()).contiguous();
+  const int64_t C = running_mean.numel();
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const unsigned grid = static_cast<unsigned>((C + 255) / 256);
+  TORCH_CHECK_TYPE(running_mean.scalar_type() == running_var.scalar_type(), kOp,
+                   ": running_mean is ", running_mean.scalar_type(), " but running_var is ",
+                   running_var.scalar_type(), "; cast them to one dtype");
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cbn_update_running_cuda_acc", [&] {
+    using A = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "cbn_update_running_cuda", [&] {
+      update_running_kernel<scalar_t, A><<<grid, 256, 0, stream>>>(
+          running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
+          m.const_data_ptr<A>(), v.const_data_ptr<A>(), C, unbias, momentum);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastinv, CUDA, m) {
+  m.impl("conditional_batch_norm", &cbn_forward_cuda);
+  m.impl("conditional_batch_norm_backward", &cbn_backward_cuda);
+  m.impl("conditional_batch_norm_stats", &cbn_stats_cuda);
+  m.impl("conditional_batch_norm_apply", &cbn_apply_cuda);
+  m.impl("conditional_batch_norm_backward_reduce", &cbn_backward_reduce_cuda);
+  m.impl("conditional_batch_norm_backward_elemt", &cbn_backward_elemt_cuda);
+  m.impl("conditional_batch_norm_update_running", &cbn_update_running_cuda);
+}
+
+}  // namespace fastinv
