@@ -105,84 +105,116 @@ spectral_norm_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, 
     std::vector<const scalar_t*> wp(K);
     std::vector<acc_t*> up(K), vp(K);
     std::vector<int64_t> t_off(K + 1, 0), p_off(K + 1, 0);
-    std::vector<RowItem> row_items;
+    std::vector<RowItem> row_items;     // rows of the large weights
+    std::vector<int64_t> small, large;  // a small weight is one work item from start to end
     for (int64_t k = 0; k < K; ++k) {
       wp[k] = W[k].const_data_ptr<scalar_t>();
       up[k] = U[k].mutable_data_ptr<acc_t>();
       vp[k] = V[k].mutable_data_ptr<acc_t>();
       const int64_t rpi = std::min(rows[k], std::max(kMinRowsPerItem, (kItemElems + cols[k] - 1) / cols[k]));
-      for (int64_t r = 0; r < rows[k]; r += rpi) {
-        row_items.push_back({k, r, std::min(rows[k], r + rpi), p_off[k] + (r / rpi) * cols[k]});
-      }
       const int64_t chunks = (rows[k] + rpi - 1) / rpi;
+      (chunks == 1 ? small : large).push_back(k);
+      if (chunks > 1) {
+        for (int64_t r = 0; r < rows[k]; r += rpi) {
+          row_items.push_back({k, r, std::min(rows[k], r + rpi), p_off[k] + (r / rpi) * cols[k]});
+        }
+      }
       t_off[k + 1] = t_off[k] + rows[k];
-      p_off[k + 1] = p_off[k] + (n_iter > 0 ? chunks * cols[k] : 0);
+      p_off[k + 1] = p_off[k] + chunks * cols[k];
     }
     std::vector<acc_t> t(t_off[K]);
     std::vector<acc_t> partial(p_off[K]);
     acc_t* sig = sigma.mutable_data_ptr<acc_t>();
     const acc_t e = static_cast<acc_t>(eps);
-    const int64_t nrow_items = static_cast<int64_t>(row_items.size());
 
-    for (int64_t it = 0; it < n_iter; ++it) {
-      at::parallel_for(0, nrow_items, 1, [&](int64_t b, int64_t end) {
-        for (int64_t i = b; i < end; ++i) {
-          const RowItem& item = row_items[i];
-          const int64_t C = cols[item.k];
-          const acc_t* v = vp[item.k];
-          acc_t* s = partial.data() + item.partial;
-          std::fill(s, s + C, acc_t(0));
-          for (int64_t r = item.r0; r < item.r1; ++r) {
-            const scalar_t* row = wp[item.k] + r * C;
-            const acc_t tr = dot<scalar_t, acc_t>(row, v, C);
-            t[t_off[item.k] + r] = tr;
-            for (int64_t c = 0; c < C; ++c) s[c] += tr * static_cast<acc_t>(row[c]);
-          }
+    // t_r = W_r · v for rows [r0, r1); with s, also s += t_r W_r (the row is still in L1)
+    auto row_pass = [&](int64_t k, int64_t r0, int64_t r1, acc_t* s) {
+      const int64_t C = cols[k];
+      const acc_t* v = vp[k];
+      if (s != nullptr) std::fill(s, s + C, acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = wp[k] + r * C;
+        const acc_t tr = dot<scalar_t, acc_t>(row, v, C);
+        t[t_off[k] + r] = tr;
+        if (s != nullptr) {
+          for (int64_t c = 0; c < C; ++c) s[c] += tr * static_cast<acc_t>(row[c]);
         }
-      });
-      at::parallel_for(0, K, 1, [&](int64_t b, int64_t end) {
-        for (int64_t k = b; k < end; ++k) {
-          const int64_t R = rows[k], C = cols[k];
-          acc_t* s = partial.data() + p_off[k];
-          const int64_t chunks = (p_off[k + 1] - p_off[k]) / C;
-          for (int64_t ch = 1; ch < chunks; ++ch) {
-            const acc_t* p = s + ch * C;
-            for (int64_t c = 0; c < C; ++c) s[c] += p[c];
-          }
-          const acc_t* tk = t.data() + t_off[k];
-          const acc_t tn = std::max(norm2(tk, R), e);
-          for (int64_t r = 0; r < R; ++r) up[k][r] = tk[r] / tn;
-          for (int64_t c = 0; c < C; ++c) s[c] = s[c] / tn;  // s = Wᵀ u
-          const acc_t sn = std::max(norm2(s, C), e);
-          for (int64_t c = 0; c < C; ++c) vp[k][c] = s[c] / sn;
-          sig[k] = dot<acc_t, acc_t>(s, vp[k], C);  // uᵀ W v = (Wᵀ u) · v
-        }
-      });
-    }
-    if (n_iter == 0) {  // eval: σ = uᵀ (W v) with the stored u, v
-      at::parallel_for(0, nrow_items, 1, [&](int64_t b, int64_t end) {
-        for (int64_t i = b; i < end; ++i) {
-          const RowItem& item = row_items[i];
-          const int64_t C = cols[item.k];
-          for (int64_t r = item.r0; r < item.r1; ++r) {
-            t[t_off[item.k] + r] = dot<scalar_t, acc_t>(wp[item.k] + r * C, vp[item.k], C);
-          }
-        }
-      });
-      for (int64_t k = 0; k < K; ++k) sig[k] = dot<acc_t, acc_t>(up[k], t.data() + t_off[k], rows[k]);
-    }
-    // |σ| < eps becomes eps, so that an all-zero weight gives 0, not 0/0 (torch gives NaN).
-    for (int64_t k = 0; k < K; ++k) sig[k] = std::abs(sig[k]) < e ? e : sig[k];
-
-    const std::vector<ElemItem> items = elem_items(W);
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
-      for (int64_t i = b; i < end; ++i) {
-        const ElemItem& item = items[i];
-        const scalar_t* w = wp[item.k];
-        scalar_t* o = out[item.k].mutable_data_ptr<scalar_t>();
-        const acc_t s = sig[item.k];
-        for (int64_t j = item.e0; j < item.e1; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) / s);
       }
+    };
+    // after the row passes of one iteration: Wᵀt = Σ partials (chunk order), then u, v, σ
+    auto finish_iteration = [&](int64_t k) {
+      const int64_t R = rows[k], C = cols[k];
+      acc_t* s = partial.data() + p_off[k];
+      const int64_t chunks = (p_off[k + 1] - p_off[k]) / C;
+      for (int64_t ch = 1; ch < chunks; ++ch) {
+        const acc_t* p = s + ch * C;
+        for (int64_t c = 0; c < C; ++c) s[c] += p[c];
+      }
+      const acc_t* tk = t.data() + t_off[k];
+      const acc_t tn = std::max(norm2(tk, R), e);
+      for (int64_t r = 0; r < R; ++r) up[k][r] = tk[r] / tn;
+      for (int64_t c = 0; c < C; ++c) s[c] = s[c] / tn;  // s = Wᵀ u
+      const acc_t sn = std::max(norm2(s, C), e);
+      for (int64_t c = 0; c < C; ++c) vp[k][c] = s[c] / sn;
+      sig[k] = dot<acc_t, acc_t>(s, vp[k], C);  // uᵀ W v = (Wᵀ u) · v
+    };
+    // eval: σ = uᵀ (W v) with the stored u, v
+    auto finish_eval = [&](int64_t k) { sig[k] = dot<acc_t, acc_t>(up[k], t.data() + t_off[k], rows[k]); };
+    // |σ| < eps becomes eps, so that an all-zero weight gives 0, not 0/0 (torch gives NaN)
+    auto guard = [&](int64_t k) { sig[k] = std::abs(sig[k]) < e ? e : sig[k]; };
+    auto scale = [&](int64_t k, int64_t e0, int64_t e1) {
+      const scalar_t* w = wp[k];
+      scalar_t* o = out[k].mutable_data_ptr<scalar_t>();
+      const acc_t s = sig[k];
+      for (int64_t j = e0; j < e1; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) / s);
+    };
+
+    // Small weights: everything in one item while the weight is in cache (one read from memory).
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const int64_t k = small[i];
+        for (int64_t it = 0; it < n_iter; ++it) {
+          row_pass(k, 0, rows[k], partial.data() + p_off[k]);
+          finish_iteration(k);
+        }
+        if (n_iter == 0) {
+          row_pass(k, 0, rows[k], nullptr);
+          finish_eval(k);
+        }
+        guard(k);
+        scale(k, 0, rows[k] * cols[k]);
+      }
+    });
+    if (large.empty()) return;
+    // Large weights: stages over items of all of them.
+    const int64_t nrow_items = static_cast<int64_t>(row_items.size());
+    auto over_rows = [&](bool with_s) {
+      at::parallel_for(0, nrow_items, 1, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          const RowItem& item = row_items[i];
+          row_pass(item.k, item.r0, item.r1, with_s ? partial.data() + item.partial : nullptr);
+        }
+      });
+    };
+    const int64_t nlarge = static_cast<int64_t>(large.size());
+    for (int64_t it = 0; it < n_iter; ++it) {
+      over_rows(true);
+      at::parallel_for(0, nlarge, 1, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) finish_iteration(large[i]);
+      });
+    }
+    if (n_iter == 0) {
+      over_rows(false);
+      for (int64_t k : large) finish_eval(k);
+    }
+    for (int64_t k : large) guard(k);
+    std::vector<ElemItem> items;
+    for (int64_t k : large) {
+      const int64_t n = rows[k] * cols[k];
+      for (int64_t j = 0; j < n; j += kItemElems) items.push_back({k, j, std::min(n, j + kItemElems)});
+    }
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) scale(items[i].k, items[i].e0, items[i].e1);
     });
   });
   return {out, U, V, sigma};
@@ -212,36 +244,57 @@ std::vector<at::Tensor> spectral_norm_backward_cpu(at::TensorList grads, at::Ten
     const std::vector<ElemItem> items = elem_items(W);
     const int64_t n_items = static_cast<int64_t>(items.size());
     std::vector<acc_t> pdot(n_items);
+    std::vector<acc_t> coef(K, acc_t(0));
+    // weights that are ONE item (whole, in cache) are finished by that item in the first pass
+    std::vector<char> whole(n_items);
+    for (int64_t i = 0; i < n_items; ++i) whole[i] = items[i].e0 == 0 && items[i].e1 == W[items[i].k].numel();
+    auto write = [&](const ElemItem& it) {
+      const int64_t C = W[it.k].numel() / W[it.k].size(0);
+      const scalar_t* g = G[it.k].const_data_ptr<scalar_t>();
+      const acc_t* u = U[it.k].const_data_ptr<acc_t>();
+      const acc_t* v = V[it.k].const_data_ptr<acc_t>();
+      scalar_t* d = dW[it.k].mutable_data_ptr<scalar_t>();
+      const acc_t s = sig[it.k], c = coef[it.k];
+      // walk the item's elements row by row so the inner loop has no division
+      for (int64_t e = it.e0; e < it.e1;) {
+        const int64_t r = e / C, c0 = e - r * C, c1 = std::min(C, c0 + (it.e1 - e));
+        const acc_t a = c * u[r];
+        const scalar_t* gr = g + r * C;
+        scalar_t* dr = d + r * C;
+        for (int64_t col = c0; col < c1; ++col) {
+          dr[col] = static_cast<scalar_t>(static_cast<acc_t>(gr[col]) / s - a * v[col]);
+        }
+        e += c1 - c0;
+      }
+    };
     at::parallel_for(0, n_items, 1, [&](int64_t b, int64_t end) {
       for (int64_t i = b; i < end; ++i) {
         const ElemItem& it = items[i];
         pdot[i] = dot_same<scalar_t, acc_t>(G[it.k].const_data_ptr<scalar_t>() + it.e0,
                                             W[it.k].const_data_ptr<scalar_t>() + it.e0, it.e1 - it.e0);
+        if (whole[i]) {
+          coef[it.k] = pdot[i] / (sig[it.k] * sig[it.k]);
+          write(it);
+        }
       }
     });
-    std::vector<acc_t> coef(K, acc_t(0));
-    for (int64_t i = 0; i < n_items; ++i) coef[items[i].k] += pdot[i];  // item order: deterministic
-    for (int64_t k = 0; k < K; ++k) coef[k] = coef[k] / (sig[k] * sig[k]);
+    bool any_large = false;
+    for (int64_t i = 0; i < n_items; ++i) any_large |= !whole[i];
+    if (!any_large) return;
+    for (int64_t i = 0; i < n_items; ++i) {
+      if (!whole[i]) coef[items[i].k] += pdot[i];  // item order: deterministic
+    }
+    std::vector<char> done(K, 0);
+    for (int64_t i = 0; i < n_items; ++i) {
+      const int64_t k = items[i].k;
+      if (!whole[i] && !done[k]) {
+        coef[k] = coef[k] / (sig[k] * sig[k]);
+        done[k] = 1;
+      }
+    }
     at::parallel_for(0, n_items, 1, [&](int64_t b, int64_t end) {
       for (int64_t i = b; i < end; ++i) {
-        const ElemItem& it = items[i];
-        const int64_t C = W[it.k].numel() / W[it.k].size(0);
-        const scalar_t* g = G[it.k].const_data_ptr<scalar_t>();
-        const acc_t* u = U[it.k].const_data_ptr<acc_t>();
-        const acc_t* v = V[it.k].const_data_ptr<acc_t>();
-        scalar_t* d = dW[it.k].mutable_data_ptr<scalar_t>();
-        const acc_t s = sig[it.k], c = coef[it.k];
-        // walk the item's elements row by row so the inner loop has no division
-        for (int64_t e = it.e0; e < it.e1;) {
-          const int64_t r = e / C, c0 = e - r * C, c1 = std::min(C, c0 + (it.e1 - e));
-          const acc_t a = c * u[r];
-          const scalar_t* gr = g + r * C;
-          scalar_t* dr = d + r * C;
-          for (int64_t col = c0; col < c1; ++col) {
-            dr[col] = static_cast<scalar_t>(static_cast<acc_t>(gr[col]) / s - a * v[col]);
-          }
-          e += c1 - c0;
-        }
+        if (!whole[i]) write(items[i]);
       }
     });
   });
