@@ -79,3 +79,14 @@ def test_missing_run_dir_is_a_clear_error(tmp_path):
         report.write_report(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="holds no"):
         report.write_report(tmp_path)
+
+
+def test_report_cautions_about_classifiers_near_chance(tmp_path):
+    _fake_run(tmp_path, robust_psnr=20, standard_psnr=15, robust_std=0.01, standard_std=0.05)
+    _write(tmp_path / "robust" / "classifier.json",
+           {"name": "robust", "robust": True, "val_accuracy": 0.3, "num_classes": 4})
+    runs, _, _ = report.collect(tmp_path)
+    assert report.weak_classifiers(runs) == [
+        "robust reaches 30.0% validation accuracy on 4 classes (chance 25.0%)"]
+    md, _ = report.write_report(tmp_path)
+    assert "Caution: robust reaches 30.0%" in md.read_text()

@@ -155,6 +155,20 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
     return out
 
 
+def weak_classifiers(runs: list[ClassifierRun]) -> list[str]:
+    """Classifiers whose validation accuracy is below twice chance, said in words."""
+    out = []
+    for r in runs:
+        acc = r.info.get("val_accuracy")
+        n = r.info.get("num_classes")
+        if acc is None or not n:
+            continue
+        if acc < 2.0 / n:
+            out.append(f"{r.name} reaches {acc:.1%} validation accuracy on {n} classes "
+                       f"(chance {1 / n:.1%})")
+    return out
+
+
 # ---- document model: blocks rendered to Markdown and HTML ----------------------------------
 
 METHOD_KEYS = (("top1_vs_orig", "top-1 agree Φ(x)"), ("top1_vs_label", "top-1 vs label"),
@@ -189,6 +203,11 @@ def build_blocks(run_dir: Path) -> list[tuple]:
     b.append(("h", 2, "The paper's findings on this data"))
     rows = [[c, v, e] for c, v, e in findings(runs, factors)]
     b.append(("table", ["finding (Teterwak et al. 2021)", "verdict", "evidence"], rows))
+    weak = weak_classifiers(runs)
+    if weak:
+        b.append(("p", "Caution: " + "; ".join(weak) + ". The paper's findings are about "
+                  "trained classifiers; verdicts on these are not evidence either way — train "
+                  "longer or on more images (e.g. the `default` or `gpu` demo preset)."))
 
     b.append(("h", 2, "Classifiers"))
     rows = [[r.name, {True: "yes", False: "no"}.get(r.robust, "?"),
