@@ -131,7 +131,7 @@ def _images(root: Path, classifier, p: DemoPreset, n: int, device: str):
     loader = make_loader(root, resolution=p.resolution, classifier_size=classifier.input_size,
                          classifier_mean=classifier.mean, classifier_std=classifier.std,
                          batch_size=64, train=False, device=device, num_workers=p.workers)
-    return collect_images(loader, classifier, n, device)
+    return collect_images(loader, classifier, n, device, dataset_size=len(loader.source.paths))
 
 
 def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",

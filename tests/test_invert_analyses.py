@@ -106,3 +106,15 @@ def test_identity_manipulations_reproduce_plain_reconstruction(setup, tmp_path):
         assert torch.equal(analyses.invert(G, z, seed=0), base)
     with pytest.raises(ValueError, match="unknown logit manipulation"):
         analyses.modify_logits("rotate", data.logits, 1.0)
+
+
+def test_collect_images_spreads_over_a_class_sorted_dataset():
+    _, C = tiny_pair(seed=0)
+    labels = torch.arange(40) // 10  # sorted by class, as an evaluation loader walks files
+    batches = [{"image": torch.zeros(8, 3, 16, 16), "classifier_input": torch.zeros(8, 3, 16, 16),
+                "label": labels[i:i + 8], "index": torch.arange(i, i + 8)} for i in range(0, 40, 8)]
+    first = analyses.collect_images(batches, C, 8, "cpu")
+    assert first.labels.unique().tolist() == [0]
+    spread = analyses.collect_images(batches, C, 8, "cpu", dataset_size=40)
+    assert len(spread) == 8 and len(spread.labels.unique()) > 1
+    assert torch.equal(spread.labels, labels[spread.index])

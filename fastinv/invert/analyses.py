@@ -58,19 +58,40 @@ class Images:
 
 
 def collect_images(
-    batches: Iterable[dict], classifier: torch.nn.Module, n: int, device: torch.device | str
+    batches: Iterable[dict],
+    classifier: torch.nn.Module,
+    n: int,
+    device: torch.device | str,
+    *,
+    dataset_size: int | None = None,
+    seed: int = 0,
 ) -> Images:
-    """Take the first ``n`` images of a ``fastinv.data.make_loader`` stream and their logits."""
+    """``n`` images of a ``fastinv.data.make_loader`` stream, with their logits.
+
+    An evaluation loader walks the files in sorted order, i.e. class by class, so the first
+    ``n`` would cover only the first classes. With ``dataset_size`` given, a seeded random
+    subset of ``n`` dataset indices is kept instead (all batches are read, only those kept).
+    """
+    keep = None
+    if dataset_size is not None and dataset_size > n:
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.zeros(dataset_size, dtype=torch.bool)
+        keep[torch.randperm(dataset_size, generator=gen)[:n]] = True
     imgs, labels, logits, index = [], [], [], []
     count = 0
     with torch.no_grad():
         for batch in batches:
-            x = batch["image"].to(device)
+            rows = slice(None)
+            if keep is not None:
+                rows = keep[torch.as_tensor(batch["index"]).cpu()].nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+            x = batch["image"][rows].to(device)
             imgs.append(x)
-            labels.append(batch["label"].to(device))
-            logits.append(classifier(batch["classifier_input"].to(device)).float())
+            labels.append(batch["label"][rows].to(device))
+            logits.append(classifier(batch["classifier_input"][rows].to(device)).float())
             if "index" in batch:
-                index.append(torch.as_tensor(batch["index"]).cpu())
+                index.append(torch.as_tensor(batch["index"]).cpu()[rows])
             count += x.shape[0]
             if count >= n:
                 break

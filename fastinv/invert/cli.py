@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     loader = make_loader(data_dir, resolution=G.resolution, classifier_size=clf.input_size,
                          classifier_mean=clf.mean, classifier_std=clf.std, batch_size=64,
                          train=False, device=device)
-    data = collect_images(loader, clf, args.n, device)
+    data = collect_images(loader, clf, args.n, device, dataset_size=len(loader.source.paths),
+                          seed=args.seed)
     out = Path(args.out)
     info = {"name": spec, "weights": weights, "inverter": str(args.inverter)}
     if args.robust is not None:
