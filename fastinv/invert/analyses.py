@@ -115,7 +115,7 @@ def invert(
     return torch.cat(out)
 
 
-def _match_size(rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def match_size(rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if rec.shape[-2:] == like.shape[-2:]:
         return rec
     return torch.nn.functional.interpolate(
@@ -134,13 +134,13 @@ def reconstruct(
 ) -> dict:
     """Reconstruct every image; grid of original | ``n_rec`` reconstructions; all metrics."""
     out_dir = Path(out_dir)
-    rec = _match_size(invert(G, data.logits, seed=seed), data.images)
+    rec = match_size(invert(G, data.logits, seed=seed), data.images)
     metrics = reconstruction_metrics(classifier, rec, data.images, data.labels, data.logits)
     metrics["n_images"] = len(data)
     show = min(n_show, len(data))
     columns = [data.images[:show], rec[:show]]
     for r in range(1, n_rec):
-        columns.append(_match_size(invert(G, data.logits[:show], seed=seed + r), data.images))
+        columns.append(match_size(invert(G, data.logits[:show], seed=seed + r), data.images))
     figures.save_columns(columns, out_dir / "reconstruct.png", upscale=2)
     return write_metrics(out_dir, metrics)
 
@@ -153,7 +153,7 @@ def resample(
         raise ValueError(f"resample needs k >= 2 noise draws to measure a std, got k={k}")
     out_dir = Path(out_dir)
     samples = torch.stack(
-        [_match_size(invert(G, data.logits, seed=seed + j), data.images) for j in range(k)], dim=1
+        [match_size(invert(G, data.logits, seed=seed + j), data.images) for j in range(k)], dim=1
     )  # (N, K, C, H, W)
     std = noise_std(samples)
     per_draw = [
@@ -192,7 +192,7 @@ def misclassified(
         metrics["note"] = "the classifier gets every image right: nothing to show"
         return write_metrics(out_dir, metrics)
     sub = data.subset(wrong)
-    rec = _match_size(invert(G, sub.logits, seed=seed), sub.images)
+    rec = match_size(invert(G, sub.logits, seed=seed), sub.images)
     metrics.update(reconstruction_metrics(classifier, rec, sub.images, sub.labels, sub.logits))
     # Chance level: the same reconstructions scored against other images of the set. x̂ that
     # looks like its own x, not like a generic member of the predicted class, beats it clearly.
@@ -205,7 +205,7 @@ def misclassified(
     right = (pred == data.labels).nonzero().flatten()
     if right.numel() > 0:
         ok = data.subset(right)
-        rec_ok = _match_size(invert(G, ok.logits, seed=seed), ok.images)
+        rec_ok = match_size(invert(G, ok.logits, seed=seed), ok.images)
         ref = reconstruction_metrics(classifier, rec_ok, ok.images, ok.labels, ok.logits)
         metrics["correct_psnr"] = ref["psnr"]
         metrics["correct_ssim"] = ref["ssim"]
@@ -253,7 +253,7 @@ def logit_sweep(
     for v in values:
         z = modify_logits(kind, data.logits, v, seed=seed)
         # Same noise for every value: the only thing that changes along a row is the logits.
-        rec = _match_size(invert(G, z, seed=seed), data.images)
+        rec = match_size(invert(G, z, seed=seed), data.images)
         m = reconstruction_metrics(classifier, rec, data.images, data.labels, data.logits)
         m["value"] = float(v)
         per_value.append(m)

@@ -96,7 +96,7 @@ def compare_methods(
     sub = data.subset(torch.arange(n_opt, device=device))
     for name, dec in decoders.items():
         rec, secs = _timed(lambda dec=dec: analyses.invert(dec, data.logits, seed=seed), device)
-        rec = analyses._match_size(rec, data.images)
+        rec = analyses.match_size(rec, data.images)
         m = reconstruction_metrics(classifier, rec, data.images, data.labels, data.logits)
         m["seconds_per_image"] = secs / len(data)
         m["n_images"] = len(data)
