@@ -89,18 +89,21 @@ def worker(args) -> dict:
         trainer.train_step()
     sync()
     warm = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         trainer.train_step()
         sync()
         times.append(time.perf_counter() - t)
-    times.sort()
-    step = times[len(times) // 2]
+        cpu.append(time.process_time() - c)
+    step, cpu_step = sorted(times)[len(times) // 2], sorted(cpu)[len(cpu) // 2]
     o = cfg.optim
     images = cfg.data.batch_size * o.d_steps * o.accumulate
+    # CPU seconds per step (all threads) is the cost of a step; on a shared machine it moves
+    # much less with the neighbours' load than wall time does
     return {"config": preset, "batch": cfg.data.batch_size, "step_s": step,
-            "img_per_s": images / step, "warmup_s": warm, "threads": torch.get_num_threads()}
+            "img_per_s": images / step, "img_per_cpu_s": images / cpu_step, "warmup_s": warm,
+            "threads": torch.get_num_threads()}
 
 
 def run_all(device: str, impls: list[str], steps: int, warmup: int, override: list[str]) -> list:
@@ -128,7 +131,7 @@ def print_table(device: str, rows: list) -> None:
         print(f"\ninverter training, {device}, {first['config']} config, batch {first['batch']}, "
               f"{first['threads']} threads (median step)")
     print(f"{'impl':<18}{'step ms':>10}{'img/s':>10}{'vs ref-eager':>14}{'vs compile':>12}"
-          f"{'warm-up s':>11}")
+          f"{'img/CPU-s':>11}{'warm-up s':>11}")
     for name, r in rows:
         if r is None:
             print(f"{name:<18}{'failed':>10}")
@@ -136,7 +139,7 @@ def print_table(device: str, rows: list) -> None:
         vs = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
         vc = f"{comp['step_s'] / r['step_s']:.2f}x" if comp else "-"
         print(f"{name:<18}{r['step_s'] * 1e3:>10.1f}{r['img_per_s']:>10.1f}{vs:>14}{vc:>12}"
-              f"{r['warmup_s']:>11.1f}")
+              f"{r['img_per_cpu_s']:>11.2f}{r['warmup_s']:>11.1f}")
 
 
 def main(argv=None) -> int:

@@ -139,6 +139,9 @@ class InverterTrainer:
         self.G, self.D = build_models(cfg, self.classifier.num_classes)
         self.G_ema = Generator(**self.G.config)
         if cfg.model.cross_replica_bn and info.distributed:
+            if dev.type != "cuda":
+                raise ValueError("model.cross_replica_bn needs CUDA (torch's SyncBatchNorm); "
+                                 "set --cross_replica_bn=false on CPU")
             from fastinv.nn import convert_sync_cbn
 
             self.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(convert_sync_cbn(self.G, None))
