@@ -72,8 +72,8 @@ def _optimize_chunk(classifier, target, resolution, cfg, gen, history):
         x = torch.tanh(w)
         dist = relative_logit_distance(classifier_logits(classifier, x), z).view(n, r)
         best = dist.argmin(dim=1)
-        pick = torch.arange(n, device=best.device) * r + best
-        return x[pick], dist[torch.arange(n), best], start.view(n, r)[torch.arange(n), best.cpu()]
+        rows = torch.arange(n, device=best.device)
+        return x[rows * r + best], dist[rows, best], start.view(n, r)[rows, best]
 
 
 def optimize_inversion(
@@ -98,7 +98,7 @@ def optimize_inversion(
             x, d, s = _optimize_chunk(classifier, chunk, resolution, cfg, gen, history)
             images.append(x)
             dists.append(d)
-            starts.append(s.to(d.device))
+            starts.append(s)
         if target_logits.is_cuda:
             torch.cuda.synchronize()
     finally:
