@@ -175,3 +175,38 @@ def test_biggan_weights_fwd_bwd(measure, device, ch, resolution, impl):
     case = f"BigGAN-{resolution} ch={ch} G+D {len(ws)} weights {nparams / 1e6:.1f}M"
     measure(step, op="spectral norm", case=case, impl=impl, nbytes=7 * nparams * 4, device=device,
             launches=count_launches(step, device))
+
+
+def _cpu_time_table(rounds: int = 30) -> None:
+    """Per-step CPU time of this thread (``time.thread_time``) for the 60-linears model, one
+    thread: on a shared machine the CPU time a step consumes moves much less with the
+    neighbours' load than its wall time."""
+    import time
+
+    torch.set_num_threads(1)
+    x = torch.randn(2, 128)
+    base = None
+    for impl in ["no-SN", "reference-eager", "torch.compile", "fastinv-per-layer", "fastinv"]:
+        model = _linears(impl, "cpu")
+        fn = torch.compile(model) if impl == "torch.compile" else model
+
+        def step(model=model, fn=fn):
+            for p in model.parameters():
+                p.grad = None
+            fn(x).sum().backward()
+
+        for _ in range(5):
+            step()
+        times = []
+        for _ in range(rounds):
+            t0 = time.thread_time()
+            step()
+            times.append(time.thread_time() - t0)
+        median = sorted(times)[len(times) // 2]
+        base = median if impl == "reference-eager" else base
+        ratio = f"{base / median:.2f}x" if base else "-"
+        print(f"{impl:<20}{median * 1e3:>9.2f} ms CPU   vs torch SN {ratio}")
+
+
+if __name__ == "__main__":
+    _cpu_time_table()

@@ -231,6 +231,11 @@ class SpectralNormGroup:
     model uses those instead of refreshing again (so ``group.refresh(); y = G.shared(c);
     G(z, y)`` does one power iteration for both). Each forward in training does one power
     iteration per weight, as torch's parametrization does when each layer runs once.
+
+    With DDP, make the group on the model and then wrap it (``SpectralNormGroup(model);
+    DDP(model)``): DDP broadcasts the buffers (u, v among them) from rank 0 before the forward,
+    then the group's power iteration runs the same deterministic kernel on the same weights on
+    every rank, so u, v stay identical. ``torch.compile(model)`` traces the hooks and the op.
     """
 
     def __init__(self, model: nn.Module) -> None:
