@@ -5,11 +5,14 @@ Bytes that must move: forward reads x and writes y (2 * numel * element size); f
 adds reading x and dy and writing dx (5 * numel * element size in all). gain/bias/statistics
 are O(N*C) and not counted.
 
-CUDA: the BigGAN-128 generator's shapes at N=256, fp32 and bf16, NCHW and channels_last.
+CUDA: the BigGAN-128 generator's shapes at N=256 in fp32 NCHW, and bf16 / channels_last on two
+of them (FASTINV_BENCH_FULL=1: every shape x {fp32, bf16} x {NCHW, channels_last}).
 CPU (2 cores here): the issue's N=32, C=128, 32x32 shape and one scaled-down generator shape.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -24,14 +27,21 @@ LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 CASES = []  # (device, shape, dtype, layout)
 if torch.cuda.is_available():
-    CASES += [("cuda", s, dt, lay) for s in BIGGAN128 for dt in (torch.float32, torch.bfloat16)
-              for lay in LAYOUTS]
+    if os.environ.get("FASTINV_BENCH_FULL") == "1":  # every shape x dtype x layout (long)
+        CASES += [("cuda", s, dt, lay) for s in BIGGAN128 for dt in (torch.float32, torch.bfloat16)
+                  for lay in LAYOUTS]
+    else:  # fits gpu_check.sh: every shape in fp32 NCHW, bf16 and channels_last on two
+        CASES += [("cuda", s, torch.float32, "nchw") for s in BIGGAN128]
+        CASES += [("cuda", BIGGAN128[2], torch.bfloat16, "nchw"), ("cuda", BIGGAN128[4], torch.bfloat16, "nchw"),
+                  ("cuda", BIGGAN128[2], torch.float32, "nhwc"), ("cuda", BIGGAN128[4], torch.bfloat16, "nhwc")]
 CASES += [
     ("cpu", (32, 128, 32, 32), torch.float32, "nchw"),
     ("cpu", (32, 128, 32, 32), torch.float32, "nhwc"),
     ("cpu", (32, 128, 32, 32), torch.bfloat16, "nchw"),
     ("cpu", (8, 192, 64, 64), torch.float32, "nchw"),  # BigGAN-128's 64x64 stage at batch 8
 ]
+# forward alone: one case per device (the table's point is forward+backward)
+FWD_CASES = {("cuda", BIGGAN128[2], torch.float32, "nchw"), ("cpu", (32, 128, 32, 32), torch.float32, "nchw")}
 
 
 def ccbn_eager(x, gain, bias, running_mean, running_var):
@@ -46,7 +56,8 @@ def ccbn_fastinv(x, gain, bias, running_mean, running_var):
 
 def _case_id(case):
     device, (n, c, h, w), dtype, layout = case
-    return f"{device}-{n}x{c}x{h}x{w}-{str(dtype)[6:]}-{layout}"
+    short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    return f"{device}-{n}x{c}x{h}x{w}-{short}-{layout}"
 
 
 @pytest.mark.parametrize("impl", ["reference-eager", "torch.compile", "fastinv"])
@@ -54,8 +65,8 @@ def _case_id(case):
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_cbn(measure, case, mode, impl):
     device, shape, dtype, layout = case
-    if device == "cpu" and mode == "fwd" and shape != (32, 128, 32, 32):
-        pytest.skip("CPU: forward alone measured on the small shape only (keeps the run short)")
+    if mode == "fwd" and (device, shape, dtype, layout) not in FWD_CASES:
+        pytest.skip("forward alone is measured on one shape per device (keeps the run short)")
     n, c = shape[:2]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])

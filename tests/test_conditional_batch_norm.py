@@ -447,3 +447,12 @@ def test_cuda_running_stat_update_matches_cpu(running_dtype):
     ops.conditional_batch_norm(x.cuda(), gain.cuda(), bias.cuda(), rm_c, rv_c, momentum=0.25)
     torch.testing.assert_close(rm_c.cpu(), rm)
     torch.testing.assert_close(rv_c.cpu(), rv)
+
+
+def test_module_spectral_norm_uses_fastinv_sn_linear():
+    from fastinv.nn import SNLinear
+
+    m = ConditionalBatchNorm2d(4, 3, spectral_norm=True)
+    assert isinstance(m.gain, SNLinear) and isinstance(m.bias, SNLinear)
+    plain = ConditionalBatchNorm2d(4, 3, spectral_norm=False)
+    assert type(plain.gain) is torch.nn.Linear

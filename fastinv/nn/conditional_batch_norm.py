@@ -11,17 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastinv.nn.spectral_norm import SNLinear
 from fastinv.ops import conditional_batch_norm
 
 
 def _linear(in_features: int, out_features: int, spectral_norm: bool) -> nn.Module:
-    if not spectral_norm:
-        return nn.Linear(in_features, out_features)
-    try:  # the fused multi-tensor spectral norm, when this checkout has it
-        from fastinv.nn.spectral_norm import SNLinear
-    except ImportError:
-        return nn.utils.parametrizations.spectral_norm(nn.Linear(in_features, out_features))
-    return SNLinear(in_features, out_features, bias=True)
+    # fastinv's SNLinear, so that a model's SpectralNormGroup refreshes these weights too
+    if spectral_norm:
+        return SNLinear(in_features, out_features, bias=True)
+    return nn.Linear(in_features, out_features)
 
 
 class ConditionalBatchNorm2d(nn.Module):
