@@ -266,3 +266,25 @@ def test_cuda_group_equals_cpu_and_uses_few_kernels():
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sum("spectral_norm" in k or "row_dot" in k or "col_dot" in k or "scale_kernel" in k
                or "gw_dot" in k or "grad_kernel" in k for k in kernels) == 5, kernels
+
+
+def test_whole_model_checkpoints_convert_with_nested_names():
+    ours = _model().double().eval()
+    theirs = nn.Sequential(
+        torch_spectral_norm(nn.Conv2d(3, 6, 3, padding=1)), nn.ReLU(),
+        torch_spectral_norm(nn.ConvTranspose2d(6, 4, 4, 2, 1), dim=1), nn.ReLU(),
+        nn.Flatten(), torch_spectral_norm(nn.Linear(4 * 8 * 8, 5)),
+    ).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    theirs.load_state_dict(state_dict_as_torch(ours))
+    torch.testing.assert_close(theirs(x), ours(x), **F64)
+    with torch.no_grad():
+        theirs[5].parametrizations.weight.original.mul_(0.5)
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(x), theirs(x), **F64)
+    again = _model().double().eval()
+    again.load_state_dict(state_dict_as_biggan(ours))
+    assert set(state_dict_as_biggan(ours)) >= {"0.weight", "0.u0", "0.sv0", "2.u0", "5.sv0"}
+    # BigGAN keeps no v and u is renormalised on load: equal up to the fp32 init of u
+    torch.testing.assert_close(again[0].weight_u, ours[0].weight_u, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(again[2].weight_orig, ours[2].weight_orig, **F64)
