@@ -150,10 +150,11 @@ class InverterTrainer:
             net.to(dev, memory_format=fmt)
         self.ema = EMA(self.G, self.G_ema, cfg.optim.ema_decay, cfg.optim.ema_start)
         o = cfg.optim
+        fused = True if dev.type == "cuda" else None  # one kernel for all parameters on GPU
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.g_lr, betas=(o.beta1, o.beta2),
-                                      eps=o.adam_eps)
+                                      eps=o.adam_eps, fused=fused)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.beta1, o.beta2),
-                                      eps=o.adam_eps)
+                                      eps=o.adam_eps, fused=fused)
         # G_train / D_train take the gradient-carrying passes (DDP-wrapped under torchrun);
         # G_fake makes D's fakes without gradients, D_judge scores G's fakes for G's update.
         self.G_fake, self.D_judge = self.G, self.D
