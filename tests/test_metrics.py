@@ -119,3 +119,16 @@ def test_lpips_reads_a_local_alexnet_state_dict(tmp_path):
     x, y = _images(n=2, size=32, seed=0), _images(n=2, size=32, seed=1)
     assert metrics.lpips(x, x, path) == pytest.approx(0.0, abs=1e-6)
     assert metrics.lpips(x, y, path) > 0
+
+
+def test_fid_reads_a_local_inception_state_dict(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pth"
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(net.state_dict(), path)
+    x, y = _images(n=6, size=32, seed=0), _images(n=6, size=32, seed=1) * 0.2
+    same, different = metrics.fid(x, x, path), metrics.fid(x, y, path)
+    assert isinstance(same, float) and different > 0
+    assert abs(same) < 0.05 * different

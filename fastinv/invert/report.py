@@ -206,8 +206,9 @@ def build_blocks(run_dir: Path) -> list[tuple]:
     weak = weak_classifiers(runs)
     if weak:
         b.append(("p", "Caution: " + "; ".join(weak) + ". The paper's findings are about "
-                  "trained classifiers; verdicts on these are not evidence either way — train "
-                  "longer or on more images (e.g. the `default` or `gpu` demo preset)."))
+                  "trained classifiers; verdicts on these are not evidence either way. Train the "
+                  "classifiers longer or on more images (`fastinv classifier`, or the demo's "
+                  "`gpu` preset on a GPU)."))
 
     b.append(("h", 2, "Classifiers"))
     rows = [[r.name, {True: "yes", False: "no"}.get(r.robust, "?"),
