@@ -456,3 +456,14 @@ def test_module_spectral_norm_uses_fastinv_sn_linear():
     assert isinstance(m.gain, SNLinear) and isinstance(m.bias, SNLinear)
     plain = ConditionalBatchNorm2d(4, 3, spectral_norm=False)
     assert type(plain.gain) is torch.nn.Linear
+
+
+def test_module_compiles_fullgraph():
+    m = ConditionalBatchNorm2d(6, 5, spectral_norm=False)
+    ref = ConditionalBatchNorm2d(6, 5, spectral_norm=False)
+    ref.load_state_dict(m.state_dict())
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x, cond = torch.randn(4, 6, 3, 3), torch.randn(4, 5)
+    torch.testing.assert_close(compiled(x, cond), ref(x, cond))
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    assert int(m.num_batches_tracked) == 1
