@@ -144,8 +144,9 @@ def test_statistics_are_stable_for_large_offsets():
     torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
 
 
-def test_forward_and_backward_are_deterministic_across_thread_counts():
-    x, gain, bias = _inputs((6, 10, 33, 31), torch.float32)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_forward_and_backward_are_deterministic_across_thread_counts(layout):
+    x, gain, bias = _inputs((6, 10, 33, 31), torch.float32, layout=layout)
     dy = torch.randn_like(x)
 
     def run():
