@@ -1,8 +1,9 @@
 """Building blocks shared by the logit-conditioned BigGAN generator and discriminator.
 
 Spectral norm and conditional batch norm come from ``fastinv.nn`` (fused kernels, one
-multi-tensor spectral-norm refresh per forward). While a build lacks them, the factories here
-fall back to torch's own layers with the same numerics, so the models always work.
+multi-tensor spectral-norm refresh per forward). Inside ``implementation("torch")`` (the
+models' ``layers="torch"``) the factories build torch's own layers with the same numerics and
+the same state-dict layout: the baseline the benchmarks and parity tests compare against.
 """
 
 from __future__ import annotations

@@ -136,8 +136,9 @@ class InverterTrainer:
         self.batches = BatchStream(loader)
 
         torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
-        self.G, self.D = build_models(cfg, self.classifier.num_classes)
-        self.G_ema = Generator(**self.G.config)
+        with dev:  # built on the device: orthogonal init of BigGAN-128's weights is slow on CPU
+            self.G, self.D = build_models(cfg, self.classifier.num_classes)
+            self.G_ema = Generator(**self.G.config)
         if cfg.model.cross_replica_bn and info.distributed:
             if dev.type != "cuda":
                 raise ValueError("model.cross_replica_bn needs CUDA (torch's SyncBatchNorm); "
