@@ -162,3 +162,18 @@ def test_classifier_config_errors():
         train_classifier(ClassifierConfig())
     with pytest.raises(ValueError, match="adversarial must be one of"):
         ClassifierConfig(data="x", adversarial="l1").validate()
+
+
+def test_classifier_cli_show_and_errors(capsys):
+    import argparse
+
+    from fastinv.models import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+    args = parser.parse_args(["show", "fastinv:small_resnet", "--random-init", "--num-classes", "3"])
+    assert cli.run(args) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["num_classes"] == 3 and shown["input_size"] == 32
+    assert cli.run(parser.parse_args(["show", "torchvision:resnet18"])) == 2
+    assert "--weights PATH" in capsys.readouterr().err
