@@ -8,12 +8,13 @@
                          adversarially trained ImageNet ResNets): ``module.model.`` prefixes
                          stripped, attacker copy ignored, the normalizer's mean/std used
     torchscript:<path>   a TorchScript file (optional sidecar ``<path>.json`` with input_size,
-                         mean, std, num_classes)
+                         mean, std, num_classes); TorchScript is a program, not just tensors:
+                         load only files you trust
     fastinv:small_resnet the project's small ResNet, as saved by ``fastinv classifier train``
                          (``.safetensors`` + ``.json`` sidecar with arch, classes, normalisation)
 
 Weights come only from local files (nothing is downloaded); tensors are read with safetensors
-or ``torch.load(weights_only=True)``, so a checkpoint cannot run code. The result is frozen:
+or ``torch.load(weights_only=True)``, so a weights checkpoint cannot run code. The result is frozen:
 eval mode for good, no parameter requires grad.
 """
 
