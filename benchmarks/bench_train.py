@@ -96,17 +96,29 @@ def worker(args) -> dict:
         sync()
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    step, cpu_step = sorted(times)[len(times) // 2], sorted(cpu)[len(cpu) // 2]
+    # the fastest step: other processes only ever add time, so on a shared machine the minimum
+    # is the steadiest estimate of what a step costs (the median is reported next to it)
+    step, median = min(times), sorted(times)[len(times) // 2]
+    cpu_step = sorted(cpu)[len(cpu) // 2]
     o = cfg.optim
     images = cfg.data.batch_size * o.d_steps * o.accumulate
-    # CPU seconds per step (all threads) is the cost of a step; on a shared machine it moves
-    # much less with the neighbours' load than wall time does
-    return {"config": preset, "batch": cfg.data.batch_size, "step_s": step,
+    return {"config": preset, "batch": cfg.data.batch_size, "step_s": step, "median_s": median,
             "img_per_s": images / step, "img_per_cpu_s": images / cpu_step, "warmup_s": warm,
             "threads": torch.get_num_threads()}
 
 
-def run_all(device: str, impls: list[str], steps: int, warmup: int, override: list[str]) -> list:
+def run_all(device: str, impls: list[str], steps: int, warmup: int, override: list[str],
+            rounds: int = 1) -> list:
+    """Each implementation ``rounds`` times, interleaved; the round with the fastest step wins."""
+    best: dict[str, dict | None] = {}
+    for _ in range(rounds):
+        for name, r in _run_round(device, impls, steps, warmup, override):
+            if name not in best or (r and (best[name] is None or r["step_s"] < best[name]["step_s"])):
+                best[name] = r
+    return list(best.items())
+
+
+def _run_round(device: str, impls: list[str], steps: int, warmup: int, override: list[str]) -> list:
     rows = []
     for name in impls:
         env_extra, layers, compile_ = IMPLS[name]
@@ -129,17 +141,18 @@ def print_table(device: str, rows: list) -> None:
     first = next((r for _, r in rows if r), None)
     if first:
         print(f"\ninverter training, {device}, {first['config']} config, batch {first['batch']}, "
-              f"{first['threads']} threads (median step)")
-    print(f"{'impl':<18}{'step ms':>10}{'img/s':>10}{'vs ref-eager':>14}{'vs compile':>12}"
-          f"{'img/CPU-s':>11}{'warm-up s':>11}")
+              f"{first['threads']} threads (fastest step; median beside it)")
+    print(f"{'impl':<18}{'step ms':>10}{'median':>9}{'img/s':>10}{'vs ref-eager':>14}"
+          f"{'vs compile':>12}{'img/CPU-s':>11}{'warm-up s':>11}")
     for name, r in rows:
         if r is None:
             print(f"{name:<18}{'failed':>10}")
             continue
         vs = f"{base['step_s'] / r['step_s']:.2f}x" if base else "-"
         vc = f"{comp['step_s'] / r['step_s']:.2f}x" if comp else "-"
-        print(f"{name:<18}{r['step_s'] * 1e3:>10.1f}{r['img_per_s']:>10.1f}{vs:>14}{vc:>12}"
-              f"{r['img_per_cpu_s']:>11.2f}{r['warmup_s']:>11.1f}")
+        print(f"{name:<18}{r['step_s'] * 1e3:>10.1f}{r['median_s'] * 1e3:>9.1f}"
+              f"{r['img_per_s']:>10.1f}{vs:>14}{vc:>12}{r['img_per_cpu_s']:>11.2f}"
+              f"{r['warmup_s']:>11.1f}")
 
 
 def main(argv=None) -> int:
@@ -148,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ", ".join(IMPLS))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="run every implementation this many "
+                   "times, interleaved, and keep each one's fastest round")
     p.add_argument("--override", action="append", default=[], help="config override, e.g. "
                    "--override=--batch_size=32 (repeatable)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -157,7 +172,8 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    rows = run_all(args.device, args.impls.split(","), args.steps, args.warmup, args.override)
+    rows = run_all(args.device, args.impls.split(","), args.steps, args.warmup, args.override,
+                   args.rounds)
     print_table(args.device, rows)
     return 0 if all(r for _, r in rows) else 1
 
