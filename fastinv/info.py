@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     state = "loaded" if ext["loaded"] else f"not loaded ({ext['reason']})"
     print(f"extension fastinv._C: {state}; CUDA kernels compiled: {'yes' if ext['with_cuda'] else 'no'}")
     print(f"GPUs: {', '.join(info['gpus']) if info['gpus'] else 'none visible'}; CPU threads: {info['cpu_threads']}")
-    print(f"{'op':<28}{'cpu':<12}{'cuda':<12}")
+    width = max(len(name) for name in info["ops"]) + 2
+    print(f"{'op':<{width}}{'cpu':<12}{'cuda':<12}")
     for name, where in info["ops"].items():
-        print(f"{name:<28}{where['cpu']:<12}{where['cuda']:<12}")
+        print(f"{name:<{width}}{where['cpu']:<12}{where['cuda']:<12}")
     return 0
