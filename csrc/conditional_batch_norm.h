@@ -90,5 +90,37 @@ inline void check_grad(const at::Tensor& grad_y, const at::Tensor& x) {
   check_same_device(x, grad_y, kOp, "x", "grad_y");
 }
 
+// The argument list of each split op, checked the same way by the CPU and the CUDA kernel.
+inline void check_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gain) {
+  check_x(x);
+  check_nc(gain, x, "gain");
+  check_grad(grad_y, x);
+}
+
+inline void check_apply(const at::Tensor& x, const at::Tensor& gain, const at::Tensor& bias,
+                        const at::Tensor& mean, const at::Tensor& invstd) {
+  check_x(x);
+  check_nc(gain, x, "gain");
+  check_nc(bias, x, "bias");
+  check_c(mean, x, "mean");
+  check_c(invstd, x, "invstd");
+}
+
+inline void check_backward_reduce(const at::Tensor& grad_y, const at::Tensor& x) {
+  check_x(x);
+  check_grad(grad_y, x);
+}
+
+inline void check_backward_elemt(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gain,
+                                 const at::Tensor& sum_dxhat, const at::Tensor& sum_dxhat_xhat,
+                                 int64_t count) {
+  check_x(x);
+  check_nc(gain, x, "gain");
+  check_c(sum_dxhat, x, "sum_dxhat");
+  check_c(sum_dxhat_xhat, x, "sum_dxhat_xhat");
+  check_grad(grad_y, x);
+  TORCH_CHECK_VALUE(count > 0, kOp, ": count must be positive, got ", count);
+}
+
 }  // namespace cbn
 }  // namespace fastinv

@@ -433,9 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& gain_in,
     const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training) {
-  check_x(x_in);
-  check_nc(gain_in, x_in, "gain");
-  check_grad(grad_y, x_in);
+  check_backward(grad_y, x_in, gain_in);
   const at::MemoryFormat fmt = layout_of(x_in);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
@@ -489,11 +487,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_stats_cpu(const at::Tensor& x_in) {
 
 at::Tensor cbn_apply_cpu(const at::Tensor& x_in, const at::Tensor& gain_in, const at::Tensor& bias_in,
                          const at::Tensor& mean_in, const at::Tensor& invstd_in) {
-  check_x(x_in);
-  check_nc(gain_in, x_in, "gain");
-  check_nc(bias_in, x_in, "bias");
-  check_c(mean_in, x_in, "mean");
-  check_c(invstd_in, x_in, "invstd");
+  check_apply(x_in, gain_in, bias_in, mean_in, invstd_in);
   const at::MemoryFormat fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor gain = gain_in.contiguous(), bias = bias_in.contiguous();
@@ -513,8 +507,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_backward_reduce_cpu(const at::Tensor& gra
                                                            const at::Tensor& x_in,
                                                            const at::Tensor& mean_in,
                                                            const at::Tensor& invstd_in) {
-  check_x(x_in);
-  check_grad(grad_y, x_in);
+  check_backward_reduce(grad_y, x_in);
   const at::MemoryFormat fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(fmt);
@@ -535,12 +528,7 @@ at::Tensor cbn_backward_elemt_cpu(const at::Tensor& grad_y, const at::Tensor& x_
                                   const at::Tensor& gain_in, const at::Tensor& mean_in,
                                   const at::Tensor& invstd_in, const at::Tensor& sum_dxhat,
                                   const at::Tensor& sum_dxhat_xhat, int64_t count) {
-  check_x(x_in);
-  check_nc(gain_in, x_in, "gain");
-  check_c(sum_dxhat, x_in, "sum_dxhat");
-  check_c(sum_dxhat_xhat, x_in, "sum_dxhat_xhat");
-  check_grad(grad_y, x_in);
-  TORCH_CHECK_VALUE(count > 0, kOp, ": count must be positive, got ", count);
+  check_backward_elemt(grad_y, x_in, gain_in, sum_dxhat, sum_dxhat_xhat, count);
   const at::MemoryFormat fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(fmt);

@@ -720,9 +720,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& gain_in,
     const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training) {
-  check_x(x_in);
-  check_nc(gain_in, x_in, "gain");
-  check_grad(grad_y, x_in);
+  check_backward(grad_y, x_in, gain_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
@@ -768,11 +766,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_stats_cuda(const at::Tensor& x_in) {
 
 at::Tensor cbn_apply_cuda(const at::Tensor& x_in, const at::Tensor& gain_in, const at::Tensor& bias_in,
                           const at::Tensor& mean_in, const at::Tensor& invstd_in) {
-  check_x(x_in);
-  check_nc(gain_in, x_in, "gain");
-  check_nc(bias_in, x_in, "bias");
-  check_c(mean_in, x_in, "mean");
-  check_c(invstd_in, x_in, "invstd");
+  check_apply(x_in, gain_in, bias_in, mean_in, invstd_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
@@ -791,8 +785,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_backward_reduce_cuda(const at::Tensor& gr
                                                             const at::Tensor& x_in,
                                                             const at::Tensor& mean_in,
                                                             const at::Tensor& invstd_in) {
-  check_x(x_in);
-  check_grad(grad_y, x_in);
+  check_backward_reduce(grad_y, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
@@ -816,12 +809,7 @@ at::Tensor cbn_backward_elemt_cuda(const at::Tensor& grad_y, const at::Tensor& x
                                    const at::Tensor& gain_in, const at::Tensor& mean_in,
                                    const at::Tensor& invstd_in, const at::Tensor& sum_dxhat,
                                    const at::Tensor& sum_dxhat_xhat, int64_t count) {
-  check_x(x_in);
-  check_nc(gain_in, x_in, "gain");
-  check_c(sum_dxhat, x_in, "sum_dxhat");
-  check_c(sum_dxhat_xhat, x_in, "sum_dxhat_xhat");
-  check_grad(grad_y, x_in);
-  TORCH_CHECK_VALUE(count > 0, kOp, ": count must be positive, got ", count);
+  check_backward_elemt(grad_y, x_in, gain_in, sum_dxhat, sum_dxhat_xhat, count);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
