@@ -9,7 +9,12 @@ import torch
 
 from fastinv.models.classifiers import Classifier, load_classifier, save_small_resnet
 from fastinv.models.small_resnet import SmallResNet
-from fastinv.train.classifier import ClassifierConfig, pgd_attack, train_classifier
+from fastinv.train.classifier import (
+    ClassifierConfig,
+    pgd_attack,
+    symmetry_augment,
+    train_classifier,
+)
 from tests.train_tiny import tiny_dataset
 
 
@@ -142,12 +147,15 @@ def test_pgd_stays_in_the_ball_and_raises_the_loss(norm, eps):
         assert ce(net((adv - 0.5) / 0.5), y) > ce(net((x - 0.5) / 0.5), y)
 
 
-@pytest.mark.parametrize("adversarial", ["none", "linf"])
-def test_train_classifier_writes_loadable_weights(tmp_path, synthetic_data, adversarial):
+@pytest.mark.parametrize("adversarial,optimizer,augment", [
+    ("none", "sgd", "none"), ("linf", "sgd", "none"), ("l2", "adamw", "dihedral+rgb")])
+def test_train_classifier_writes_loadable_weights(tmp_path, synthetic_data, adversarial,
+                                                  optimizer, augment):
     cfg = ClassifierConfig(data=str(synthetic_data), out=str(tmp_path / "clf.safetensors"),
                            width=4, blocks_per_stage=1, epochs=1, batch_size=8, workers=0,
                            device="cpu", backend="pil", adversarial=adversarial, eps=8 / 255,
-                           pgd_steps=2)
+                           pgd_steps=2, optimizer=optimizer, lr=1e-3 if optimizer == "adamw"
+                           else 0.1, crop_min_scale=1.0, symmetry_augment=augment)
     path = train_classifier(cfg)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["arch"] == "small_resnet" and meta["training"]["adversarial"] == adversarial
@@ -162,6 +170,27 @@ def test_classifier_config_errors():
         train_classifier(ClassifierConfig())
     with pytest.raises(ValueError, match="adversarial must be one of"):
         ClassifierConfig(data="x", adversarial="l1").validate()
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ClassifierConfig(data="x", optimizer="adam").validate()
+    with pytest.raises(ValueError, match="symmetry_augment must be one of"):
+        ClassifierConfig(data="x", symmetry_augment="rot").validate()
+    with pytest.raises(ValueError, match="crop_min_scale must be in"):
+        ClassifierConfig(data="x", crop_min_scale=0.0).validate()
+
+
+def test_symmetry_augment_only_rotates_flips_and_reorders_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 5, 5)
+    assert symmetry_augment(x, "none", g) is x
+    d4 = symmetry_augment(x, "dihedral", g)
+    for a, b in zip(x, d4):  # each image is one of the 8 rotations / reflections of itself
+        views = [torch.rot90(v, k, dims=(1, 2)) for v in (a, a.flip(2)) for k in range(4)]
+        assert any(torch.equal(b, v) for v in views)
+    assert not torch.equal(d4, x)
+    rgb = symmetry_augment(x, "dihedral+rgb", g)
+    torch.testing.assert_close(rgb.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    torch.testing.assert_close(rgb.sum(dim=(2, 3)).sort(1).values,
+                               x.sum(dim=(2, 3)).sort(1).values)
 
 
 def test_classifier_cli_show_and_errors(capsys):
