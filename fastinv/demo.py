@@ -47,6 +47,9 @@ class DemoPreset:
     clf_crop_min_scale: float = 1.0
     clf_symmetry_augment: str = "dihedral+rgb"
     robust_epochs: int | None = 12  # None: clf_epochs; PGD makes each step (1 + pgd_steps) x
+    # PGD fine-tuning of the standard classifier: from scratch, 380 PGD steps stayed at chance
+    # on the quick data (measured), fine-tuning for 114 steps reached 36% (chance 25%).
+    robust_from_standard: bool = True
     robust_eps: float = 0.5  # L2 PGD radius in [0, 1] pixel units
     robust_pgd_steps: int = 1
     gan_preset: str = "demo-cpu"
@@ -76,6 +79,7 @@ PRESETS: dict[str, DemoPreset] = {
                        n_optimization=4, n_eval=24, k_resample=2, factor_epochs=1),
     "gpu": DemoPreset(n_images=20000, num_classes=10, resolution=64, clf_width=32, clf_blocks=2, clf_epochs=15,
                       clf_optimizer="sgd", clf_lr=0.1, clf_crop_min_scale=0.35, robust_epochs=None,
+                      robust_from_standard=False,
                       robust_pgd_steps=7, gan_steps=6000,
                       gan_overrides=("--data.batch_size=64", "--model.g_ch=32", "--model.d_ch=32",
                                      "--run.device=cuda", "--run.image_every=1000",
@@ -118,7 +122,8 @@ def _train_classifiers(p: DemoPreset, out: Path, device: str) -> dict[str, Path]
             epochs=epochs, max_steps=p.clf_max_steps, optimizer=p.clf_optimizer, lr=p.clf_lr,
             crop_min_scale=p.clf_crop_min_scale, symmetry_augment=p.clf_symmetry_augment,
             device=device, workers=p.workers, adversarial="l2" if robust else "none",
-            eps=p.robust_eps, pgd_steps=p.robust_pgd_steps)
+            eps=p.robust_eps, pgd_steps=p.robust_pgd_steps,
+            init_weights=str(paths["standard"]) if robust and p.robust_from_standard else "")
         paths[name] = train_classifier(cfg)
     return paths
 

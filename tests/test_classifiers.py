@@ -206,3 +206,18 @@ def test_classifier_cli_show_and_errors(capsys):
     assert shown["num_classes"] == 3 and shown["input_size"] == 32
     assert cli.run(parser.parse_args(["show", "torchvision:resnet18"])) == 2
     assert "--weights PATH" in capsys.readouterr().err
+
+
+def test_train_classifier_starts_from_init_weights(tmp_path, synthetic_data):
+    from safetensors.torch import load_file
+
+    classes = [d for d in (synthetic_data / "train").iterdir() if d.is_dir()]
+    init = SmallResNet(len(classes), width=4, blocks_per_stage=1)
+    init_path = save_small_resnet(init, tmp_path / "init.safetensors", input_size=32,
+                                  mean=(0.5,) * 3, std=(0.5,) * 3)
+    cfg = ClassifierConfig(data=str(synthetic_data), out=str(tmp_path / "clf.safetensors"),
+                           width=4, blocks_per_stage=1, max_steps=0, workers=0, device="cpu",
+                           backend="pil", init_weights=str(init_path))
+    out = load_file(str(train_classifier(cfg)))
+    for k, v in init.state_dict().items():
+        torch.testing.assert_close(out[k], v)

@@ -47,6 +47,9 @@ class ClassifierConfig:
     # and a random order of its colour channels. Label-preserving only where rotation and
     # colours are nuisance factors, as in the synthetic shapes; there it multiplies the data.
     symmetry_augment: str = "none"  # none | dihedral | dihedral+rgb
+    # Start from these small-ResNet weights (.safetensors of the same width/blocks/classes), e.g.
+    # PGD fine-tuning of a standard model: from scratch, few PGD steps stay at chance.
+    init_weights: str = ""
     adversarial: str = "none"  # none | l2 | linf
     eps: float = 0.5
     pgd_steps: int = 7
@@ -173,7 +176,12 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     num_classes = len(dataset_classes(train_dir))
-    model = SmallResNet(num_classes, cfg.width, cfg.blocks_per_stage).to(device)
+    model = SmallResNet(num_classes, cfg.width, cfg.blocks_per_stage)
+    if cfg.init_weights:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(cfg.init_weights))
+    model = model.to(device)
     train_loader = _loader(cfg, train_dir, True, device)
     steps = cfg.epochs * len(train_loader)
     if cfg.max_steps is not None:
