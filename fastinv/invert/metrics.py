@@ -155,6 +155,7 @@ def lpips(rec: torch.Tensor, orig: torch.Tensor, alexnet_weights: str | Path | N
     from torchmetrics.functional.image.lpips import _LPIPS
 
     sd = torch.load(_need_file(alexnet_weights, "LPIPS alexnet"), map_location="cpu", weights_only=True)
+    # pretrained=True: the linear heads torchmetrics ships; pnet_rand=True: no backbone download
     net = _LPIPS(pretrained=True, net="alex", pnet_rand=True).eval().to(rec.device)
     backbone = net.net.state_dict()
     for key in backbone:  # slice{i}.{layer}.{param} <- features.{layer}.{param}
