@@ -138,6 +138,27 @@ nchw_stats_partial(const T* __restrict__ x, int64_t N, int64_t C, int64_t HW, A*
 
 // grid (ceil(C / (32 V)), splits), block (32, kRowsPerBlock): lanes over channel vectors, rows
 // strided over the block's share of the N*HW rows.
+// Channels-last reductions run in blocks of (32 lanes, kRowsPerBlock rows), each thread holding
+// two V-wide sums; this adds every row's sums into row 0's (valid where threadIdx.y == 0) in a
+// fixed order. Every thread of the block must call it (it synchronises).
+template <typename A, int V>
+__device__ __forceinline__ void sum_block_rows(A (&s)[V], A (&q)[V], A (*ss)[32][V], A (*sq)[32][V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    ss[threadIdx.y][threadIdx.x][j] = s[j];
+    sq[threadIdx.y][threadIdx.x][j] = q[j];
+  }
+  __syncthreads();
+  if (threadIdx.y != 0) return;
+  for (int t = 1; t < kRowsPerBlock; ++t) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      s[j] += ss[t][threadIdx.x][j];
+      q[j] += sq[t][threadIdx.x][j];
+    }
+  }
+}
+
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
 nhwc_stats_partial(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict__ part_s,
@@ -164,20 +185,8 @@ nhwc_stats_partial(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict_
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    ss[threadIdx.y][threadIdx.x][j] = s[j];
-    sq[threadIdx.y][threadIdx.x][j] = q[j];
-  }
-  __syncthreads();
+  sum_block_rows<A, V>(s, q, ss, sq);
   if (threadIdx.y == 0 && c0 < C) {
-    for (int t = 1; t < kRowsPerBlock; ++t) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        s[j] += ss[t][threadIdx.x][j];
-        q[j] += sq[t][threadIdx.x][j];
-      }
-    }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       part_s[(c0 + j) * splits + sp] = s[j];
@@ -417,20 +426,8 @@ nhwc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restri
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    ss[threadIdx.y][threadIdx.x][j] = s[j];
-    sq[threadIdx.y][threadIdx.x][j] = q[j];
-  }
-  __syncthreads();
+  sum_block_rows<A, V>(s, q, ss, sq);
   if (threadIdx.y == 0 && c0 < C) {
-    for (int t = 1; t < kRowsPerBlock; ++t) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        s[j] += ss[t][threadIdx.x][j];
-        q[j] += sq[t][threadIdx.x][j];
-      }
-    }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       part_b[(sp * N + n) * C + c0 + j] = s[j];
