@@ -294,19 +294,53 @@ def _(grad_y, x, gain, mean, invstd, sum_dxhat, sum_dxhat_xhat, count):
 # --- autograd of the fused op ---------------------------------------------------------------
 
 
+def conditional_batch_norm_backward_differentiable(grad_y, x, gain, mean, invstd, training: bool, eps: float):
+    """The backward written in differentiable PyTorch ops, for ``create_graph=True`` (gradient
+    penalties: R1, WGAN-GP, path length). In training the statistics are recomputed from ``x``
+    so that their dependence on ``x`` reaches the second derivative; the saved ``mean``/``invstd``
+    are constants to autograd. Eval: the running statistics are constants, as in the forward."""
+    acc = _acc(x.dtype)
+    xa, dy, g = x.to(acc), grad_y.to(acc), gain.to(acc)
+    if training:
+        var, mean = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + eps)
+    mean, invstd = _bc(mean.to(acc)), _bc(invstd.to(acc))
+    xhat = (xa - mean) * invstd
+    grad_bias = dy.sum((2, 3))
+    grad_gain = (dy * xhat).sum((2, 3))
+    if training:
+        count = x.numel() // x.shape[1]
+        a = _bc((g * grad_bias).sum(0) / count)
+        b = _bc((g * grad_gain).sum(0) / count)
+        gx = (dy * _bc(g) - a - xhat * b) * invstd
+    else:
+        gx = dy * _bc(g) * invstd
+    gx = gx.to(x.dtype).contiguous(memory_format=_layout(x))
+    return gx, grad_gain.to(gain.dtype), grad_bias.to(gain.dtype)
+
+
 def _setup(ctx, inputs, output):
-    x, gain, _bias, _rm, _rv, training, _eps = inputs
+    x, gain, _bias, _rm, _rv, training, eps = inputs
     _y, mean, invstd, _var = output
     ctx.mark_non_differentiable(mean, invstd, _var)
     ctx.save_for_backward(x, gain, mean, invstd)
-    ctx.training = training
+    ctx.training, ctx.eps = training, eps
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
     # The statistics are outputs for saving and the running-stat update only (marked
     # non-differentiable): the public function never exposes them.
     x, gain, mean, invstd = ctx.saved_tensors
-    grad_x, grad_gain, grad_bias = _cbn_bwd.default(grad_y, x, gain, mean, invstd, ctx.training)
+    if torch.is_grad_enabled():
+        # create_graph=True: the fused backward op has no autograd of its own (its second
+        # derivative would silently be dropped), so build the graph from differentiable ops.
+        # Grad mode is off in an ordinary backward and in torch.compile's traced backward.
+        grads = conditional_batch_norm_backward_differentiable(
+            grad_y, x, gain, mean, invstd, ctx.training, ctx.eps
+        )
+    else:
+        grads = _cbn_bwd.default(grad_y, x, gain, mean, invstd, ctx.training)
+    grad_x, grad_gain, grad_bias = grads
     return grad_x, grad_gain, grad_bias, None, None, None, None
 
 
@@ -356,13 +390,32 @@ class _SyncConditionalBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, gain, mean, invstd = ctx.saved_tensors
+        grads = _SyncConditionalBatchNormBackward.apply(grad_y, x, gain, mean, invstd, ctx.count, ctx.group)
+        return (*grads, None, None, None, None, None)
+
+
+class _SyncConditionalBatchNormBackward(torch.autograd.Function):
+    """The cross-replica backward as a node of its own, so that differentiating its result
+    (create_graph=True, a gradient penalty through G) raises instead of silently dropping the
+    second-order terms: a differentiable version would need differentiable collectives."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, gain, mean, invstd, count, group):
         grad_gain, grad_bias = _cbn_bwd_reduce.default(grad_y, x, mean, invstd)
         g = gain.to(grad_gain.dtype)
         sums = torch.stack([(g * grad_bias).sum(0), (g * grad_gain).sum(0)])
-        dist.all_reduce(sums, group=ctx.group)
-        grad_x = _cbn_bwd_elemt.default(grad_y, x, gain, mean, invstd, sums[0], sums[1], ctx.count)
-        return (grad_x, grad_gain.to(gain.dtype), grad_bias.to(gain.dtype),
-                None, None, None, None, None)
+        dist.all_reduce(sums, group=group)
+        grad_x = _cbn_bwd_elemt.default(grad_y, x, gain, mean, invstd, sums[0], sums[1], count)
+        return grad_x, grad_gain.to(gain.dtype), grad_bias.to(gain.dtype)
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(
+            f"{_OP}: cross-replica batch norm (process_group set) has no double backward, so a "
+            "gradient penalty differentiated through it (create_graph=True) is not supported; "
+            "compute the penalty through a model without the process group (do not call "
+            "convert_sync_cbn on it)"
+        )
 
 
 # --- public API ----------------------------------------------------------------------------

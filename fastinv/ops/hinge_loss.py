@@ -105,6 +105,11 @@ def _setup_d(ctx, inputs, output):
 
 def _backward_d(ctx, grad):
     d_real, d_fake = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward op has no autograd of its own. The reference formula
+        # is differentiable in ``grad`` (the second derivative in d is 0 almost everywhere,
+        # which ``torch.where`` gives), so the graph is exact.
+        return hinge_loss_d_backward_reference(grad, d_real, d_fake)
     return tuple(_hinge_d_bwd.default(grad, d_real, d_fake))
 
 

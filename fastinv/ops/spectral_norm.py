@@ -143,6 +143,27 @@ def spectral_norm_backward_reference(
     return out
 
 
+def spectral_norm_backward_differentiable(
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    us: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    eps: float,
+) -> list[torch.Tensor]:
+    """The backward in differentiable ops, for ``create_graph=True``: σ = uᵀ W v is recomputed
+    from ``W`` (u, v constants, as in the forward) so that its dependence on ``W`` reaches the
+    second derivative."""
+    out = []
+    for g, w, u, v in zip(grads, weights, us, vs):
+        mat = w.reshape(w.shape[0], -1).to(u.dtype)
+        s = torch.dot(u, torch.mv(mat, v))
+        s = torch.where(s.abs() < eps, torch.full_like(s, eps), s)
+        gm = g.reshape(w.shape[0], -1).to(u.dtype)
+        dw = gm / s - (gm * mat).sum() / (s * s) * torch.outer(u, v)
+        out.append(dw.to(w.dtype).reshape(w.shape))
+    return out
+
+
 # --- schemas -----------------------------------------------------------------------------
 
 _sn = define(
@@ -186,7 +207,7 @@ def _(grads, weights, us, vs, sigma):
 def _setup(ctx, inputs, output):
     weights = inputs[0]
     _, us_new, vs_new, sigma = output
-    ctx.n = len(weights)
+    ctx.n, ctx.eps = len(weights), inputs[4]
     # u, v, σ of THIS forward (fresh outputs, never mutated later): the buffers themselves may
     # be updated by another forward before this backward runs.
     ctx.save_for_backward(*weights, *us_new, *vs_new, sigma)
@@ -198,7 +219,10 @@ def _backward(ctx, grads, _gu, _gv, _gsigma):
     saved = ctx.saved_tensors
     weights, us, vs, sigma = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n], saved[3 * n]
     grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
-    grad_weights = _sn_bwd.default(grads, list(weights), list(us), list(vs), sigma)
+    if torch.is_grad_enabled():  # create_graph=True: see _EagerSpectralNorm.backward
+        grad_weights = spectral_norm_backward_differentiable(grads, weights, us, vs, ctx.eps)
+    else:
+        grad_weights = _sn_bwd.default(grads, list(weights), list(us), list(vs), sigma)
     return grad_weights, [None] * n, [None] * n, None, None
 
 
@@ -222,6 +246,7 @@ class _EagerSpectralNorm(torch.autograd.Function):
         if n_power_iterations > 0:
             torch._foreach_copy_(us + vs, us_new + vs_new)
         ctx.save_for_backward(*weights, *us_new, *vs_new, sigma)
+        ctx.eps = eps
         return tuple(outs)
 
     @staticmethod
@@ -230,9 +255,15 @@ class _EagerSpectralNorm(torch.autograd.Function):
         saved = ctx.saved_tensors
         weights = saved[:n]
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
-        with torch._C._AutoDispatchBelowAutograd():
-            grad_weights = _sn_bwd.default(grads, list(weights), list(saved[n : 2 * n]),
-                                           list(saved[2 * n : 3 * n]), saved[3 * n])
+        us, vs = list(saved[n : 2 * n]), list(saved[2 * n : 3 * n])
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty through an SN layer): the fused backward op
+            # has no autograd of its own, so its result would carry no graph and the
+            # second-order terms would be dropped. Differentiable ops build the graph instead.
+            grad_weights = spectral_norm_backward_differentiable(grads, weights, us, vs, ctx.eps)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                grad_weights = _sn_bwd.default(grads, list(weights), us, vs, saved[3 * n])
         return (None, None, None, None, *grad_weights)
 
 
