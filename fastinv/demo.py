@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fastinv.io import atomic_write_text
+
 CLASSIFIERS = ("standard", "robust")
 
 
@@ -226,7 +228,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
             table[f"optimization (first {n})"] = fac.r2_per_factor(
                 factor_model.predict(recs["optimization"]), y_val[:n], fnames)
         factor_table[name] = table
-    (out / "factors.json").write_text(json.dumps(factor_table, indent=2))
+    atomic_write_text(out / "factors.json", json.dumps(factor_table, indent=2))
 
     cpu = timings.pop("cpu")
     summary = {"preset": preset, "device": device, "threads": torch.get_num_threads(),
@@ -235,12 +237,12 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
                "total_cpu_seconds": _cpu_seconds() - c_start,
                "stage_seconds": timings, "stage_cpu_seconds": cpu,
                "settings": dataclasses.asdict(p)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     _stage("report", timings, write_report, out)
     summary["stage_cpu_seconds"].update(timings.pop("cpu"))
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["total_cpu_seconds"] = _cpu_seconds() - c_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out)  # again, so the report's timing table includes the report itself
     print_summary(out, methods_table, summary)
     return summary

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastinv.io import atomic_write
+
 log = logging.getLogger("fastinv.data")
 
 Result = tuple[tuple[int, int] | None, str | None]
@@ -45,12 +47,8 @@ def save(root: Path, validate: str, paths: list[str], stats: np.ndarray,
     path = cache_path(root, validate)
     sizes = np.array([s if s is not None else (-1, -1) for s, _ in results], np.int64)
     reasons = np.array([r or "" for _, r in results], dtype=str)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, paths=np.array(paths, dtype=str), stats=stats,
-                 sizes=sizes.reshape(-1, 2), reasons=reasons)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.savez(fh, paths=np.array(paths, dtype=str), stats=stats,
+                                                sizes=sizes.reshape(-1, 2), reasons=reasons))
     except OSError as exc:  # a cache is an optimisation: never fail the scan for it
         log.debug("could not write the scan cache %s: %s", path, exc)
-        tmp.unlink(missing_ok=True)

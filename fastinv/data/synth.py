@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from fastinv.io import atomic_open, atomic_write_bytes
+
 # Sorted, so that the class index equals the ImageFolder label (class folders sort by name).
 CLASS_NAMES = tuple(sorted((
     "circle", "ring", "ellipse", "triangle", "square",
@@ -169,8 +171,9 @@ def _texture(texture: int, resolution: int) -> Image.Image:
 
 
 def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
+    # renamed into place (a killed run leaves no truncated JPEG under a real name); no fsync
+    # per image: it would cost more than the dataset's writes
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def _render_chunk(job: tuple[list[dict], list[str], int, int]) -> int:
@@ -237,14 +240,12 @@ def make_synthetic_dataset(
 
     # loader index order: split, then ImageFolder order (class name, then file name)
     order = sorted(range(n), key=lambda i: (split[i] != "train", CLASS_NAMES[f["class"][i]], rel[i]))
-    tmp = out / "factors.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_open(out / "factors.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "split", "class", "class_name", *FACTOR_COLUMNS])
         for i in order:
             w.writerow([rel[i], split[i], int(f["class"][i]), CLASS_NAMES[f["class"][i]],
                         *(_fmt(f[k][i]) for k in FACTOR_COLUMNS)])
-    tmp.replace(out / "factors.csv")
     return out
 
 

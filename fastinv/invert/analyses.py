@@ -12,7 +12,6 @@ PNG figures and a ``metrics.json`` into its output folder, and returns the metri
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from fastinv.invert.metrics import (
     pixel_fidelity,
     reconstruction_metrics,
 )
+from fastinv.io import atomic_write_json
 
 SWEEPS: dict[str, tuple[float, ...]] = {
     "shift": (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0),
@@ -125,7 +125,7 @@ def match_size(rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def write_metrics(out_dir: Path, metrics: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+    atomic_write_json(out_dir / "metrics.json", json_safe(metrics))
     return metrics
 
 

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from fastinv.invert.baselines import OptimizationConfig
     from fastinv.invert.evaluate import compare_methods, run_analyses, write_classifier_info
     from fastinv.invert.metrics import json_safe, optional_perceptual_metrics
+    from fastinv.io import atomic_write_text
     from fastinv.models.classifiers import load_classifier
     from fastinv.train.checkpoint import load_inverter
 
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if args.lpips_alexnet or args.fid_inception:
             methods["inverter"].update(optional_perceptual_metrics(
                 recs["inverter"], data.images, args.lpips_alexnet, args.fid_inception))
-            (out / "methods.json").write_text(json.dumps(json_safe(methods), indent=2))
+            atomic_write_text(out / "methods.json", json.dumps(json_safe(methods), indent=2))
         results["compare"] = methods
     for name, m in results.items():
         shown = {k: v for k, v in m.items() if isinstance(v, float | int) and not isinstance(v, bool)}

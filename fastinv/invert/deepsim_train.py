@@ -10,7 +10,6 @@ logits), which keeps this loop independent of the data pipeline.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastinv.invert.metrics import to_classifier_input
+from fastinv.io import atomic_save_safetensors, atomic_write_json
 from fastinv.models.deepsim import DeepSimDecoder, DeepSimDiscriminator
 
 
@@ -66,14 +66,6 @@ class ComparatorFeatures(nn.Module):
         feats = self._captured if self.layer is not None else logits
         self._captured = None
         return feats, logits
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def train_deepsim(
@@ -137,10 +129,10 @@ def train_deepsim(
     comparator.close()
     G.eval()
     path = out_dir / "deepsim.safetensors"
-    _atomic_save(G.state_dict(), path)
+    atomic_save_safetensors(G.state_dict(), path)
     meta = dict(num_classes=num_classes, resolution=resolution, width=cfg.width,
                 train_seconds=time.perf_counter() - t0, config=asdict(cfg))
-    (out_dir / "deepsim.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_json(out_dir / "deepsim.json", meta)
     return G, path
 
 

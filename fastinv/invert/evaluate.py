@@ -19,6 +19,7 @@ import torch
 from fastinv.invert import analyses
 from fastinv.invert.baselines import OptimizationConfig, optimize_inversion
 from fastinv.invert.metrics import json_safe, reconstruction_metrics
+from fastinv.io import atomic_write_text
 
 ANALYSES = ("reconstruct", "resample", "misclassified", "shift", "scale", "perturb")
 
@@ -116,11 +117,11 @@ def compare_methods(
         recs["optimization"] = res.images
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(json_safe(results), indent=2))
+    atomic_write_text(out_path, json.dumps(json_safe(results), indent=2))
     return results, recs
 
 
 def write_classifier_info(out_dir: str | Path, info: dict) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "classifier.json").write_text(json.dumps(json_safe(info), indent=2))
+    atomic_write_text(out_dir / "classifier.json", json.dumps(json_safe(info), indent=2))

@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
+from fastinv.io import atomic_savefig, atomic_write  # noqa: E402
+
+
+def _save_image(images, path, **kwargs) -> None:
+    """torchvision's save_image, written atomically (format from the suffix)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda fh: save_image(images, fh, format=fmt, **kwargs))
+
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped, on the CPU."""
@@ -25,7 +34,7 @@ def save_rows(rows: Sequence[torch.Tensor], path: Path, upscale: int = 1) -> Pat
     if upscale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=n, padding=2, pad_value=1.0)
+    _save_image(images, path, nrow=n, padding=2, pad_value=1.0)
     return path
 
 
@@ -38,7 +47,7 @@ def save_columns(columns: Sequence[torch.Tensor], path: Path, upscale: int = 1) 
     if upscale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=len(columns), padding=2, pad_value=1.0)
+    _save_image(images, path, nrow=len(columns), padding=2, pad_value=1.0)
     return path
 
 
@@ -59,7 +68,7 @@ def save_titled_grid(
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -78,7 +87,7 @@ def save_std_maps(originals: torch.Tensor, std_maps: torch.Tensor, path: Path) -
         axes[1, i].axis("off")
     fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="pixel std over noise")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -97,12 +106,12 @@ def save_curves(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def save_grid_tensor(images: torch.Tensor, path: Path, nrow: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0), path)
+    _save_image(make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0), path)
     return path

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastinv.io import atomic_write_text
+
 MARGIN_DB = 1.0  # PSNR gap that counts as "clearly above chance" for misclassified images
 RETAINED_R2 = 0.5  # a factor counts as retained by the logits at R² >= this on reconstructions
 
@@ -319,6 +321,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     blocks = build_blocks(run_dir)
     md, htm = run_dir / "report.md", run_dir / "report.html"
-    md.write_text(_md(blocks))
-    htm.write_text(_html(blocks))
+    atomic_write_text(md, _md(blocks))
+    atomic_write_text(htm, _html(blocks))
     return md, htm

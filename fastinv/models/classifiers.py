@@ -200,22 +200,15 @@ def sidecar_path(weights: str | Path) -> Path:
 def save_small_resnet(model: SmallResNet, path: str | Path, *, input_size: int, mean, std,
                       extra: dict | None = None) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically."""
-    import os
-
-    from safetensors.torch import save_file
+    from fastinv.io import atomic_save_safetensors, atomic_write_json
 
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(arch="small_resnet", num_classes=model.num_classes, width=model.width,
                 blocks_per_stage=model.blocks_per_stage, input_size=int(input_size),
                 mean=list(mean), std=list(std), **(extra or {}))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    side = sidecar_path(path)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, side)
+    atomic_save_safetensors(model.state_dict(), path)
+    atomic_write_json(sidecar_path(path), meta)
     return path
 
 

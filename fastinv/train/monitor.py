@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastinv.io import atomic_save_image
+
 
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
     """Stack equally shaped image batches ``(N, 3, H, W)`` in [-1, 1] as grid columns:
@@ -29,9 +31,8 @@ def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
 def save_png(grid: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    atomic_save_image(Image.fromarray(arr), path)
 
 
 class Monitor:
