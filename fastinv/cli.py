@@ -3,6 +3,11 @@
 Each subcommand lives in the package that does the work, as a module with
 ``register(parser)`` (adds its arguments) and ``run(args) -> int``. Subcommands whose
 module is not there yet say so plainly instead of failing with a traceback.
+
+One error policy for every subcommand: a :class:`fastinv.errors.FastinvError` (bad input: a
+value, a path, a file), a configuration error or the OS error of a bad path is printed as
+``fastinv <command>: <message>`` with exit status 2; ``--debug`` (anywhere on the command line)
+prints the traceback too. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+
+from fastinv.errors import FastinvError
 
 # name -> (module implementing register/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastinv",
         description="Invert an image classifier's logits with a feedforward BigGAN inverter.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback as well as the message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         mod = _load(name)
@@ -50,7 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What counts as bad input rather than a bug (see the module docstring)."""
+    errors: tuple[type[BaseException], ...] = (FastinvError, OSError)
+    try:
+        from fastinv.train.config import ConfigError
+    except ImportError:
+        return errors
+    return errors if issubclass(ConfigError, FastinvError) else (*errors, ConfigError)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, FastinvError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere: subcommands (train) pass the rest of the line through
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_command", None) is None:
@@ -62,7 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             f"fastinv {args._command}: this subcommand is planned but not built in this version.\n"
         )
         return 2
-    return int(mod.run(args) or 0)
+    try:
+        return int(mod.run(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"fastinv {args._command}: interrupted\n")
+        return 130
+    except _user_errors() as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"fastinv {args._command}: {_message(exc)}\n")
+        return 2
 
 
 if __name__ == "__main__":
