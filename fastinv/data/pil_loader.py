@@ -20,6 +20,17 @@ from PIL import Image
 from fastinv.data.base import ImageLoader
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16/32-bit greyscale (``I;16*``, ``I``: 16-bit PNGs) is scaled to 8 bits, as
+    DALI does; PIL's own ``convert`` would clip every value above 255 to white."""
+    if im.mode.startswith("I"):
+        levels = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or levels.max(initial=0) <= 65535 else levels.max()
+        grey = np.clip(np.rint(levels * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def decode_crop(path: str, box: Sequence[int], flip: bool, out_sizes: Sequence[int],
                 draft: bool = True) -> list[np.ndarray]:
     """Decode ``path``, crop ``box = (x0, y0, w, h)`` (stored-image pixels), resize to each
@@ -32,7 +43,7 @@ def decode_crop(path: str, box: Sequence[int], flip: bool, out_sizes: Sequence[i
             if s < 1:
                 im.draft("RGB", (max(1, math.ceil(W * s)), max(1, math.ceil(H * s))))
         sx, sy = im.size[0] / W, im.size[1] / H
-        rgb = im.convert("RGB")
+        rgb = _to_rgb(im)
     # Cut the crop out first, then resize: the filter clamps at the crop's edges instead of
     # reading pixels beyond them, as DALI's decode-the-slice-then-resize does. After a draft
     # the box is fractional: cut the whole pixels around it, resize the exact box within.

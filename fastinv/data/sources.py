@@ -128,6 +128,8 @@ def scan_source(root: str | os.PathLike, *, validate: str = "header",
     sizes = []
     for i, (size, error) in enumerate(results):
         if error is None:
+            error = _pixel_limit_error(size)  # here, not in _inspect: cached scans get it too
+        if error is None:
             keep.append(i)
             sizes.append(size)
         else:
@@ -246,6 +248,17 @@ def _inspect_all(paths: list[str], validate: str, workers: int) -> list:
 
 def _inspect_chunk(paths: list[str], validate: str) -> list:
     return [_inspect(p, validate) for p in paths]
+
+
+def _pixel_limit_error(size: tuple[int, int]) -> str | None:
+    """PIL only warns between its decompression-bomb limit and twice it (and DALI has no
+    limit): such a file would be decoded in full, hundreds of MB per image. Skip it."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = size
+    if limit and w * h > limit:
+        return (f"{w}x{h} = {w * h} pixels exceeds PIL's decompression-bomb limit of {limit} "
+                "(raise PIL.Image.MAX_IMAGE_PIXELS if such images are expected)")
+    return None
 
 
 def _inspect(path: str, validate: str) -> tuple[tuple[int, int] | None, str | None]:
