@@ -115,6 +115,7 @@ def test_auto_backend_picks_dali_when_importable(synth):
     assert ld.backend == "dali"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dali_gpu_decoding_matches_pil(synth):
     pil, dali = _both(synth, resolution=32, classifier_size=24, batch_size=16, train=True,

@@ -250,6 +250,7 @@ def test_bad_arguments_are_clear_errors(synth):
         loader(synth, "pil", validate="maybe")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pil_loader_delivers_the_same_batches_on_cuda(synth):
     cpu = list(loader(synth, "pil", train=True, seed=3))

@@ -138,6 +138,7 @@ def test_ema_copies_before_start_then_averages(tmp_path, synthetic_data):
         torch.testing.assert_close(q, 0.5 * b + 0.5 * p)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tiny_run_on_cuda_bf16_channels_last(tmp_path, synthetic_data):
     cfg = _cfg(tmp_path, synthetic_data, "--device=cuda", "--amp=bf16", "--channels_last=true",
