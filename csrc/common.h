@@ -1,4 +1,7 @@
 // Shared helpers for fastinv kernels: argument checks with messages a user can act on.
+// Each raises the Python exception type that fastinv/ops/_validate.py raises for the same
+// input (TORCH_CHECK_TYPE -> TypeError, TORCH_CHECK_VALUE -> ValueError), so a caller sees one
+// type whichever backend serves the op. The per-op checks are in csrc/<op>.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,24 +11,24 @@ namespace fastinv {
 
 // Floating inputs only: fp32, fp64, fp16, bf16.
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()),
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
               op, ": ", name, " must be a floating tensor (float32, float64, float16 or "
               "bfloat16), got ", t.scalar_type());
 }
 
 inline void check_nonempty(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.numel() > 0, op, ": ", name, " is empty; the mean of an empty tensor is undefined");
+  TORCH_CHECK_VALUE(t.numel() > 0, op, ": ", name, " is empty; the mean of an empty tensor is undefined");
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
                               const char* name_a, const char* name_b) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ", name_b,
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ", name_b,
               " is on ", b.device(), "; move both to the same device");
 }
 
 inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op,
                              const char* name_a, const char* name_b) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " is ", a.scalar_type(),
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " is ", a.scalar_type(),
               " but ", name_b, " is ", b.scalar_type(), "; cast them to one dtype");
 }
 

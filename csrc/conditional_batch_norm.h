@@ -84,17 +84,24 @@ inline Dims dims(const at::Tensor& x) { return {x.size(0), x.size(1), x.size(2) 
 
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// grad_y: x's shape and device, any floating dtype and any layout (it is brought to x's).
 inline void check_grad(const at::Tensor& grad_y, const at::Tensor& x) {
+  check_floating(grad_y, kOp, "grad_y");
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), kOp, ": grad_y has shape ", grad_y.sizes(),
                     " but x has shape ", x.sizes());
   check_same_device(x, grad_y, kOp, "x", "grad_y");
 }
 
-// The argument list of each split op, checked the same way by the CPU and the CUDA kernel.
-inline void check_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gain) {
+// The argument list of each op, checked the same way by the CPU and the CUDA kernel (and by
+// the references in Python). mean / invstd are the statistics the forward returned: (C,), any
+// floating dtype (they are brought to the accumulation dtype), on x's device.
+inline void check_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gain,
+                           const at::Tensor& mean, const at::Tensor& invstd) {
   check_x(x);
   check_nc(gain, x, "gain");
   check_grad(grad_y, x);
+  check_c(mean, x, "mean");
+  check_c(invstd, x, "invstd");
 }
 
 inline void check_apply(const at::Tensor& x, const at::Tensor& gain, const at::Tensor& bias,
@@ -106,20 +113,51 @@ inline void check_apply(const at::Tensor& x, const at::Tensor& gain, const at::T
   check_c(invstd, x, "invstd");
 }
 
-inline void check_backward_reduce(const at::Tensor& grad_y, const at::Tensor& x) {
+inline void check_backward_reduce(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                                  const at::Tensor& invstd) {
   check_x(x);
   check_grad(grad_y, x);
+  check_c(mean, x, "mean");
+  check_c(invstd, x, "invstd");
 }
 
 inline void check_backward_elemt(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& gain,
+                                 const at::Tensor& mean, const at::Tensor& invstd,
                                  const at::Tensor& sum_dxhat, const at::Tensor& sum_dxhat_xhat,
                                  int64_t count) {
   check_x(x);
   check_nc(gain, x, "gain");
+  check_grad(grad_y, x);
+  check_c(mean, x, "mean");
+  check_c(invstd, x, "invstd");
   check_c(sum_dxhat, x, "sum_dxhat");
   check_c(sum_dxhat_xhat, x, "sum_dxhat_xhat");
-  check_grad(grad_y, x);
   TORCH_CHECK_VALUE(count > 0, kOp, ": count must be positive, got ", count);
+}
+
+// The running-statistics update: four 1-d tensors of C values on one device, any floating
+// dtypes and strides (both devices write through strided or mixed-dtype buffers alike).
+inline void check_update_running(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const at::Tensor& mean, const at::Tensor& var, int64_t count) {
+  TORCH_CHECK_VALUE(count > 1, kOp, ": the running variance needs count > 1, got ", count);
+  const at::Tensor* ts[4] = {&running_mean, &running_var, &mean, &var};
+  const char* names[4] = {"running_mean", "running_var", "mean", "var"};
+  for (int i = 0; i < 4; ++i) {
+    check_floating(*ts[i], kOp, names[i]);
+    TORCH_CHECK_VALUE(ts[i]->dim() == 1 && ts[i]->numel() == mean.numel(), kOp, ": ", names[i], " has shape ",
+                      ts[i]->sizes(), " but the batch statistics have ", mean.numel(),
+                      " channels; pass 1-d running statistics of one value per channel");
+    check_same_device(running_mean, *ts[i], kOp, "running_mean", names[i]);
+  }
+}
+
+// The update in at:: ops, in the statistics' precision: exactly the reference's arithmetic.
+// The CPU kernel; the CUDA kernel's fallback for strided or mixed-dtype buffers.
+inline void update_running_with_aten(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                     const at::Tensor& var, int64_t count, double momentum) {
+  const at::Tensor unbiased = var * (static_cast<double>(count) / static_cast<double>(count - 1));
+  running_mean.copy_(running_mean.to(mean.scalar_type()) * (1 - momentum) + mean * momentum);
+  running_var.copy_(running_var.to(var.scalar_type()) * (1 - momentum) + unbiased * momentum);
 }
 
 }  // namespace cbn

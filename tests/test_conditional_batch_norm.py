@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fastinv import ops
 from fastinv.nn import ConditionalBatchNorm2d, convert_sync_cbn
-from tests.conftest import requires_cuda
+from tests.conftest import requires_cuda, requires_two_gpus, sum_tol
 
 # fastinv.ops.conditional_batch_norm is the public function; the module of the same name:
 cbn = importlib.import_module("fastinv.ops.conditional_batch_norm")
@@ -297,6 +297,134 @@ def test_bad_inputs_raise_clear_errors(fn):
         fn(x, gain, bias, None, None, False, 1e-5)
 
 
+def _bad_backward_calls(x, gain, bias):
+    """(what is wrong, op, args, expected message) for the backward and split ops."""
+    dy = torch.randn_like(x)
+    c = x.shape[1]
+    mean, invstd = torch.zeros(c), torch.ones(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    return [
+        ("mean of N values", "conditional_batch_norm_backward", (dy, x, gain, torch.zeros(x.shape[0]), invstd, True),
+         r"mean must have shape \(C,\)"),
+        ("2-d invstd", "conditional_batch_norm_backward", (dy, x, gain, mean, invstd[None], True),
+         r"invstd must have shape \(C,\)"),
+        ("integer mean", "conditional_batch_norm_backward", (dy, x, gain, mean.long(), invstd, True),
+         "mean must be a floating tensor"),
+        ("integer grad_y", "conditional_batch_norm_backward", (dy.long(), x, gain, mean, invstd, True),
+         "grad_y must be a floating tensor"),
+        ("grad_y shape", "conditional_batch_norm_backward", (dy[:1], x, gain, mean, invstd, True),
+         "grad_y has shape"),
+        ("empty x", "conditional_batch_norm_backward", (dy[:0], x[:0], gain[:0], mean, invstd, True),
+         "x is empty"),
+        ("reduce: mean shape", "conditional_batch_norm_backward_reduce", (dy, x, mean[:1], invstd),
+         r"mean must have shape \(C,\)"),
+        ("elemt: invstd shape", "conditional_batch_norm_backward_elemt",
+         (dy, x, gain, mean, invstd[:1], mean, mean, 10), r"invstd must have shape \(C,\)"),
+        ("elemt: count", "conditional_batch_norm_backward_elemt", (dy, x, gain, mean, invstd, mean, mean, 0),
+         "count must be positive"),
+        ("apply: mean shape", "conditional_batch_norm_apply", (x, gain, bias, mean[:1], invstd),
+         r"mean must have shape \(C,\)"),
+        ("apply: gain dtype", "conditional_batch_norm_apply", (x, gain.double(), bias, mean, invstd),
+         "cast them to one dtype"),
+        ("update: count", "conditional_batch_norm_update_running", (rm, rv, mean, invstd, 1, 0.1),
+         "needs count > 1"),
+        ("update: length", "conditional_batch_norm_update_running", (rm[:1], rv, mean, invstd, 8, 0.1),
+         "running_mean has shape"),
+        ("update: integer buffer", "conditional_batch_norm_update_running", (rm.long(), rv, mean, invstd, 8, 0.1),
+         "running_mean must be a floating tensor"),
+    ]
+
+
+_BAD = _bad_backward_calls(*_inputs((4, 3, 2, 2)))
+
+
+@pytest.mark.parametrize("what,name,args,message", _BAD, ids=[b[0] for b in _BAD])
+def test_backward_and_split_ops_reject_bad_input_like_the_reference(what, name, args, message):
+    """The C++ kernel and the Python reference reject the same input with the same exception
+    type (ValueError for values and shapes, TypeError for dtypes) and message."""
+    reference = getattr(cbn, f"{name}_reference")
+    with pytest.raises((ValueError, TypeError), match=message) as from_kernel:
+        getattr(fbn, name)(*args)
+    with pytest.raises((ValueError, TypeError), match=message) as from_reference:
+        reference(*args)
+    assert from_kernel.type is from_reference.type, (from_kernel.value, from_reference.value)
+
+
+_BAD_FORWARD = [
+    ("N=1", lambda x, g, b, rm, rv: (x[:1, :, :1, :1], g[:1], b[:1], rm, rv, True, 1e-5)),
+    ("gain shape", lambda x, g, b, rm, rv: (x, g[:, :2], b, rm, rv, True, 1e-5)),
+    ("running_var shape", lambda x, g, b, rm, rv: (x, g, b, rm, torch.ones(4), True, 1e-5)),
+    ("3-d x", lambda x, g, b, rm, rv: (x[0], g, b, rm, rv, True, 1e-5)),
+    ("gain dtype", lambda x, g, b, rm, rv: (x, g.double(), b, rm, rv, True, 1e-5)),
+    ("integer x", lambda x, g, b, rm, rv: (x.long(), g, b, rm, rv, True, 1e-5)),
+    ("eval without stats", lambda x, g, b, rm, rv: (x, g, b, None, None, False, 1e-5)),
+    ("empty x", lambda x, g, b, rm, rv: (x[:0], g[:0], b[:0], rm, rv, True, 1e-5)),
+    ("one running stat", lambda x, g, b, rm, rv: (x, g, b, rm, None, True, 1e-5)),
+]
+
+
+@pytest.mark.parametrize("what,make", _BAD_FORWARD, ids=[b[0] for b in _BAD_FORWARD])
+def test_forward_rejects_bad_input_with_the_reference_exception_type(what, make):
+    x, gain, bias = _inputs((4, 3, 2, 2))
+    args = make(x, gain, bias, torch.zeros(3), torch.ones(3))
+    with pytest.raises(Exception) as from_kernel:
+        fbn.conditional_batch_norm(*args)
+    with pytest.raises(Exception) as from_reference:
+        cbn.conditional_batch_norm_reference(*args)
+    assert from_kernel.type is from_reference.type, (from_kernel.value, from_reference.value)
+    assert from_kernel.type in (ValueError, TypeError)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_stat_update_accepts_strided_and_mixed_dtype_buffers(device):
+    """Both devices write through any 1-d floating buffers (the CUDA kernel handles the
+    contiguous one-dtype case itself and falls back to the CPU's ops otherwise)."""
+    mean = torch.randn(6, device=device)
+    var = torch.rand(6, device=device) + 0.5
+    cases = {
+        "strided": (torch.zeros(12, device=device)[::2], torch.ones(12, device=device)[::2]),
+        "mixed dtypes": (torch.zeros(6, device=device, dtype=torch.float64),
+                         torch.ones(6, device=device, dtype=torch.bfloat16)),
+    }
+    for rm, rv in cases.values():
+        want_m, want_v = rm.clone(), rv.clone()
+        cbn.conditional_batch_norm_update_running_reference(want_m, want_v, mean, var, 20, 0.3)
+        fbn.conditional_batch_norm_update_running(rm, rv, mean, var, 20, 0.3)
+        torch.testing.assert_close(rm, want_m)
+        torch.testing.assert_close(rv, want_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_channel_running_stat_update_returns_normally(device):
+    empty = torch.empty(0, device=device)
+    fbn.conditional_batch_norm_update_running(empty, empty.clone(), empty, empty, 4, 0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_x_raises_the_same_error_on_every_device(device):
+    x = torch.empty(0, 3, 4, 4, device=device)
+    g = torch.empty(0, 3, device=device)
+    for fn in (lambda: fbn.conditional_batch_norm(x, g, g, None, None, True, 1e-5),
+               lambda: fbn.conditional_batch_norm_stats(x),
+               lambda: fbn.conditional_batch_norm_backward(x, x, g, torch.zeros(3, device=device),
+                                                           torch.ones(3, device=device), True)):
+        with pytest.raises(ValueError, match="x is empty"):
+            fn()
+
+
+@requires_cuda
+def test_cuda_backward_rejects_statistics_on_the_cpu():
+    x, gain, bias = _inputs((4, 3, 2, 2), torch.float32, "cuda")
+    dy = torch.randn_like(x)
+    with pytest.raises(ValueError, match="same device"):
+        fbn.conditional_batch_norm_backward(dy, x, gain, torch.zeros(3), torch.ones(3, device="cuda"), True)
+    with pytest.raises(ValueError, match="same device"):
+        fbn.conditional_batch_norm_backward_reduce(dy, x, torch.zeros(3, device="cuda"), torch.ones(3))
+    with pytest.raises(ValueError, match="same device"):
+        fbn.conditional_batch_norm_update_running(torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"),
+                                                  torch.zeros(3), torch.ones(3), 8, 0.1)
+
+
 def test_n1_training_error_matches_pytorch_wording():
     x, gain, bias = _inputs((1, 3, 1, 1))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
@@ -391,16 +519,20 @@ def _misaligned(shape, dtype, device):
     return torch.randn(n + 1, dtype=torch.float64).to(device, dtype)[1:].view(shape)
 
 
+KERNEL_PATH_SHAPES = [
+    (64, 96, 32, 32), (256, 24, 4, 4), (8, 1536, 4, 4), (3, 5, 7, 9), (2, 3, 1, 1), (4, 16, 128, 128),
+    (2, 40, 64, 64),
+]
+
+
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-@pytest.mark.parametrize(
-    "shape",
-    [(64, 96, 32, 32), (256, 24, 4, 4), (8, 1536, 4, 4), (3, 5, 7, 9), (2, 3, 1, 1), (4, 16, 128, 128)],
-)
+@pytest.mark.parametrize("shape", KERNEL_PATH_SHAPES)
 def test_cuda_matches_float64_on_kernel_paths(dtype, layout, shape):
     """Shapes that take every branch: many blocks per channel, short runs grouped per warp,
-    odd sizes (scalar loads), C not a multiple of the vector width, H = W = 1."""
+    long runs split over warps (small N at high resolution), odd sizes (scalar loads), C not
+    a multiple of the vector width or of 32 vectors (channels_last lanes), H = W = 1."""
     x, gain, bias = _inputs(shape, dtype, "cuda", layout)
     dy = torch.randn(shape, dtype=torch.float64).to("cuda", dtype).contiguous(memory_format=layout)
     y, mean, invstd, var = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
@@ -410,9 +542,18 @@ def test_cuda_matches_float64_on_kernel_paths(dtype, layout, shape):
     torch.testing.assert_close(y.double(), _expected(x, gain, bias), **TOL[dtype])
     got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
     ref = cbn.conditional_batch_norm_backward_reference(dy.double(), x64, gain.double(), mean.double(), invstd.double(), True)
+    _assert_backward_close(got, ref, dtype, shape)
+
+
+def _assert_backward_close(got, ref, dtype, shape):
+    """grad_x elementwise; grad_gain and grad_bias are sums over H*W values, whose fp32 error
+    grows like sqrt(H*W) (sum_tol)."""
     tol = TOL[dtype] if dtype != torch.bfloat16 else dict(rtol=5e-2, atol=5e-2)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.double(), b, **tol)
+    (gx, gg, gb), (rx, rg, rb) = got, ref
+    torch.testing.assert_close(gx.double(), rx, **tol)
+    reduced = sum_tol(tol, shape[2] * shape[3])
+    torch.testing.assert_close(gg.double(), rg, **reduced)
+    torch.testing.assert_close(gb.double(), rb, **reduced)
 
 
 @requires_cuda
@@ -423,6 +564,105 @@ def test_cuda_misaligned_views_take_the_scalar_path():
     torch.testing.assert_close(
         ops.conditional_batch_norm(x, gain, bias).double(), _expected(x, gain, bias), **TOL[torch.float32]
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_misaligned_views_forward_and_backward(device, dtype, layout):
+    """x, dy, gain and bias one element into their storage (not 16-byte aligned): the scalar
+    paths, in both layouts, forward and backward."""
+    shape = (4, 16, 6, 6)
+    n = torch.Size(shape).numel()
+    base = torch.randn(n + 1, dtype=torch.float64).to(device, dtype)
+    if layout == torch.channels_last:  # a channels_last view at offset 1
+        x = base[1:].view(4, 6, 6, 16).permute(0, 3, 1, 2)
+        dy = torch.randn(n + 1, dtype=torch.float64).to(device, dtype)[1:].view(4, 6, 6, 16).permute(0, 3, 1, 2)
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
+    else:
+        x = base[1:].view(shape)
+        dy = _misaligned(shape, dtype, device)
+    gain = torch.randn(4 * 16 + 1, dtype=torch.float64).to(device, dtype)[1:].view(4, 16)
+    bias = torch.randn(4, 16, dtype=torch.float64).to(device, dtype)
+    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
+    torch.testing.assert_close(y.double(), _expected(x, gain, bias), **TOL[dtype])
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
+    ref = cbn.conditional_batch_norm_backward_reference(dy.double(), x.double(), gain.double(), mean.double(),
+                                                        invstd.double(), True)
+    _assert_backward_close(got, ref, dtype, shape)
+    # aligned x with misaligned per-channel operands: the channels_last vector path must not
+    # take 16-byte loads of gain/bias
+    xa, _, _ = _inputs(shape, dtype, device, layout)
+    torch.testing.assert_close(fbn.conditional_batch_norm(xa, gain, bias, None, None, True, 1e-5)[0].double(),
+                               _expected(xa, gain, bias), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("view", ["permuted", "sliced", "channel_slice"])
+def test_non_contiguous_x_is_normalised_like_its_copy(device, view):
+    """x neither contiguous nor channels_last (a permutation, a strided slice, a slice of
+    channels): the op works on a copy in x's layout rule and gives the same numbers."""
+    big = torch.randn(6, 10, 8, 9, dtype=torch.float64).to(device, torch.float32) + 2
+    x = {"permuted": big.permute(0, 1, 3, 2), "sliced": big[::2, :, 1::2, :],
+         "channel_slice": big[:, 2:7]}[view]
+    n, c = x.shape[:2]
+    gain = torch.randn(n, c, device=device)
+    bias = torch.randn(n, c, device=device)
+    dy = torch.randn(x.shape, device=device).transpose(2, 3).contiguous().transpose(2, 3)  # yet another layout
+    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
+    yc, meanc, invstdc, _ = fbn.conditional_batch_norm(x.contiguous(), gain, bias, None, None, True, 1e-5)
+    torch.testing.assert_close(y, yc)
+    torch.testing.assert_close(y.double(), _expected(x, gain, bias), **TOL[torch.float32])
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
+    want = fbn.conditional_batch_norm_backward(dy.contiguous(), x.contiguous(), gain, meanc, invstdc, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_layout", LAYOUTS, ids=["x_nchw", "x_nhwc"])
+def test_grad_y_in_another_layout_than_x(device, x_layout):
+    other = torch.channels_last if x_layout == torch.contiguous_format else torch.contiguous_format
+    x, gain, bias = _inputs((4, 24, 6, 5), torch.float32, device, x_layout)
+    dy = torch.randn(x.shape, device=device).contiguous(memory_format=other)
+    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
+    want = fbn.conditional_batch_norm_backward(dy.contiguous(memory_format=x_layout), x, gain, mean, invstd, True)
+    assert got[0].is_contiguous(memory_format=x_layout)  # grad_x follows x, not grad_y
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    ref = cbn.conditional_batch_norm_backward_reference(dy.double(), x.double(), gain.double(), mean.double(),
+                                                        invstd.double(), True)
+    _assert_backward_close(got, ref, torch.float32, x.shape)
+
+
+@requires_cuda
+def test_cuda_channels_last_backward_takes_more_than_65535_samples():
+    # grid.y walks the samples: N above the grid's y limit is served, as on the CPU
+    x, gain, bias = _inputs((65537, 8, 1, 2), torch.float32, "cuda", torch.channels_last)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    dy = torch.randn_like(x)
+    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
+    cpu = fbn.conditional_batch_norm_backward(dy.cpu(), x.cpu(), gain.cpu(), mean.cpu(), invstd.cpu(), True)
+    for a, b in zip(got, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+
+@requires_two_gpus
+def test_cuda_runs_on_the_tensors_device_not_the_current_one():
+    x, gain, bias = _inputs((4, 8, 6, 6), torch.float32, "cuda:1", torch.channels_last)
+    rm, rv = torch.zeros(8, device="cuda:1"), torch.ones(8, device="cuda:1")
+    dy = torch.randn_like(x)
+    with torch.cuda.device(0):
+        xg = x.clone().requires_grad_()
+        y = ops.conditional_batch_norm(xg, gain, bias, rm, rv, training=True)
+        y.backward(dy)
+    assert y.device == x.device and xg.grad.device == x.device
+    torch.testing.assert_close(y.double(), _expected(x, gain, bias), **TOL[torch.float32])
+    rm_c, rv_c = torch.zeros(8), torch.ones(8)
+    ops.conditional_batch_norm(x.cpu(), gain.cpu(), bias.cpu(), rm_c, rv_c, training=True)
+    torch.testing.assert_close(rm.cpu(), rm_c)
 
 
 @requires_cuda

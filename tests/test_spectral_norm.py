@@ -14,7 +14,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 from fastinv import ops
 from fastinv.ops.spectral_norm import spectral_norm_backward_reference
-from tests.conftest import TOL, requires_cuda
+from tests.conftest import TOL, requires_cuda, requires_two_gpus, sum_tol
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 SN = torch.ops.fastinv.spectral_norm.default
@@ -93,6 +93,10 @@ def test_kernel_matches_float64_reference(device, dtype, n_iter):
     acc = ops.spectral_norm.acc_dtype(dtype)
     assert sigma.dtype == acc and all(x.dtype == acc for x in u + v)
     tol = TOL[torch.float64] if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    # σ, u and v come out of dot products over a row or a column of each weight: their
+    # rounding error grows like sqrt(that length) (sum_tol)
+    length = max(max(w.shape[0], w.numel() // w.shape[0]) for w in ws)
+    tol = sum_tol(tol, length)
     torch.testing.assert_close(sigma.double(), r_sigma, **tol)
     for a, b in zip(u + v, r_u + r_v):
         torch.testing.assert_close(a.double(), b, **tol)
@@ -263,6 +267,105 @@ def test_bad_inputs_raise_clear_errors(fn):
         fn([w], [u], [v], -1, 1e-12)
     with pytest.raises((RuntimeError, TypeError), match="must be a floating tensor"):
         fn([torch.ones(4, 3, dtype=torch.int64)], [u], [v], 1, 1e-12)
+
+
+def _bad_backward_calls():
+    w = torch.randn(4, 3)
+    u, v, g = torch.randn(4), torch.randn(3), torch.randn(4, 3)
+    s = torch.tensor([1.5])
+    return [
+        ("empty weight", ([torch.empty(0, 3)], [torch.empty(0, 3)], [torch.empty(0)], [v], s), "non-empty"),
+        ("1-d weight", ([torch.randn(4)], [torch.randn(4)], [u], [torch.randn(1)], s), "at least 2 dims"),
+        ("u length", ([g], [w], [torch.randn(5)], [v], s), "of 4 elements"),
+        ("v length", ([g], [w], [u], [torch.randn(4)], s), "of 3 elements"),
+        ("u dtype", ([g], [w], [u.double()], [v], s), "must be torch.float32|must be Float"),
+        ("grads count", ([g, g], [w], [u], [v], s), "pass one gradient per weight"),
+        ("grad numel", ([g[:2]], [w], [u], [v], s), r"grads\[0\] has shape"),
+        ("integer grad", ([g.long()], [w], [u], [v], s), "must be a floating tensor"),
+        ("sigma length", ([g], [w], [u], [v], torch.tensor([1.0, 2.0])), "one value per weight"),
+        ("sigma dtype", ([g], [w], [u], [v], s.double()), "sigma is"),
+        ("2-d sigma", ([g], [w], [u], [v], s[None]), "sigma has shape"),
+    ]
+
+
+_BAD_BWD = _bad_backward_calls()
+
+
+@pytest.mark.parametrize("what,args,message", _BAD_BWD, ids=[b[0] for b in _BAD_BWD])
+def test_backward_rejects_bad_input_like_the_reference(what, args, message):
+    """Checked before anything runs (an empty weight divided by zero on the host on CUDA),
+    with the reference's exception type."""
+    with pytest.raises((ValueError, TypeError), match=message) as from_kernel:
+        SN_BWD(*args)
+    with pytest.raises((ValueError, TypeError), match=message) as from_reference:
+        spectral_norm_backward_reference(*args)
+    assert from_kernel.type is from_reference.type, (from_kernel.value, from_reference.value)
+
+
+_BAD_FWD = [
+    ("u length", lambda w, u, v: ([w], [torch.randn(5)], [v], 1, 1e-12)),
+    ("counts", lambda w, u, v: ([w, w], [u], [v], 1, 1e-12)),
+    ("u dtype", lambda w, u, v: ([w], [u.double()], [v], 1, 1e-12)),
+    ("two dtypes", lambda w, u, v: ([w, w.double()], [u, u.double()], [v, v.double()], 1, 1e-12)),
+    ("1-d weight", lambda w, u, v: ([torch.randn(4)], [u], [torch.randn(1)], 1, 1e-12)),
+    ("empty weight", lambda w, u, v: ([torch.empty(0, 3)], [torch.empty(0)], [v], 1, 1e-12)),
+    ("n_iter", lambda w, u, v: ([w], [u], [v], -1, 1e-12)),
+    ("eps", lambda w, u, v: ([w], [u], [v], 1, 0.0)),
+    ("integer weight", lambda w, u, v: ([w.long()], [u], [v], 1, 1e-12)),
+]
+
+
+@pytest.mark.parametrize("what,make", _BAD_FWD, ids=[b[0] for b in _BAD_FWD])
+def test_forward_raises_the_reference_exception_type(what, make):
+    args = make(torch.randn(4, 3), torch.randn(4), torch.randn(3))
+    with pytest.raises(Exception) as from_kernel:
+        SN(*args)
+    with pytest.raises(Exception) as from_reference:
+        ops.spectral_norm_reference(*args)
+    assert from_kernel.type is from_reference.type, (from_kernel.value, from_reference.value)
+    assert from_kernel.type in (ValueError, TypeError)
+
+
+@requires_cuda
+def test_cuda_backward_rejects_vectors_on_another_device():
+    w = torch.randn(4, 3, device="cuda")
+    u, v = torch.randn(4, device="cuda"), torch.randn(3, device="cuda")
+    s = torch.tensor([1.5], device="cuda")
+    with pytest.raises(TypeError, match="it must be torch.float32 on cuda|it must be Float on cuda"):
+        SN_BWD([w], [w], [u.cpu()], [v], s)
+    with pytest.raises(TypeError, match="sigma is"):
+        SN_BWD([w], [w], [u], [v], s.cpu())
+    with pytest.raises(ValueError, match="same device"):
+        SN_BWD([w.cpu()], [w], [u], [v], s)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cuda_backward_matches_cpu_on_kernel_shapes(dtype):
+    """BigGAN-like weights (conv 3x3 1024->1024, wide and tall ones, one of 5 columns): many
+    blocks per weight in gw_dot and rows per block in grad."""
+    shapes = [(1024, 1024, 3, 3), (3, 70000), (5000, 5), (96, 96, 1, 1)]
+    ws = _weights(shapes, dtype, "cpu")
+    us, vs = _vectors(ws)
+    grads = _weights(shapes, dtype, "cpu")
+    sigma = torch.rand(len(ws)) + 0.5
+    want = SN_BWD(grads, ws, us, vs, sigma)
+    got = SN_BWD(*[[t.cuda() for t in x] for x in (grads, ws, us, vs)], sigma.cuda())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu().double(), b.double(), **OUT_TOL[dtype])
+
+
+@requires_two_gpus
+def test_cuda_runs_on_the_tensors_device_not_the_current_one():
+    ws = [w.requires_grad_() for w in _weights([(64, 32, 3, 3), (10, 7)], torch.float32, "cuda:1")]
+    us, vs = _vectors(ws)
+    cpu = SN([w.detach().cpu() for w in ws], [u.cpu() for u in us], [v.cpu() for v in vs], 1, 1e-12)
+    with torch.cuda.device(0):
+        outs = ops.spectral_norm_(ws, us, vs, 1, 1e-12)
+        sum(o.sum() for o in outs).backward()
+    assert all(o.device == ws[0].device for o in outs) and ws[0].grad.device == ws[0].device
+    for a, b in zip(outs, cpu[0]):
+        torch.testing.assert_close(a.detach().cpu(), b, rtol=1e-4, atol=1e-5)
 
 
 @requires_cuda

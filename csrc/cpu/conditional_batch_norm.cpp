@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& gain_in,
     const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training) {
-  check_backward(grad_y, x_in, gain_in);
+  check_backward(grad_y, x_in, gain_in, mean_in, invstd_in);
   const at::MemoryFormat fmt = layout_of(x_in);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
@@ -507,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_backward_reduce_cpu(const at::Tensor& gra
                                                            const at::Tensor& x_in,
                                                            const at::Tensor& mean_in,
                                                            const at::Tensor& invstd_in) {
-  check_backward_reduce(grad_y, x_in);
+  check_backward_reduce(grad_y, x_in, mean_in, invstd_in);
   const at::MemoryFormat fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(fmt);
@@ -528,7 +528,7 @@ at::Tensor cbn_backward_elemt_cpu(const at::Tensor& grad_y, const at::Tensor& x_
                                   const at::Tensor& gain_in, const at::Tensor& mean_in,
                                   const at::Tensor& invstd_in, const at::Tensor& sum_dxhat,
                                   const at::Tensor& sum_dxhat_xhat, int64_t count) {
-  check_backward_elemt(grad_y, x_in, gain_in, sum_dxhat, sum_dxhat_xhat, count);
+  check_backward_elemt(grad_y, x_in, gain_in, mean_in, invstd_in, sum_dxhat, sum_dxhat_xhat, count);
   const at::MemoryFormat fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(fmt);
@@ -552,10 +552,8 @@ at::Tensor cbn_backward_elemt_cpu(const at::Tensor& grad_y, const at::Tensor& x_
 void cbn_update_running_cpu(at::Tensor& running_mean, at::Tensor& running_var,
                             const at::Tensor& mean, const at::Tensor& var, int64_t count,
                             double momentum) {
-  TORCH_CHECK_VALUE(count > 1, kOp, ": the running variance needs count > 1, got ", count);
-  const at::Tensor unbiased = var * (static_cast<double>(count) / static_cast<double>(count - 1));
-  running_mean.copy_(running_mean.to(mean.scalar_type()) * (1 - momentum) + mean * momentum);
-  running_var.copy_(running_var.to(var.scalar_type()) * (1 - momentum) + unbiased * momentum);
+  check_update_running(running_mean, running_var, mean, var, count);
+  update_running_with_aten(running_mean, running_var, mean, var, count, momentum);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common.h"
+#include "hinge_loss.h"
 
 namespace fastinv {
 namespace {
@@ -62,12 +63,7 @@ double chunked_sum(const scalar_t* x, int64_t n, acc_t sign) {
 }
 
 at::Tensor hinge_loss_d_cpu(const at::Tensor& d_real, const at::Tensor& d_fake) {
-  const char* op = "fastinv.hinge_loss_d";
-  check_floating(d_real, op, "d_real");
-  check_same_dtype(d_real, d_fake, op, "d_real", "d_fake");
-  check_same_device(d_real, d_fake, op, "d_real", "d_fake");
-  check_nonempty(d_real, op, "d_real");
-  check_nonempty(d_fake, op, "d_fake");
+  hinge::check_forward_d(d_real, d_fake);
   const at::Tensor r = d_real.contiguous();
   const at::Tensor f = d_fake.contiguous();
   double value = 0.0;
@@ -81,9 +77,7 @@ at::Tensor hinge_loss_d_cpu(const at::Tensor& d_real, const at::Tensor& d_fake) 
 }
 
 at::Tensor hinge_loss_g_cpu(const at::Tensor& d_fake) {
-  const char* op = "fastinv.hinge_loss_g";
-  check_floating(d_fake, op, "d_fake");
-  check_nonempty(d_fake, op, "d_fake");
+  hinge::check_forward_g(d_fake);
   const at::Tensor f = d_fake.contiguous();
   double value = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "hinge_loss_g_cpu", [&] {
@@ -99,6 +93,7 @@ at::Tensor hinge_loss_g_cpu(const at::Tensor& d_fake) {
 std::tuple<at::Tensor, at::Tensor> hinge_loss_d_backward_cpu(const at::Tensor& grad,
                                                              const at::Tensor& d_real,
                                                              const at::Tensor& d_fake) {
+  hinge::check_backward_d(grad, d_real, d_fake);
   const at::Tensor r = d_real.contiguous();
   const at::Tensor f = d_fake.contiguous();
   at::Tensor gr = at::empty_like(r);

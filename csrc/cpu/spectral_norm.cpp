@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "common.h"
-#include "spectral_norm_checks.h"
+#include "spectral_norm.h"
 
 namespace fastinv {
 namespace {
@@ -85,7 +85,7 @@ std::vector<ElemItem> elem_items(const std::vector<at::Tensor>& W) {
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
 spectral_norm_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, int64_t n_iter, double eps) {
-  check_spectral_norm_inputs(weights, us, vs, n_iter, eps);
+  sn::check_forward(weights, us, vs, n_iter, eps);
   const int64_t K = static_cast<int64_t>(weights.size());
   if (K == 0) return {{}, {}, {}, at::empty({0}, at::TensorOptions().dtype(at::kFloat))};
   std::vector<at::Tensor> W(K), U(K), V(K), out(K);
@@ -222,17 +222,13 @@ spectral_norm_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, 
 
 std::vector<at::Tensor> spectral_norm_backward_cpu(at::TensorList grads, at::TensorList weights, at::TensorList us,
                                                    at::TensorList vs, const at::Tensor& sigma) {
+  sn::check_backward(grads, weights, us, vs, sigma);
   const int64_t K = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == K && static_cast<int64_t>(us.size()) == K &&
-                  static_cast<int64_t>(vs.size()) == K && sigma.numel() == K,
-              "fastinv.spectral_norm_backward: expected ", K, " grads, u, v and sigma entries");
   if (K == 0) return {};
   std::vector<at::Tensor> G(K), W(K), U(K), V(K), dW(K);
   for (int64_t k = 0; k < K; ++k) {
     W[k] = weights[k].contiguous();
     G[k] = grads[k].to(W[k].scalar_type()).contiguous();
-    TORCH_CHECK(G[k].numel() == W[k].numel(), "fastinv.spectral_norm_backward: grads[", k, "] has shape ",
-                grads[k].sizes(), " but weights[", k, "] has shape ", weights[k].sizes());
     U[k] = us[k].contiguous();
     V[k] = vs[k].contiguous();
     dW[k] = at::empty(W[k].sizes(), W[k].options());

@@ -717,7 +717,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& gain_in,
     const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training) {
-  check_backward(grad_y, x_in, gain_in);
+  check_backward(grad_y, x_in, gain_in, mean_in, invstd_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
@@ -782,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_backward_reduce_cuda(const at::Tensor& gr
                                                             const at::Tensor& x_in,
                                                             const at::Tensor& mean_in,
                                                             const at::Tensor& invstd_in) {
-  check_backward_reduce(grad_y, x_in);
+  check_backward_reduce(grad_y, x_in, mean_in, invstd_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
@@ -806,7 +806,7 @@ at::Tensor cbn_backward_elemt_cuda(const at::Tensor& grad_y, const at::Tensor& x
                                    const at::Tensor& gain_in, const at::Tensor& mean_in,
                                    const at::Tensor& invstd_in, const at::Tensor& sum_dxhat,
                                    const at::Tensor& sum_dxhat_xhat, int64_t count) {
-  check_backward_elemt(grad_y, x_in, gain_in, sum_dxhat, sum_dxhat_xhat, count);
+  check_backward_elemt(grad_y, x_in, gain_in, mean_in, invstd_in, sum_dxhat, sum_dxhat_xhat, count);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
@@ -827,21 +827,24 @@ at::Tensor cbn_backward_elemt_cuda(const at::Tensor& grad_y, const at::Tensor& x
 void cbn_update_running_cuda(at::Tensor& running_mean, at::Tensor& running_var,
                              const at::Tensor& mean, const at::Tensor& var, int64_t count,
                              double momentum) {
-  TORCH_CHECK_VALUE(count > 1, kOp, ": the running variance needs count > 1, got ", count);
-  TORCH_CHECK_VALUE(running_mean.is_contiguous() && running_var.is_contiguous(), kOp,
-                    ": running_mean and running_var must be contiguous");
-  TORCH_CHECK_VALUE(running_mean.numel() == mean.numel() && running_var.numel() == var.numel(), kOp,
-                    ": running statistics have ", running_mean.numel(), " channels but the batch has ",
-                    mean.numel());
+  check_update_running(running_mean, running_var, mean, var, count);
   const c10::cuda::CUDAGuard guard(running_mean.device());
-  const at::Tensor m = mean.contiguous(), v = var.to(mean.scalar_type()).contiguous();
   const int64_t C = running_mean.numel();
+  if (C == 0) return;  // as on the CPU; a grid of 0 blocks is a launch error
+  // One launch for the buffers a module holds (contiguous, one dtype; fp32/fp64 statistics);
+  // strided or mixed-dtype buffers take the CPU's at:: ops, so both devices accept the same.
+  const bool fused = running_mean.is_contiguous() && running_var.is_contiguous() &&
+                     running_mean.scalar_type() == running_var.scalar_type() &&
+                     mean.scalar_type() == var.scalar_type() &&
+                     (mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble);
+  if (!fused) {
+    update_running_with_aten(running_mean, running_var, mean, var, count, momentum);
+    return;
+  }
+  const at::Tensor m = mean.contiguous(), v = var.contiguous();
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
   auto stream = at::cuda::getCurrentCUDAStream();
   const unsigned grid = static_cast<unsigned>((C + 255) / 256);
-  TORCH_CHECK_TYPE(running_mean.scalar_type() == running_var.scalar_type(), kOp,
-                   ": running_mean is ", running_mean.scalar_type(), " but running_var is ",
-                   running_var.scalar_type(), "; cast them to one dtype");
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "cbn_update_running_cuda_acc", [&] {
     using A = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "cbn_update_running_cuda", [&] {

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "hinge_loss.h"
 
 namespace fastinv {
 namespace {
@@ -118,20 +119,13 @@ at::Tensor two_segment_mean(const at::Tensor& a, float sign_a, double w_a, const
 }
 
 at::Tensor hinge_loss_d_cuda(const at::Tensor& d_real, const at::Tensor& d_fake) {
-  const char* op = "fastinv.hinge_loss_d";
-  check_floating(d_real, op, "d_real");
-  check_same_dtype(d_real, d_fake, op, "d_real", "d_fake");
-  check_same_device(d_real, d_fake, op, "d_real", "d_fake");
-  check_nonempty(d_real, op, "d_real");
-  check_nonempty(d_fake, op, "d_fake");
+  hinge::check_forward_d(d_real, d_fake);
   return two_segment_mean<true>(d_real, -1.f, 1.0 / d_real.numel(), &d_fake, 1.f,
                                 1.0 / d_fake.numel());
 }
 
 at::Tensor hinge_loss_g_cuda(const at::Tensor& d_fake) {
-  const char* op = "fastinv.hinge_loss_g";
-  check_floating(d_fake, op, "d_fake");
-  check_nonempty(d_fake, op, "d_fake");
+  hinge::check_forward_g(d_fake);
   return two_segment_mean<false>(d_fake, 1.f, -1.0 / d_fake.numel(), nullptr, 0.f, 0.0);
 }
 
@@ -157,12 +151,14 @@ __global__ void hinge_d_backward_kernel(const acc_t* grad, const scalar_t* r, in
 std::tuple<at::Tensor, at::Tensor> hinge_loss_d_backward_cuda(const at::Tensor& grad,
                                                               const at::Tensor& d_real,
                                                               const at::Tensor& d_fake) {
+  hinge::check_backward_d(grad, d_real, d_fake);
   const c10::cuda::CUDAGuard guard(d_real.device());
   const at::Tensor r = d_real.contiguous();
   const at::Tensor f = d_fake.contiguous();
   at::Tensor gr = at::empty_like(r);
   at::Tensor gf = at::empty_like(f);
   const int64_t n = r.numel() + f.numel();
+  if (n == 0) return {gr, gf};  // as on the CPU; a grid of 0 blocks is a launch error
   const int grid = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "hinge_loss_d_backward_cuda", [&] {

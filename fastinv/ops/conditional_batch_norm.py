@@ -124,6 +124,41 @@ def _check_forward(x, gain, bias, running_mean, running_var, training) -> None:
         )
 
 
+def _check_grad(grad_y: torch.Tensor, x: torch.Tensor) -> None:
+    check.floating(grad_y, _OP, "grad_y")
+    if tuple(grad_y.shape) != tuple(x.shape):
+        raise ValueError(f"{_OP}: grad_y has shape {list(grad_y.shape)} but x has shape {list(x.shape)}")
+    check.same_device(x, grad_y, _OP, "x", "grad_y")
+
+
+def _check_split(x, grad_y=None, gain=None, bias=None, **per_channel) -> None:
+    """The arguments of the split ops and the backward (csrc/conditional_batch_norm.h checks the
+    same): x, then gain/bias (N, C), grad_y like x, each named per-channel tensor (C,)."""
+    _check_x(x)
+    if gain is not None:
+        _check_nc(gain, x, "gain")
+    if bias is not None:
+        _check_nc(bias, x, "bias")
+    if grad_y is not None:
+        _check_grad(grad_y, x)
+    for name, t in per_channel.items():
+        _check_c(t, x, name)
+
+
+def _check_update_running(running_mean, running_var, mean, var, count: int) -> None:
+    if count <= 1:
+        raise ValueError(f"{_OP}: the running variance needs count > 1, got {count}")
+    names = ("running_mean", "running_var", "mean", "var")
+    for name, t in zip(names, (running_mean, running_var, mean, var)):
+        check.floating(t, _OP, name)
+        if t.dim() != 1 or t.numel() != mean.numel():
+            raise ValueError(
+                f"{_OP}: {name} has shape {list(t.shape)} but the batch statistics have "
+                f"{mean.numel()} channels; pass 1-d running statistics of one value per channel"
+            )
+        check.same_device(running_mean, t, _OP, "running_mean", name)
+
+
 def _bc(t: torch.Tensor) -> torch.Tensor:
     """(C,) -> (1, C, 1, 1); (N, C) -> (N, C, 1, 1)."""
     return t.view(1, -1, 1, 1) if t.dim() == 1 else t[:, :, None, None]
@@ -139,6 +174,7 @@ def conditional_batch_norm_stats_reference(x: torch.Tensor) -> tuple[torch.Tenso
 
 
 def conditional_batch_norm_apply_reference(x, gain, bias, mean, invstd) -> torch.Tensor:
+    _check_split(x, gain=gain, bias=bias, mean=mean, invstd=invstd)
     acc = _acc(x.dtype)
     scale = _bc(invstd.to(acc)) * _bc(gain.to(acc))
     y = (x.to(acc) - _bc(mean.to(acc))) * scale + _bc(bias.to(acc))
@@ -163,6 +199,7 @@ def conditional_batch_norm_update_running_reference(
     running_mean, running_var, mean, var, count: int, momentum: float
 ) -> None:
     """PyTorch's convention: the running variance tracks the unbiased batch variance."""
+    _check_update_running(running_mean, running_var, mean, var, count)
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
         running_mean.copy_(running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
@@ -170,6 +207,7 @@ def conditional_batch_norm_update_running_reference(
 
 
 def conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd):
+    _check_split(x, grad_y, mean=mean, invstd=invstd)
     acc = _acc(x.dtype)
     dy = grad_y.to(acc)
     xhat = (x.to(acc) - _bc(mean.to(acc))) * _bc(invstd.to(acc))
@@ -179,6 +217,10 @@ def conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd):
 def conditional_batch_norm_backward_elemt_reference(
     grad_y, x, gain, mean, invstd, sum_dxhat, sum_dxhat_xhat, count: int
 ) -> torch.Tensor:
+    _check_split(x, grad_y, gain, mean=mean, invstd=invstd, sum_dxhat=sum_dxhat,
+                 sum_dxhat_xhat=sum_dxhat_xhat)
+    if count <= 0:
+        raise ValueError(f"{_OP}: count must be positive, got {count}")
     acc = _acc(x.dtype)
     inv = _bc(invstd.to(acc))
     xhat = (x.to(acc) - _bc(mean.to(acc))) * inv
@@ -189,6 +231,7 @@ def conditional_batch_norm_backward_elemt_reference(
 
 
 def conditional_batch_norm_backward_reference(grad_y, x, gain, mean, invstd, training: bool):
+    _check_split(x, grad_y, gain, mean=mean, invstd=invstd)
     acc = _acc(x.dtype)
     grad_gain, grad_bias = conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd)
     if training:

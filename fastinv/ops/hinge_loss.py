@@ -24,6 +24,7 @@ from fastinv.ops._library import define
 
 _D = "fastinv.hinge_loss_d"
 _G = "fastinv.hinge_loss_g"
+_D_BWD = "fastinv.hinge_loss_d_backward"
 
 
 def _check_d(d_real: torch.Tensor, d_fake: torch.Tensor) -> None:
@@ -38,6 +39,19 @@ def _check_d(d_real: torch.Tensor, d_fake: torch.Tensor) -> None:
 def _check_g(d_fake: torch.Tensor) -> None:
     check.floating(d_fake, _G, "d_fake")
     check.nonempty(d_fake, _G, "d_fake")
+
+
+def _check_d_backward(grad: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor) -> None:
+    """grad: one value on any device; empty inputs give empty gradients (csrc/hinge_loss.h)."""
+    check.floating(grad, _D_BWD, "grad")
+    if grad.numel() != 1:
+        raise ValueError(
+            f"{_D_BWD}: grad must hold one value (the loss's gradient), got shape {list(grad.shape)}"
+        )
+    check.floating(d_real, _D_BWD, "d_real")
+    check.floating(d_fake, _D_BWD, "d_fake")
+    check.same_dtype(d_real, d_fake, _D_BWD, "d_real", "d_fake")
+    check.same_device(d_real, d_fake, _D_BWD, "d_real", "d_fake")
 
 
 # --- references (pure PyTorch) -----------------------------------------------------------
@@ -57,6 +71,7 @@ def hinge_loss_g_reference(d_fake: torch.Tensor) -> torch.Tensor:
 def hinge_loss_d_backward_reference(
     grad: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_d_backward(grad, d_real, d_fake)
     acc = check.loss_dtype(d_real.dtype)
     g = grad.to(device=d_real.device, dtype=acc)
     zero = torch.zeros((), dtype=acc, device=d_real.device)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from fastinv.ops._library import define
 
 _OP = "fastinv.spectral_norm"
+_OP_BWD = "fastinv.spectral_norm_backward"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,32 +51,43 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check(weights, us, vs, n_power_iterations: int, eps: float) -> None:
-    if not (len(weights) == len(us) == len(vs)):
-        raise ValueError(
-            f"{_OP}: got {len(weights)} weights, {len(us)} u vectors and {len(vs)} v vectors; "
-            "pass one u and one v per weight"
-        )
+    _check_counts(weights, us, vs, _OP)
     if n_power_iterations < 0:
         raise ValueError(f"{_OP}: n_power_iterations must be >= 0 (0 = eval), got {n_power_iterations}")
     if not eps > 0:
         raise ValueError(f"{_OP}: eps must be > 0, got {eps}")
+    _check_weights(weights, us, vs, _OP)
+
+
+def _check_counts(weights, us, vs, op: str) -> None:
+    if not (len(weights) == len(us) == len(vs)):
+        raise ValueError(
+            f"{op}: got {len(weights)} weights, {len(us)} u vectors and {len(vs)} v vectors; "
+            "pass one u and one v per weight"
+        )
+
+
+def _check_weights(weights, us, vs, op: str) -> None:
+    """Per weight: floating, >= 2 dims, non-empty, one dtype/device for all; its u and v 1-d of
+    rows/cols elements in the accumulation dtype on its device (csrc/spectral_norm.h)."""
+    _check_counts(weights, us, vs, op)
     if not weights:
         return
     w0 = weights[0]
     for i, (w, u, v) in enumerate(zip(weights, us, vs)):
         if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
             raise TypeError(
-                f"{_OP}: weights[{i}] must be a floating tensor (float32, float64, float16 or "
+                f"{op}: weights[{i}] must be a floating tensor (float32, float64, float16 or "
                 f"bfloat16), got {getattr(w, 'dtype', type(w).__name__)}"
             )
         if w.dim() < 2 or w.numel() == 0:
             raise ValueError(
-                f"{_OP}: weights[{i}] has shape {tuple(w.shape)}; spectral norm needs a non-empty "
+                f"{op}: weights[{i}] has shape {tuple(w.shape)}; spectral norm needs a non-empty "
                 "tensor with at least 2 dims (normalise a 1-d tensor with F.normalize instead)"
             )
         if w.dtype != w0.dtype or w.device != w0.device:
             raise TypeError(
-                f"{_OP}: weights[{i}] is {w.dtype} on {w.device} but weights[0] is {w0.dtype} on "
+                f"{op}: weights[{i}] is {w.dtype} on {w.device} but weights[0] is {w0.dtype} on "
                 f"{w0.device}; one call takes weights of one dtype and device (group them)"
             )
         rows, cols = w.shape[0], w.numel() // w.shape[0]
@@ -83,14 +95,50 @@ def _check(weights, us, vs, n_power_iterations: int, eps: float) -> None:
         for name, t, n in (("us", u, rows), ("vs", v, cols)):
             if t.dim() != 1 or t.numel() != n:
                 raise ValueError(
-                    f"{_OP}: {name}[{i}] has shape {tuple(t.shape)} but weights[{i}] of shape "
+                    f"{op}: {name}[{i}] has shape {tuple(t.shape)} but weights[{i}] of shape "
                     f"{tuple(w.shape)} is a {rows}x{cols} matrix; pass a 1-d {name[0]} of {n} elements"
                 )
             if t.dtype != acc or t.device != w.device:
                 raise TypeError(
-                    f"{_OP}: {name}[{i}] is {t.dtype} on {t.device}; for {w.dtype} weights on "
+                    f"{op}: {name}[{i}] is {t.dtype} on {t.device}; for {w.dtype} weights on "
                     f"{w.device} it must be {acc} on {w.device}"
                 )
+
+
+def _check_backward(grads, weights, us, vs, sigma) -> None:
+    """The backward of one forward call (csrc/spectral_norm.h checks the same)."""
+    if len(grads) != len(weights):
+        raise ValueError(
+            f"{_OP_BWD}: got {len(grads)} grads for {len(weights)} weights; pass one gradient per weight"
+        )
+    _check_weights(weights, us, vs, _OP_BWD)
+    k = len(weights)
+    if sigma.dim() != 1 or sigma.numel() != k:
+        raise ValueError(
+            f"{_OP_BWD}: sigma has shape {tuple(sigma.shape)}; pass the forward's sigma, a 1-d tensor "
+            f"of one value per weight ({k})"
+        )
+    if not weights:
+        return
+    w0 = weights[0]
+    acc = acc_dtype(w0.dtype)
+    if sigma.dtype != acc or sigma.device != w0.device:
+        raise TypeError(
+            f"{_OP_BWD}: sigma is {sigma.dtype} on {sigma.device}; for {w0.dtype} weights on "
+            f"{w0.device} it must be {acc} on {w0.device}"
+        )
+    for i, (g, w) in enumerate(zip(grads, weights)):
+        if not g.dtype.is_floating_point:
+            raise TypeError(f"{_OP_BWD}: grads[{i}] must be a floating tensor, got {g.dtype}")
+        if g.numel() != w.numel():
+            raise ValueError(
+                f"{_OP_BWD}: grads[{i}] has shape {tuple(g.shape)} but weights[{i}] has shape {tuple(w.shape)}"
+            )
+        if g.device != w0.device:
+            raise ValueError(
+                f"{_OP_BWD}: grads[{i}] is on {g.device} but the weights are on {w0.device}; move both "
+                "to the same device"
+            )
 
 
 # --- references (pure PyTorch) -----------------------------------------------------------
@@ -133,6 +181,7 @@ def spectral_norm_backward_reference(
     vs: Sequence[torch.Tensor],
     sigma: torch.Tensor,
 ) -> list[torch.Tensor]:
+    _check_backward(grads, weights, us, vs, sigma)
     out = []
     for i, (g, w, u, v) in enumerate(zip(grads, weights, us, vs)):
         s = sigma[i]
