@@ -42,7 +42,7 @@ namespace {
 using namespace cbn;  // checks, layout rule, Dims
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerBlock = 8;  // channels_last reductions: blocks of (32 lanes, 8 rows)
+constexpr int kRowsPerBlock = 8;  // finalize_backward: blocks of (32 channels, 8 samples)
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
@@ -136,36 +136,55 @@ nchw_stats_partial(const T* __restrict__ x, int64_t N, int64_t C, int64_t HW, A*
   }
 }
 
-// grid (ceil(C / (32 V)), splits), block (32, kRowsPerBlock): lanes over channel vectors, rows
-// strided over the block's share of the N*HW rows.
-// Channels-last reductions run in blocks of (32 lanes, kRowsPerBlock rows), each thread holding
-// two V-wide sums; this adds every row's sums into row 0's (valid where threadIdx.y == 0) in a
-// fixed order. Every thread of the block must call it (it synchronises).
+// Channels-last reductions run in 1-d blocks of kThreads threads seen as (lanes, rows): `lanes`
+// threads (a power of two <= 32) side by side over channel vectors of V, kThreads / lanes rows
+// of them over the rows of x. lanes = the channel vectors of a row, rounded up to a power of
+// two: with 32 fixed lanes, C = 96 in bf16 (12 vectors) left 20 of 32 lanes idle; now 16 lanes
+// and 16 rows keep 75% busy (100% whenever C / V is a power of two, as for C = 128, 256).
+struct Lanes {
+  int lanes, rows;
+};
+
+__host__ __device__ inline Lanes lanes_for(int64_t C, int V) {
+  const int64_t vectors = (C + V - 1) / V;
+  int lanes = 1;
+  while (lanes < 32 && lanes < vectors) lanes *= 2;
+  return {lanes, kThreads / lanes};
+}
+
+// Adds every row's two V-wide sums into row 0's (valid where row == 0), in a fixed order.
+// Every thread of the block must call it (it synchronises). Shared layout [j][thread]: lanes
+// of a warp read consecutive words (no bank conflicts).
 template <typename A, int V>
-__device__ __forceinline__ void sum_block_rows(A (&s)[V], A (&q)[V], A (*ss)[32][V], A (*sq)[32][V]) {
+__device__ __forceinline__ void sum_block_rows(A (&s)[V], A (&q)[V], A (*ss)[kThreads], A (*sq)[kThreads],
+                                               Lanes L) {
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    ss[threadIdx.y][threadIdx.x][j] = s[j];
-    sq[threadIdx.y][threadIdx.x][j] = q[j];
+    ss[j][threadIdx.x] = s[j];
+    sq[j][threadIdx.x] = q[j];
   }
   __syncthreads();
-  if (threadIdx.y != 0) return;
-  for (int t = 1; t < kRowsPerBlock; ++t) {
+  if (static_cast<int>(threadIdx.x) >= L.lanes) return;
+  for (int t = 1; t < L.rows; ++t) {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      s[j] += ss[t][threadIdx.x][j];
-      q[j] += sq[t][threadIdx.x][j];
+      s[j] += ss[j][t * L.lanes + threadIdx.x];
+      q[j] += sq[j][t * L.lanes + threadIdx.x];
     }
   }
 }
 
+// grid (ceil(C / (lanes V)), splits): block (cx, sp) sums its share of the N*HW rows for its
+// lanes * V channels.
 template <typename T, typename A, int V>
-__global__ void __launch_bounds__(32 * kRowsPerBlock)
+__global__ void __launch_bounds__(kThreads)
 nhwc_stats_partial(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict__ part_s,
                    A* __restrict__ part_q) {
-  __shared__ A ss[kRowsPerBlock][32][V], sq[kRowsPerBlock][32][V];
+  __shared__ A ss[V][kThreads], sq[V][kThreads];
+  const Lanes L = lanes_for(C, V);
+  const int lane = threadIdx.x % L.lanes, row = threadIdx.x / L.lanes;
   const int splits = gridDim.y, sp = blockIdx.y;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * V;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * L.lanes + lane) * V;
   const int64_t r0 = R * sp / splits, r1 = R * (sp + 1) / splits;
   A s[V], q[V], k[V];
 #pragma unroll
@@ -175,7 +194,7 @@ nhwc_stats_partial(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict_
   }
   if (c0 < C) {
 #pragma unroll 4
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsPerBlock) {
+    for (int64_t r = r0 + row; r < r1; r += L.rows) {
       const Vec<T, V> v = load<T, V>(x + r * C + c0);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -185,8 +204,8 @@ nhwc_stats_partial(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict_
       }
     }
   }
-  sum_block_rows<A, V>(s, q, ss, sq);
-  if (threadIdx.y == 0 && c0 < C) {
+  sum_block_rows<A, V>(s, q, ss, sq, L);
+  if (row == 0 && c0 < C) {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       part_s[(c0 + j) * splits + sp] = s[j];
@@ -195,20 +214,28 @@ nhwc_stats_partial(const T* __restrict__ x, int64_t R, int64_t C, A* __restrict_
   }
 }
 
-// One thread per channel: add the blocks' partial sums (double, split order) and finish.
+// One warp per channel: its lanes add the blocks' partial sums (double, lane j takes splits
+// j, j + 32, ...; then a fixed shuffle tree) and lane 0 finishes. (One thread per channel read
+// 528 splits alone for channels_last C = 96 on an H200.)
 template <typename T, typename A>
-__global__ void finalize_stats(const T* __restrict__ x, bool nhwc, int64_t C, int64_t HW, int splits,
-                               int64_t count, const A* __restrict__ part_s,
-                               const A* __restrict__ part_q, double eps, A* __restrict__ mean,
-                               A* __restrict__ var, A* __restrict__ invstd) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const double k = static_cast<double>(static_cast<A>(nhwc ? x[c] : x[c * HW]));
+__global__ void __launch_bounds__(kThreads)
+finalize_stats(const T* __restrict__ x, bool nhwc, int64_t C, int64_t HW, int splits,
+               int64_t count, const A* __restrict__ part_s, const A* __restrict__ part_q, double eps,
+               A* __restrict__ mean, A* __restrict__ var, A* __restrict__ invstd) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= C) return;  // the whole warp
   double s = 0, q = 0;
-  for (int sp = 0; sp < splits; ++sp) {
+  for (int sp = lane; sp < splits; sp += 32) {
     s += static_cast<double>(part_s[c * splits + sp]);
     q += static_cast<double>(part_q[c * splits + sp]);
   }
+  for (int o = 16; o > 0; o >>= 1) {
+    s += __shfl_down_sync(0xffffffffu, s, o);
+    q += __shfl_down_sync(0xffffffffu, q, o);
+  }
+  if (lane != 0) return;
+  const double k = static_cast<double>(static_cast<A>(nhwc ? x[c] : x[c * HW]));
   const double m = s / static_cast<double>(count);
   const double v = fmax(0.0, q / static_cast<double>(count) - m * m);
   mean[c] = static_cast<A>(k + m);
@@ -293,6 +320,44 @@ __device__ __forceinline__ void locate(int64_t e, int64_t C, int64_t HW, int64_t
   }
 }
 
+// Per-channel values of one vector's V channels (channels_last), V consecutive entries of a
+// per-channel array. With V > 1 (the vector path) every per-channel array is 16-byte aligned
+// (the host checks) and c is a multiple of V, so these are 16-byte loads: for bf16 x, 2 + 2
+// loads of mean/invstd and 1 + 1 of gain/bias per 16 bytes of x, where one scalar load per
+// channel and array took 32. (NCHW vectors share one channel: 4 scalar loads.)
+template <typename A, int V>
+struct PerChannel {
+  A v[V];
+};
+
+template <typename A, int V>
+__device__ __forceinline__ PerChannel<A, V> load_channels(const A* p) {
+  PerChannel<A, V> out;
+  constexpr int W = 16 / static_cast<int>(sizeof(A));  // values per 16-byte load
+  if constexpr (V > 1 && V % W == 0) {
+#pragma unroll
+    for (int i = 0; i < V / W; ++i) {
+      const Vec<A, W> chunk = load<A, W>(p + i * W);
+#pragma unroll
+      for (int j = 0; j < W; ++j) out.v[i * W + j] = chunk.v[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out.v[j] = p[j];
+  }
+  return out;
+}
+
+// gain/bias (x's dtype) of one vector's channels: one 16-byte load when V > 1.
+template <typename T, typename A, int V>
+__device__ __forceinline__ PerChannel<A, V> load_channels_of(const T* p) {
+  PerChannel<A, V> out;
+  const Vec<T, V> v = load<T, V>(p);
+#pragma unroll
+  for (int j = 0; j < V; ++j) out.v[j] = static_cast<A>(v.v[j]);
+  return out;
+}
+
 // A vector of V never straddles two channels (NCHW: HW % V == 0) or two rows (NHWC: C % V == 0).
 template <typename T, typename A, int V, bool NHWC, bool S>
 __global__ void __launch_bounds__(kThreads)
@@ -308,11 +373,18 @@ apply_kernel(const T* __restrict__ x, const T* __restrict__ gain, const T* __res
     locate<NHWC, S>(e, C, HW, c, nc);
     const Vec<T, V> xv = load<T, V>(x + e);
     Vec<T, V> yv;
+    if constexpr (NHWC) {
+      const PerChannel<A, V> m = load_channels<A, V>(mean + c), is = load_channels<A, V>(invstd + c);
+      const PerChannel<A, V> g = load_channels_of<T, A, V>(gain + nc), b = load_channels_of<T, A, V>(bias + nc);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int64_t cj = NHWC ? c + j : c, ncj = NHWC ? nc + j : nc;
-      const A scale = invstd[cj] * static_cast<A>(gain[ncj]);
-      yv.v[j] = static_cast<T>((static_cast<A>(xv.v[j]) - mean[cj]) * scale + static_cast<A>(bias[ncj]));
+      for (int j = 0; j < V; ++j) {
+        const A scale = is.v[j] * g.v[j];
+        yv.v[j] = static_cast<T>((static_cast<A>(xv.v[j]) - m.v[j]) * scale + b.v[j]);
+      }
+    } else {
+      const A m = mean[c], scale = invstd[c] * static_cast<A>(gain[nc]), b = static_cast<A>(bias[nc]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) yv.v[j] = static_cast<T>((static_cast<A>(xv.v[j]) - m) * scale + b);
     }
     store<T, V>(y + e, yv);
   }
@@ -329,6 +401,7 @@ elemt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restr
   const int64_t units = numel / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const A inv_m = static_cast<A>(inv_count);
+  const bool train = sum_a != nullptr;  // sum_a and sum_b are given together
 #pragma unroll 2
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; u < units; u += stride) {
     const int64_t e = u * V;
@@ -337,15 +410,30 @@ elemt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restr
     const Vec<T, V> xv = load<T, V>(x + e);
     const Vec<T, V> gv = load<T, V>(dy + e);
     Vec<T, V> out;
+    if constexpr (NHWC) {
+      const PerChannel<A, V> m = load_channels<A, V>(mean + c), is = load_channels<A, V>(invstd + c);
+      const PerChannel<A, V> g = load_channels_of<T, A, V>(gain + nc);
+      PerChannel<A, V> sa{}, sb{};
+      if (train) {
+        sa = load_channels<A, V>(sum_a + c);
+        sb = load_channels<A, V>(sum_b + c);
+      }
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int64_t cj = NHWC ? c + j : c, ncj = NHWC ? nc + j : nc;
-      const A is = invstd[cj];
-      const A k0 = sum_a != nullptr ? -is * sum_a[cj] * inv_m : A(0);
-      const A k2 = sum_b != nullptr ? -is * is * sum_b[cj] * inv_m : A(0);
-      const A k1 = is * static_cast<A>(gain[ncj]);
-      out.v[j] = static_cast<T>(k1 * static_cast<A>(gv.v[j]) +
-                                k2 * (static_cast<A>(xv.v[j]) - mean[cj]) + k0);
+      for (int j = 0; j < V; ++j) {
+        const A k0 = train ? -is.v[j] * sa.v[j] * inv_m : A(0);
+        const A k2 = train ? -is.v[j] * is.v[j] * sb.v[j] * inv_m : A(0);
+        const A k1 = is.v[j] * g.v[j];
+        out.v[j] = static_cast<T>(k1 * static_cast<A>(gv.v[j]) + k2 * (static_cast<A>(xv.v[j]) - m.v[j]) + k0);
+      }
+    } else {
+      const A is = invstd[c], m = mean[c];
+      const A k0 = train ? -is * sum_a[c] * inv_m : A(0);
+      const A k2 = train ? -is * is * sum_b[c] * inv_m : A(0);
+      const A k1 = is * static_cast<A>(gain[nc]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        out.v[j] = static_cast<T>(k1 * static_cast<A>(gv.v[j]) + k2 * (static_cast<A>(xv.v[j]) - m) + k0);
+      }
     }
     store<T, V>(dx + e, out);
   }
@@ -354,26 +442,29 @@ elemt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restr
 // ---- backward reductions -------------------------------------------------------------------
 
 // Per-(n, c) run sums of dy and dy*(x - mean) for NCHW: a group of G lanes (a power of two,
-// about the run's length in vectors) per run, 32/G runs per warp, warps grid-strided over the
-// N*C runs. Writes raw sums into part_b/part_q at the run index n*C + c.
+// about the run's length in vectors) per work item, 32/G items per warp, warps grid-strided
+// over the N*C*splits items. Item i is piece sp = i / (N*C) of run r = i % (N*C); it writes
+// raw sums into part_b/part_q at [sp][n][c] (= sp * N*C + r).
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kThreads)
 nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean, int64_t N,
-            int64_t C, int64_t HW, int G, A* __restrict__ part_b, A* __restrict__ part_q) {
+            int64_t C, int64_t HW, int G, int64_t splits, A* __restrict__ part_b, A* __restrict__ part_q) {
   const int lane = threadIdx.x % 32;
   const int g = lane / G, li = lane % G, per_warp = 32 / G;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kThreads / 32;
-  const int64_t runs = N * C, hwv = HW / V;
-  for (int64_t base = warp * per_warp; base < runs; base += warps * per_warp) {  // warp-uniform
-    const int64_t r = base + g;
+  const int64_t runs = N * C, items = runs * splits, hwv = HW / V;
+  for (int64_t base = warp * per_warp; base < items; base += warps * per_warp) {  // warp-uniform
+    const int64_t item = base + g;
     A s = 0, q = 0;
-    if (r < runs) {
+    if (item < items) {
+      const int64_t sp = item / runs, r = item - sp * runs;
+      const int64_t i0 = hwv * sp / splits, i1 = hwv * (sp + 1) / splits;
       const A m = mean[r % C];
       const T* xs = x + r * HW;
       const T* gs = dy + r * HW;
 #pragma unroll 4
-      for (int64_t i = li; i < hwv; i += G) {
+      for (int64_t i = i0 + li; i < i1; i += G) {
         const Vec<T, V> xv = load<T, V>(xs + i * V);
         const Vec<T, V> gv = load<T, V>(gs + i * V);
 #pragma unroll
@@ -388,51 +479,56 @@ nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restri
       s += __shfl_down_sync(0xffffffffu, s, o, G);
       q += __shfl_down_sync(0xffffffffu, q, o, G);
     }
-    if (r < runs && li == 0) {
-      part_b[r] = s;
-      part_q[r] = q;
+    if (item < items && li == 0) {
+      part_b[item] = s;
+      part_q[item] = q;
     }
   }
 }
 
-// channels_last: grid (ceil(C / (32 V)), N, splits), block (32, kRowsPerBlock); block
-// (cx, n, sp) sums its share of sample n's HW rows. Partials at [sp][n][c].
+// channels_last: grid (ceil(C / (lanes V)), min(N, 65535), splits), 1-d blocks as in
+// nhwc_stats_partial; block (cx, ny, sp) sums its share of the HW rows of samples ny, ny +
+// gridDim.y, ... (so any N works). Partials at [sp][n][c].
 template <typename T, typename A, int V>
-__global__ void __launch_bounds__(32 * kRowsPerBlock)
+__global__ void __launch_bounds__(kThreads)
 nhwc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean, int64_t N,
             int64_t C, int64_t HW, A* __restrict__ part_b, A* __restrict__ part_q) {
-  __shared__ A ss[kRowsPerBlock][32][V], sq[kRowsPerBlock][32][V];
-  const int64_t n = blockIdx.y;
+  __shared__ A ss[V][kThreads], sq[V][kThreads];
+  const Lanes L = lanes_for(C, V);
+  const int lane = threadIdx.x % L.lanes, row = threadIdx.x / L.lanes;
   const int splits = gridDim.z, sp = blockIdx.z;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x) * V;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * L.lanes + lane) * V;
   const int64_t h0 = HW * sp / splits, h1 = HW * (sp + 1) / splits;
-  A s[V], q[V], m[V];
+  A m[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    s[j] = q[j] = 0;
-    m[j] = c0 + j < C ? mean[c0 + j] : A(0);
-  }
-  if (c0 < C) {
+  for (int j = 0; j < V; ++j) m[j] = c0 + j < C ? mean[c0 + j] : A(0);
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform: the barrier below is safe
+    A s[V], q[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) s[j] = q[j] = 0;
+    if (c0 < C) {
 #pragma unroll 4
-    for (int64_t h = h0 + threadIdx.y; h < h1; h += kRowsPerBlock) {
-      const int64_t off = (n * HW + h) * C + c0;
-      const Vec<T, V> xv = load<T, V>(x + off);
-      const Vec<T, V> gv = load<T, V>(dy + off);
+      for (int64_t h = h0 + row; h < h1; h += L.rows) {
+        const int64_t off = (n * HW + h) * C + c0;
+        const Vec<T, V> xv = load<T, V>(x + off);
+        const Vec<T, V> gv = load<T, V>(dy + off);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const A gj = static_cast<A>(gv.v[j]);
-        s[j] += gj;
-        q[j] += gj * (static_cast<A>(xv.v[j]) - m[j]);
+        for (int j = 0; j < V; ++j) {
+          const A gj = static_cast<A>(gv.v[j]);
+          s[j] += gj;
+          q[j] += gj * (static_cast<A>(xv.v[j]) - m[j]);
+        }
       }
     }
-  }
-  sum_block_rows<A, V>(s, q, ss, sq);
-  if (threadIdx.y == 0 && c0 < C) {
+    sum_block_rows<A, V>(s, q, ss, sq, L);
+    if (row == 0 && c0 < C) {
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      part_b[(sp * N + n) * C + c0 + j] = s[j];
-      part_q[(sp * N + n) * C + c0 + j] = q[j];
+      for (int j = 0; j < V; ++j) {
+        part_b[(sp * N + n) * C + c0 + j] = s[j];
+        part_q[(sp * N + n) * C + c0 + j] = q[j];
+      }
     }
+    __syncthreads();  // ss/sq are written again by the next sample
   }
 }
 
@@ -535,24 +631,26 @@ void batch_stats(const at::Tensor& x, bool nhwc, double eps, at::Tensor& mean, a
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const bool vec = d.C % V == 0 && aligned16(px);
-    const int64_t width = vec ? 32 * V : 32;
+    const Lanes lanes = lanes_for(d.C, vec ? V : 1);
+    const int64_t width = static_cast<int64_t>(lanes.lanes) * (vec ? V : 1);
     const int64_t gx = (d.C + width - 1) / width;
     const int64_t rows = d.N * d.HW;
-    splits = clamp64((4LL * L.sms + gx - 1) / gx, 1, std::max<int64_t>(1, rows / (kRowsPerBlock * 16)));
+    // at least 16 rows per thread and split
+    splits = clamp64((4LL * L.sms + gx - 1) / gx, 1, std::max<int64_t>(1, rows / (lanes.rows * 16LL)));
     splits = std::min<int64_t>(splits, 65535);
     part = at::empty({2, d.C * splits}, x.options().dtype(mean.scalar_type()));
     A* ps = part.mutable_data_ptr<A>();
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
-    const dim3 block(32, kRowsPerBlock);
     if (vec) {
-      nhwc_stats_partial<T, A, V><<<grid, block, 0, L.stream>>>(px, rows, d.C, ps, ps + d.C * splits);
+      nhwc_stats_partial<T, A, V><<<grid, kThreads, 0, L.stream>>>(px, rows, d.C, ps, ps + d.C * splits);
     } else {
-      nhwc_stats_partial<T, A, 1><<<grid, block, 0, L.stream>>>(px, rows, d.C, ps, ps + d.C * splits);
+      nhwc_stats_partial<T, A, 1><<<grid, kThreads, 0, L.stream>>>(px, rows, d.C, ps, ps + d.C * splits);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const A* ps = part.const_data_ptr<A>();
-  finalize_stats<T, A><<<static_cast<unsigned>((d.C + 127) / 128), 128, 0, L.stream>>>(
+  constexpr int kWarpsPerBlock = kThreads / 32;  // one warp per channel
+  finalize_stats<T, A><<<static_cast<unsigned>((d.C + kWarpsPerBlock - 1) / kWarpsPerBlock), kThreads, 0, L.stream>>>(
       px, nhwc, d.C, d.HW, static_cast<int>(splits), d.N * d.HW, ps, ps + d.C * splits, eps,
       mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(),
       invstd != nullptr ? invstd->mutable_data_ptr<A>() : nullptr);
@@ -567,7 +665,10 @@ void launch_apply(const at::Tensor& x, const at::Tensor& gain, const at::Tensor&
   constexpr int V = vec_width<T>();
   const T* px = x.const_data_ptr<T>();
   T* py = y.mutable_data_ptr<T>();
-  const bool vec = (nhwc ? d.C % V == 0 : d.HW % V == 0) && aligned16(px) && aligned16(py);
+  // channels_last vectors also load V channels' gain/bias/mean/invstd at once: all aligned
+  const bool coef_aligned = !nhwc || (aligned16(gain.const_data_ptr()) && aligned16(bias.const_data_ptr()) &&
+                                      aligned16(mean.const_data_ptr()) && aligned16(invstd.const_data_ptr()));
+  const bool vec = (nhwc ? d.C % V == 0 : d.HW % V == 0) && aligned16(px) && aligned16(py) && coef_aligned;
   const int64_t numel = x.numel();
   const int grid = elementwise_grid(vec ? numel / V : numel, L.sms);
   // numel >= 2^32 is served by the 64-bit-index variants (as the scalar path is for rows of an
@@ -592,8 +693,10 @@ void launch_elemt(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g
   const T* px = x.const_data_ptr<T>();
   const T* pdy = dy.const_data_ptr<T>();
   T* pdx = dx.mutable_data_ptr<T>();
+  const bool coef_aligned = !nhwc || (aligned16(gain.const_data_ptr()) && aligned16(mean.const_data_ptr()) &&
+                                      aligned16(invstd.const_data_ptr()) && aligned16(sum_a) && aligned16(sum_b));
   const bool vec = (nhwc ? d.C % V == 0 : d.HW % V == 0) && aligned16(px) && aligned16(pdy) &&
-                   aligned16(pdx);
+                   aligned16(pdx) && coef_aligned;
   const int64_t numel = x.numel();
   const int grid = elementwise_grid(vec ? numel / V : numel, L.sms);
   auto kernel = small_index(numel)
@@ -618,41 +721,55 @@ int64_t launch_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   const A* pm = mean.const_data_ptr<A>();
   const at::TensorOptions acc = x.options().dtype(mean.scalar_type());
   if (!nhwc) {
-    part = at::empty({2, 1, d.N, d.C}, acc);
-    A* pp = part.mutable_data_ptr<A>();
     const bool vec = d.HW % V == 0 && aligned16(px) && aligned16(pdy);
     const int64_t hwv = vec ? d.HW / V : d.HW;
     int G = 1;
     while (G < 32 && G < hwv) G *= 2;
-    const int64_t warps = (d.N * d.C + (32 / G) - 1) / (32 / G);
+    const int64_t runs = d.N * d.C;
+    // Few long runs (small batch, high resolution: N=4, C=16, 128x128 is 64 runs, 64 warps,
+    // 8 blocks for 132 SMs) split each run over several warps, down to 4 vectors per lane,
+    // until the grid holds ~4 blocks per SM; finalize_backward adds the pieces in order.
+    int64_t splits = 1;
+    const int64_t target_warps = 4LL * L.sms * (kThreads / 32);
+    if (G == 32 && runs < target_warps) {
+      splits = clamp64((target_warps + runs - 1) / runs, 1, std::max<int64_t>(1, hwv / (32 * 4)));
+      splits = std::min<int64_t>(splits, 1024);
+    }
+    part = at::empty({2, splits, d.N, d.C}, acc);
+    A* pp = part.mutable_data_ptr<A>();
+    const int64_t per_warp = 32 / G;
+    const int64_t warps = (runs * splits + per_warp - 1) / per_warp;
     const int grid = static_cast<int>(clamp64((warps * 32 + kThreads - 1) / kThreads, 1, static_cast<int64_t>(L.sms) * 16));
+    A* pq = pp + splits * runs;
     if (vec) {
-      nchw_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, pp, pp + d.N * d.C);
+      nchw_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, splits, pp, pq);
     } else {
-      nchw_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, pp, pp + d.N * d.C);
+      nchw_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, splits, pp, pq);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return 1;
+    return splits;
   }
   const bool vec = d.C % V == 0 && aligned16(px) && aligned16(pdy);
-  const int64_t width = vec ? 32 * V : 32;
+  const Lanes lanes = lanes_for(d.C, vec ? V : 1);
+  const int64_t width = static_cast<int64_t>(lanes.lanes) * (vec ? V : 1);
   const int64_t gx = (d.C + width - 1) / width;
-  int64_t splits = clamp64((4LL * L.sms + gx * d.N - 1) / (gx * d.N), 1,
-                           std::max<int64_t>(1, d.HW / (kRowsPerBlock * 16)));
+  // grid.y walks the samples (any N: a block takes samples y, y + 65535, ...)
+  const int64_t gy = std::min<int64_t>(d.N, 65535);
+  int64_t splits = clamp64((4LL * L.sms + gx * gy - 1) / (gx * gy), 1,
+                           std::max<int64_t>(1, d.HW / (lanes.rows * 16LL)));
   splits = std::min<int64_t>(splits, 65535);
   part = at::empty({2, splits, d.N, d.C}, acc);
   A* pp = part.mutable_data_ptr<A>();
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(d.N), static_cast<unsigned>(splits));
-  const dim3 block(32, kRowsPerBlock);
-  TORCH_CHECK(d.N <= 65535, kOp, ": channels_last backward supports N <= 65535 on CUDA, got ", d.N);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
   if (vec) {
-    nhwc_reduce<T, A, V><<<grid, block, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
+    nhwc_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
   } else {
-    nhwc_reduce<T, A, 1><<<grid, block, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
+    nhwc_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return splits;
 }
+
 
 template <typename T, typename A>
 void launch_finalize_backward(const T* gain, const at::Tensor& invstd, Dims d, int64_t splits,
