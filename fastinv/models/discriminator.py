@@ -1,7 +1,7 @@
 """BigGAN discriminator with projection conditioning on the classifier's logits.
 
 ``D(x, logits) = linear(h) + <embed(logits), h>`` where ``h`` is the ReLU'd, spatially summed
-feature of the residual trunk and ``embed`` is a spectral-normed linear map of the logits
+feature of the residual trunk (summed as in BigGAN, or averaged: ``pool``) and ``embed`` is a spectral-normed linear map of the logits
 (Miyato & Koyama 2018's projection, with the logit vector in place of a one-hot class).
 """
 
@@ -58,12 +58,17 @@ class Discriminator(nn.Module):
 
     def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96,
                  attention_resolution: int = 64, logit_preprocess: str = "none",
-                 logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv"):
+                 logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv",
+                 pool: str = "sum"):
         super().__init__()
+        if pool not in ("sum", "mean"):
+            raise ValueError(f"Discriminator pool must be sum or mean, got {pool!r}")
         with _layers.implementation(layers):
             self._build(num_classes, resolution, ch, attention_resolution, logit_preprocess,
                         logit_temperature, sn_eps)
+        self.pool = pool
         self.config["layers"] = layers
+        self.config["pool"] = pool
 
     def _build(self, num_classes, resolution, ch, attention_resolution, logit_preprocess,
                logit_temperature, sn_eps):
@@ -75,7 +80,7 @@ class Discriminator(nn.Module):
                            sn_eps=sn_eps)
         self.num_classes, self.resolution = num_classes, resolution
         ins, outs, down = D_ARCH[resolution]
-        self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature)
+        self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
         res = resolution
@@ -98,6 +103,7 @@ class Discriminator(nn.Module):
             h = block(h)
             if str(i) in self.attention:
                 h = self.attention[str(i)](h)
-        h = torch.relu(h).sum(dim=(2, 3))
+        h = torch.relu(h)
+        h = h.sum(dim=(2, 3)) if self.pool == "sum" else h.mean(dim=(2, 3))
         proj = (self.embed(self.preprocess(logits)).to(h.dtype) * h).sum(dim=1)
         return self.linear(h).squeeze(1) + proj

@@ -91,7 +91,7 @@ class Generator(nn.Module):
         self.noise_dim = self.chunk * slots
         cond_dim = shared_dim + self.chunk
 
-        self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature)
+        self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
         self.shared = layers.sn_linear(num_classes, shared_dim, sn_eps)
         self.linear = layers.sn_linear(self.chunk, ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
         self.blocks = nn.ModuleList()

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from fastinv.errors import FastinvError
+from fastinv.io import atomic_write_text
 
-class ConfigError(ValueError):
+
+class ConfigError(FastinvError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
@@ -30,6 +33,12 @@ class DataConfig:
     workers: int | None = None  # PIL loader processes (None: the loader's default, 0: inline)
     synthetic_n: int = 2000  # images in the synthetic set made when root is None
     seed: int = 0
+    # Training crops keep a random fraction in [crop_min_scale, 1] of the image area. G learns
+    # to draw what D sees: crops of a small shape, where evaluation shows whole images.
+    crop_min_scale: float = 0.35
+    # decode the split once and serve batches from RAM (whole images + flips; needs
+    # crop_min_scale=1): the demo's data decoded every epoch costs more than its small GAN step
+    in_memory: bool = False
 
 
 @dataclass
@@ -47,10 +56,13 @@ class ModelConfig:
     noise_dim: int = 120
     shared_dim: int = 128
     attention_resolution: int = 0  # 0: no self-attention
-    logit_preprocess: str = "none"  # none (the paper) | standardise | temperature
+    logit_preprocess: str = "none"  # none (the paper) | affine | standardise | temperature
     logit_temperature: float = 1.0
     cross_replica_bn: bool = False  # sync G's batch norm statistics over ranks
     layers: str = "fastinv"  # fastinv (fused SN / CBN kernels) | torch (torch's own layers)
+    # D's pooling of its last feature map: "sum" (BigGAN) grows D's outputs with the map's
+    # area (8x8 at 32 px: |D| of 20-45 at init, a saturated hinge); "mean" keeps them O(1).
+    d_pool: str = "sum"
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -66,7 +78,13 @@ class OptimConfig:
     accumulate: int = 1  # micro-batches per update
     ema_decay: float = 0.9999
     ema_start: int = 1000  # before this G step the EMA copies G
-    aux_logit_weight: float = 0.0  # λ of ||Φ(G(z, ε)) - z||²; 0 = the paper
+    # Options beyond the paper's GAN-only inverter (0 / "" = off, the paper's recipe); a run's
+    # report names the ones it used and bench_quality measures each one's effect.
+    # "logit consistency": λ of mean over logits of (pre(Φ(G(z, ε))) - pre(z))², pre = the
+    # model's logit_preprocess (affine: each logit in units of its training-set std)
+    aux_logit_weight: float = 0.0
+    recon_weight: float = 0.0  # "pixel reconstruction": λ of mean |G(Φ(x), ε) - x| (L1)
+    diffaug: str = ""  # "D augmentation": DiffAugment policy, e.g. "translation,cutout"
 
 
 @dataclass
@@ -125,6 +143,14 @@ PRESETS: dict[str, dict] = {
                     image_every=2000, ckpt_every=2000, out_dir="runs/imagenet-128"),
     },
 }
+
+
+def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
+    """The options beyond the paper's GAN-only inverter that ``cfg`` turns on, by name."""
+    o = cfg.optim
+    named = {"logit consistency": o.aux_logit_weight, "pixel reconstruction": o.recon_weight,
+             "D augmentation": o.diffaug}
+    return {k: v for k, v in named.items() if v}
 
 
 def _resolve(cls, name: str):
@@ -244,7 +270,7 @@ def from_dict(tree: dict) -> TrainConfig:
 
 
 def save_yaml(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -255,6 +281,7 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     from fastinv.models.generator import G_ARCH
     from fastinv.models.layers import LOGIT_PREPROCESS
+    from fastinv.train.augment import parse_policy
 
     d, c, m, o, r = cfg.data, cfg.classifier, cfg.model, cfg.optim, cfg.run
     _require(d.resolution in G_ARCH, f"data.resolution must be one of {sorted(G_ARCH)}, "
@@ -262,6 +289,10 @@ def validate(cfg: TrainConfig) -> None:
     _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _require(d.backend in ("auto", "dali", "pil"), f"data.backend must be auto, dali or pil, "
              f"got {d.backend!r}")
+    _require(0 < d.crop_min_scale <= 1, f"data.crop_min_scale must be in (0, 1], "
+             f"got {d.crop_min_scale}")
+    _require(not d.in_memory or d.crop_min_scale == 1, "data.in_memory=true serves whole images: "
+             "set --data.crop_min_scale=1 (or data.in_memory=false for random crops)")
     _require(d.root is not None or d.synthetic_n >= d.batch_size,
              "data.synthetic_n must be at least data.batch_size")
     _require(":" in c.spec, f"classifier.spec must look like kind:name, got {c.spec!r}")
@@ -279,6 +310,12 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.logit_temperature > 0, "model.logit_temperature must be > 0")
     _require(m.layers in ("fastinv", "torch"), f"model.layers must be fastinv or torch, "
              f"got {m.layers!r}")
+    _require(m.d_pool in ("sum", "mean"), f"model.d_pool must be sum or mean, got {m.d_pool!r}")
+    try:
+        parse_policy(o.diffaug)
+    except ValueError as exc:
+        raise ConfigError(f"optim.diffaug: {exc}") from None
+    _require(o.recon_weight >= 0, "optim.recon_weight must be >= 0")
     _require(o.g_lr > 0 and o.d_lr > 0, "optim.g_lr and optim.d_lr must be > 0")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and beta2 must be in [0, 1)")
     _require(o.d_steps >= 1 and o.accumulate >= 1, "optim.d_steps and optim.accumulate must be >= 1")

@@ -29,6 +29,7 @@ from fastinv.models.generator import Generator
 from fastinv.models.layers import sigma_stats
 from fastinv.ops import hinge_loss_d, hinge_loss_g
 from fastinv.train import checkpoint, distributed
+from fastinv.train.augment import diff_augment, parse_policy
 from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA
 from fastinv.train.monitor import Monitor, image_grid
@@ -45,10 +46,9 @@ class BatchStream:
         self._it = None
 
     def _start(self, skip: int) -> None:
-        self.loader.set_epoch(self.epoch)
+        # resume mid-epoch: the loader starts at batch ``skip`` without decoding the ones before
+        self.loader.set_epoch(self.epoch, start_batch=skip)
         self._it = iter(self.loader)
-        for _ in range(skip):  # resume mid-epoch: the same batches, discarded
-            next(self._it)
 
     def next(self) -> dict:
         if self._it is None:
@@ -70,7 +70,7 @@ def build_models(cfg: TrainConfig, num_classes: int) -> tuple[Generator, Discrim
                   logit_temperature=m.logit_temperature, sn_eps=m.sn_eps, layers=m.layers)
     G = Generator(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim, bn_eps=m.bn_eps,
                   **common)
-    D = Discriminator(ch=m.d_ch, **common)
+    D = Discriminator(ch=m.d_ch, pool=m.d_pool, **common)
     return G, D
 
 
@@ -126,13 +126,22 @@ class InverterTrainer:
         if loader is None:
             from fastinv.data import make_loader
 
-            loader = make_loader(
-                _prepare_data(cfg, self.run_dir, self.classifier, info),
-                resolution=cfg.data.resolution, classifier_size=self.classifier.input_size,
-                classifier_mean=self.classifier.mean, classifier_std=self.classifier.std,
-                batch_size=cfg.data.batch_size, train=True, rank=info.rank,
-                world_size=info.world_size, seed=cfg.data.seed, backend=cfg.data.backend,
-                drop_last=True, device=dev, num_workers=cfg.data.workers)
+            d = cfg.data
+            common = dict(resolution=d.resolution, classifier_size=self.classifier.input_size,
+                          classifier_mean=self.classifier.mean,
+                          classifier_std=self.classifier.std, backend=d.backend, device=dev,
+                          num_workers=d.workers)
+            split = _prepare_data(cfg, self.run_dir, self.classifier, info)
+            if d.in_memory:
+                from fastinv.data.memory import MemoryLoader
+
+                loader = MemoryLoader(make_loader(split, batch_size=256, train=False, **common),
+                                      batch_size=d.batch_size, rank=info.rank,
+                                      world_size=info.world_size, seed=d.seed)
+            else:
+                loader = make_loader(split, batch_size=d.batch_size, train=True, rank=info.rank,
+                                     world_size=info.world_size, seed=d.seed, drop_last=True,
+                                     crop_scale=(d.crop_min_scale, 1.0), **common)
         self.batches = BatchStream(loader)
 
         torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
@@ -146,6 +155,8 @@ class InverterTrainer:
             from fastinv.nn import convert_sync_cbn
 
             self.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(convert_sync_cbn(self.G, None))
+        if cfg.model.logit_preprocess == "affine":
+            self._fit_logit_statistics()
         fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         for net in (self.G, self.D, self.G_ema):
             net.to(dev, memory_format=fmt)
@@ -168,7 +179,32 @@ class InverterTrainer:
             self.G_train, self.D_train = torch.compile(self.G_train), torch.compile(self.D_train)
             self.G_fake, self.D_judge = torch.compile(self.G), torch.compile(self.D)
         self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
+        self.augment = parse_policy(cfg.optim.diffaug)
         self.step = 0
+
+    @torch.no_grad()
+    def _fit_logit_statistics(self, max_images: int = 4096) -> None:
+        """Per-logit mean and std of Φ over (up to ``max_images``) training images, averaged
+        over ranks so every rank's models are identical; fixed for the whole run (a checkpoint
+        carries them)."""
+        zs, n = [], 0
+        self.batches.loader.set_epoch(0)
+        for batch in self.batches.loader:
+            zs.append(self.classifier(self._input(batch["classifier_input"])).float())
+            n += len(zs[-1])
+            if n >= max_images:
+                break
+        z = torch.cat(zs)
+        moments = torch.stack([z.mean(0), z.pow(2).mean(0)])
+        if self.info.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(moments)
+            moments /= self.info.world_size
+        mean, std = moments[0], (moments[1] - moments[0] ** 2).clamp_min(0).sqrt()
+        for net in (self.G, self.D, self.G_ema):
+            net.preprocess.set_statistics(mean, std)
+        self.batches.loader.set_epoch(0)
 
     # --- one training step -------------------------------------------------------------------
 
@@ -191,7 +227,7 @@ class InverterTrainer:
         (0-dim tensors on the device, averaged over micro-batches)."""
         o, acc = self.cfg.optim, self.cfg.optim.accumulate
         stats = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
-        logits = []
+        logits, reals = [], []
         for _ in range(o.d_steps):
             self.opt_D.zero_grad(set_to_none=True)
             for micro in range(acc):
@@ -201,9 +237,11 @@ class InverterTrainer:
                     z = self.classifier(self._input(batch["classifier_input"])).float()
                     fake = self.G_fake(z, self._noise(len(z)))
                 logits.append(z)
+                reals.append(x)
                 with self._sync(self.D_train, micro, acc), self._autocast():
                     # real and fake in one call: DDP sees one forward per backward
-                    out = self.D_train(torch.cat([x, fake.to(x.dtype)]), torch.cat([z, z]))
+                    both = self._augment(torch.cat([x, fake.to(x.dtype)]))
+                    out = self.D_train(both, torch.cat([z, z]))
                     d_real, d_fake = out[: len(x)], out[len(x):]
                     loss = hinge_loss_d(d_real, d_fake)
                 (loss / acc).backward()
@@ -217,14 +255,20 @@ class InverterTrainer:
         self.opt_G.zero_grad(set_to_none=True)
         stats["loss_g"] = stats["aux_logit"] = 0.0
         for micro in range(acc):
-            z = logits[len(logits) - acc + micro]
+            z, x = logits[len(logits) - acc + micro], reals[len(reals) - acc + micro]
             with self._sync(self.G_train, micro, acc), self._autocast():
                 fake = self.G_train(z, self._noise(len(z)))
-                loss = hinge_loss_g(self.D_judge(fake, z))
+                loss = hinge_loss_g(self.D_judge(self._augment(fake), z))
                 stats["loss_g"] += loss.detach() / acc
+                if o.recon_weight > 0:  # x is the image whose logits z are: G(Φ(x), ε) ≈ x
+                    rec = (fake.float() - x.float()).abs().mean()
+                    stats["recon"] = stats.get("recon", 0.0) + rec.detach() / acc
+                    loss = loss + o.recon_weight * rec
                 if o.aux_logit_weight > 0:
-                    aux = (self.classifier(self.classifier.prepare(fake)).float() - z).pow(2)
-                    aux = aux.sum(1).mean()
+                    # on the scale G and D see the logits on (affine: unit variance per logit)
+                    pre = self.G.preprocess
+                    aux = (pre(self.classifier(self.classifier.prepare(fake)).float())
+                           - pre(z)).pow(2).mean()
                     stats["aux_logit"] += aux.detach() / acc
                     loss = loss + o.aux_logit_weight * aux
             (loss / acc).backward()
@@ -233,6 +277,9 @@ class InverterTrainer:
         self.step += 1
         self.ema.update(self.step)
         return stats
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.augment, self.noise_gen) if self.augment else x
 
     def _noise(self, n: int) -> torch.Tensor:
         return self.G.sample_noise(n, generator=self.noise_gen)
@@ -327,7 +374,7 @@ def _run(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     if info.device.type == "cuda":
         torch.backends.cudnn.benchmark = r.cudnn_benchmark
     run_dir = Path(r.out_dir)
-    if not r.resume and checkpoint.latest_checkpoint(run_dir) is not None:  # on every rank
+    if not r.resume and checkpoint.list_checkpoints(run_dir):  # on every rank
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume=true to "
                               "continue it, or choose another --out_dir")
     if info.is_main:

@@ -1,0 +1,85 @@
+"""Decode once, serve batches from memory: for datasets that fit in RAM (the demo's 12,000
+images at 32 px are 36 MB as uint8), the decoding a loader repeats every epoch is the largest
+cost of a small model's step on CPU. ``MemoryLoader`` runs one evaluation pass of any
+``make_loader`` loader (DALI or PIL, whole images, bad files skipped and counted there), keeps
+the decoded uint8 images, and then yields the same batch dicts as the loaders do: shuffled per
+epoch with the loaders' plan (``fastinv.data.plan.epoch_order``, so sharding and
+``set_epoch(e, start_batch=k)`` mean the same), with a seeded horizontal flip.
+
+Crops other than the whole image would need the files again: use the streaming loaders then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastinv.data.plan import epoch_order, num_batches
+
+
+class MemoryLoader:
+    def __init__(self, decoder, *, batch_size: int, train: bool = True, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, drop_last: bool = True, flip: bool = True):
+        """``decoder``: a ``make_loader(..., train=False)`` loader over the whole split (one
+        rank); it is iterated once here."""
+        if decoder.train:
+            raise ValueError("MemoryLoader decodes with an evaluation loader (train=False): "
+                             "whole images, every file once")
+        images, cls, index = [], [], []
+        for batch in decoder:  # normalised floats -> uint8 levels (the loaders' exact inverse)
+            images.append(((batch["image"].cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+            cls.append(batch["classifier_input"].cpu())
+            index.append(batch["index"].cpu())
+        if not images:
+            raise ValueError(f"no image could be decoded from {decoder.source.root}")
+        self.images = torch.cat(images)
+        # classifier inputs stay float (their normalisation is the classifier's), as fp16: half
+        # the memory, and well inside the 8-bit levels' precision
+        self.classifier_inputs = torch.cat(cls).to(torch.float16)
+        self.index = torch.cat(index)
+        self.labels = torch.from_numpy(decoder.source.labels)[self.index]
+        self.source, self.device = decoder.source, decoder.device
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.drop_last, self.flip = rank, world_size, drop_last, flip
+        self._epoch, self._start_batch = 0, 0
+
+    @property
+    def bad_files(self):
+        return self.source.bad_files
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self._epoch, self._start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        return num_batches(len(self.images), rank=self.rank, world_size=self.world_size,
+                           batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, start = self._epoch, self._start_batch
+        self._epoch, self._start_batch = epoch + 1, 0
+        batches = epoch_order(len(self.images), train=self.train, seed=self.seed, epoch=epoch,
+                              rank=self.rank, world_size=self.world_size,
+                              batch_size=self.batch_size, drop_last=self.drop_last)
+        flips = np.random.default_rng([self.seed, epoch, 7]).random(len(self.images)) < 0.5
+        flips &= self.train and self.flip
+        dev = self.device
+        for rows in batches[start:]:
+            r = torch.from_numpy(rows)
+            img = self.images[r].to(dev).float().div_(127.5).sub_(1.0)
+            cls = self.classifier_inputs[r].to(dev).float()
+            f = torch.from_numpy(flips[rows]).to(dev).view(-1, 1, 1, 1)
+            yield {"image": torch.where(f, img.flip(3), img),
+                   "classifier_input": torch.where(f, cls.flip(3), cls),
+                   "label": self.labels[r].to(dev), "index": self.index[r].to(dev)}

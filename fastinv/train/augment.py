@@ -1,0 +1,74 @@
+"""Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020): the same random
+family of transforms is applied to real and generated images, every time D sees them, in D's
+update and in G's. With a few thousand images D otherwise memorises the training set and stops
+giving G a useful signal. The transforms are differentiable in the image, so G's gradient
+flows through them; they never change what G is asked to produce.
+
+Policies (comma-separated): ``translation`` (shift by up to 1/8 of the size, zero fill),
+``cutout`` (a zeroed square of half the size at a random place), ``color`` (brightness,
+saturation, contrast).
+"""
+
+from __future__ import annotations
+
+import torch
+
+POLICIES = ("translation", "cutout", "color")
+
+
+def parse_policy(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown}; choose from {POLICIES} "
+                         "(comma-separated, or empty for none)")
+    return names
+
+
+def _rand(shape, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=gen, device=x.device, dtype=torch.float32)
+
+
+def color(x: torch.Tensor, gen=None) -> torch.Tensor:
+    n = x.shape[0]
+    x = x + (_rand((n, 1, 1, 1), x, gen) - 0.5).to(x.dtype)  # brightness
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (_rand((n, 1, 1, 1), x, gen) * 2).to(x.dtype) + mean  # saturation
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (_rand((n, 1, 1, 1), x, gen) + 0.5).to(x.dtype) + mean  # contrast
+
+
+def translation(x: torch.Tensor, ratio: float = 0.125, gen=None) -> torch.Tensor:
+    n, c, h, w = x.shape
+    sh, sw = max(1, int(h * ratio + 0.5)), max(1, int(w * ratio + 0.5))
+    dy = (_rand((n, 1, 1), x, gen) * (2 * sh + 1)).long() - sh
+    dx = (_rand((n, 1, 1), x, gen) * (2 * sw + 1)).long() - sw
+    iy = torch.arange(h, device=x.device).view(1, h, 1) + dy  # source row of each output row
+    ix = torch.arange(w, device=x.device).view(1, 1, w) + dx
+    inside = ((iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)).unsqueeze(1)
+    flat = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).view(n, 1, h * w).expand(n, c, h * w)
+    out = x.reshape(n, c, h * w).gather(2, flat).view(n, c, h, w)
+    return out * inside.to(x.dtype)
+
+
+def cutout(x: torch.Tensor, ratio: float = 0.5, gen=None) -> torch.Tensor:
+    n, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    # top-left corner anywhere from half outside (top/left) to half outside (bottom/right)
+    y0 = (_rand((n, 1, 1), x, gen) * (h + 1)).long() - ch // 2
+    x0 = (_rand((n, 1, 1), x, gen) * (w + 1)).long() - cw // 2
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    hole = (ys >= y0) & (ys < y0 + ch) & (xs >= x0) & (xs < x0 + cw)
+    return x * (~hole).unsqueeze(1).to(x.dtype)
+
+
+_FNS = {"translation": translation, "cutout": cutout, "color": color}
+
+
+def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator | None = None
+                 ) -> torch.Tensor:
+    """``x`` under each transform of ``policy``, in the order given (identity for ``()``)."""
+    for name in policy:
+        x = _FNS[name](x, gen=gen)
+    return x
