@@ -39,9 +39,35 @@ def test_demo_leaves_everything_a_user_looks_at(demo_dir):
     assert "The paper's findings on this data" in (demo_dir / "report.md").read_text()
 
 
-def test_demo_refuses_to_overwrite_a_run(demo_dir):
-    with pytest.raises(FileExistsError, match="already holds a demo run"):
-        main(["demo", "--preset", "tiny", "--out", str(demo_dir), "--device", "cpu"])
+def test_demo_refuses_to_overwrite_a_run(demo_dir, capsys):
+    assert main(["demo", "--preset", "tiny", "--out", str(demo_dir), "--device", "cpu"]) == 2
+    assert "already holds a demo run" in capsys.readouterr().err
+
+
+def test_tiny_demo_is_inconclusive_on_every_finding(demo_dir):
+    """4 GAN steps and classifiers near chance: no verdict may claim anything."""
+    from fastinv.invert import report
+
+    runs, factors, _ = report.collect(demo_dir)
+    rows = report.findings(runs, factors)
+    assert len(rows) >= 4
+    assert {v for _, v, _ in rows} == {"inconclusive"}, rows
+    assert "inconclusive" in (demo_dir / "report.md").read_text()
+
+
+def test_demo_scores_every_method_with_the_independent_judge(demo_dir):
+    for name in ("standard", "robust"):
+        d = demo_dir / name
+        methods = json.loads((d / "methods.json").read_text())
+        assert {"inverter", "deepsim", "logit NN", "optimization", "real images"} <= set(methods)
+        for m in ("inverter", "deepsim", "logit NN", "optimization"):
+            assert {"judge_vs_label", "judge_vs_judge", "kid"} <= set(methods[m]), m
+        per = json.loads((d / "per_image.json").read_text())
+        assert len(per["methods"]["inverter"]["psnr"]) == len(per["index"])
+        assert (d / "methods.png").is_file()
+        info = json.loads((d / "classifier.json").read_text())
+        assert info["judge"]["arch"] != info["arch"]  # another architecture
+    assert (demo_dir / "classifiers" / "judge.safetensors").is_file()
 
 
 def test_invert_and_report_commands_on_the_demo_inverter(demo_dir, tmp_path, capsys):

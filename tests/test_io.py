@@ -86,10 +86,9 @@ def test_remove_stale_tmp_leaves_live_writers_and_other_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".b.json.{os.getppid()}.tmp", "c.json"]
 
 
-# Calls that write a file directly, bypassing fastinv.io. config.save_yaml is the one known
-# exception left (fastinv/train/config.py is being rewritten; it is to call atomic_write_text).
+# Calls that write a file directly, bypassing fastinv.io.
 _DIRECT_WRITES = {"write_text", "write_bytes", "save_file", "savez", "savefig", "dump"}
-_ALLOWED = {("train/config.py", "write_text")}
+_ALLOWED: set[tuple[str, str]] = set()
 
 
 def _direct_writes(path: Path) -> list[tuple[str, int]]:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,16 +19,31 @@ def _write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def _fake_run(root, robust_psnr, standard_psnr, robust_std, standard_std, mis_psnr=20.0):
-    for name, robust, psnr, std in (("robust", True, robust_psnr, robust_std),
-                                    ("standard", False, standard_psnr, standard_std)):
-        _write(root / name / "classifier.json", {"name": name, "robust": robust, "val_accuracy": 0.9})
-        _write(root / name / "analyses" / "reconstruct" / "metrics.json", {"psnr": psnr, "ssim": psnr / 100})
-        _write(root / name / "analyses" / "resample" / "metrics.json", {"noise_std": std})
+def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0):
+    """A hand-made run whose per-image numbers differ by ``diff`` in the paper's direction
+    (diff > 0), against it (diff < 0) or not at all (diff = 0: noise only)."""
+    rng = np.random.default_rng(seed)
+    index = list(range(100, 100 + n))
+    base_psnr, base_std = rng.normal(15, 1, n), rng.uniform(0.05, 0.1, n)
+    for name, robust in (("robust", True), ("standard", False)):
+        sign = 1 if robust else 0
+        psnr = base_psnr + sign * diff + rng.normal(0, 0.3, n)
+        std = base_std - sign * diff * 0.01 + rng.normal(0, 0.003, n)
+        _write(root / name / "classifier.json",
+               {"name": name, "robust": robust, "val_accuracy": val_accuracy})
+        _write(root / name / "methods.json", {"inverter": {"psnr": float(psnr.mean()),
+                                                           "judge_vs_label": judge}})
+        _write(root / name / "per_image.json",
+               {"index": index, "methods": {"inverter": {"psnr": psnr.tolist()}}})
+        _write(root / name / "analyses" / "resample" / "metrics.json",
+               {"noise_std": float(std.mean()), "noise_std_per_image": std.tolist(), "index": index})
+        own = rng.normal(14, 0.5, 8)
         _write(root / name / "analyses" / "misclassified" / "metrics.json",
-               {"n_misclassified": 3, "psnr": mis_psnr, "psnr_vs_other_images": 12.0,
-                "correct_psnr": 21.0})
-    _write(root / "factors.json", {"standard": {"real": {"x": 0.9}, "inverter": {"x": 0.7, "y": 0.1}}})
+               {"n_misclassified": 8, "psnr_per_image": (own + diff).tolist(),
+                "psnr_vs_other_per_image": own.tolist()})
+    r2 = {"mean": 0.3 * diff, "lo": 0.3 * diff - 0.05, "hi": 0.3 * diff + 0.05, "n": n}
+    _write(root / "factors.json", {"standard": {"real": {"x": 0.9}, "inverter": {"x": r2["mean"]},
+                                                "_intervals": {"inverter": {"x": r2}}}})
 
 
 def _verdicts(root):
@@ -35,16 +51,31 @@ def _verdicts(root):
     return {claim.split()[0]: verdict for claim, verdict, _ in report.findings(runs, factors)}
 
 
-def test_verdicts_follow_the_numbers(tmp_path):
-    _fake_run(tmp_path / "a", robust_psnr=20, standard_psnr=15, robust_std=0.01, standard_std=0.05)
-    v = _verdicts(tmp_path / "a")
-    assert v == {"Robust": "reproduced", "Noise": "reproduced", "Misclassified": "reproduced",
-                 "Logits": "reproduced"}
-    _fake_run(tmp_path / "b", robust_psnr=15, standard_psnr=20, robust_std=0.05, standard_std=0.01,
-              mis_psnr=12.5)
-    v = _verdicts(tmp_path / "b")
-    assert v["Robust"] == "not reproduced" and v["Noise"] == "not reproduced"
-    assert v["Misclassified"] == "not reproduced"
+def test_verdict_reproduced_when_every_interval_excludes_zero_in_the_papers_direction(tmp_path):
+    _fake_run(tmp_path, diff=1.0)
+    assert _verdicts(tmp_path) == {"Robust": "reproduced", "Noise": "reproduced",
+                                   "Misclassified": "reproduced", "Logits": "reproduced"}
+
+
+def test_verdict_contradicted_when_the_intervals_exclude_zero_the_other_way(tmp_path):
+    _fake_run(tmp_path, diff=-1.0)
+    assert _verdicts(tmp_path) == {"Robust": "contradicted", "Noise": "contradicted",
+                                   "Misclassified": "contradicted", "Logits": "contradicted"}
+
+
+def test_verdict_inconclusive_when_the_intervals_include_zero(tmp_path):
+    _fake_run(tmp_path, diff=0.0)
+    assert set(_verdicts(tmp_path).values()) == {"inconclusive"}
+
+
+def test_verdict_inconclusive_when_a_quality_gate_fails_whatever_the_interval(tmp_path):
+    _fake_run(tmp_path / "weak_clf", diff=1.0, val_accuracy=0.5)
+    assert set(_verdicts(tmp_path / "weak_clf").values()) == {"inconclusive"}
+    _fake_run(tmp_path / "weak_inv", diff=1.0, judge=0.2)
+    runs, factors, _ = report.collect(tmp_path / "weak_inv")
+    rows = report.findings(runs, factors)
+    assert {v for _, v, _ in rows} == {"inconclusive"}
+    assert all("judge agreement" in e for _, _, e in rows)
 
 
 def test_findings_without_evidence_are_not_tested(tmp_path):
@@ -82,7 +113,7 @@ def test_missing_run_dir_is_a_clear_error(tmp_path):
 
 
 def test_report_cautions_about_classifiers_near_chance(tmp_path):
-    _fake_run(tmp_path, robust_psnr=20, standard_psnr=15, robust_std=0.01, standard_std=0.05)
+    _fake_run(tmp_path, diff=1.0)
     _write(tmp_path / "robust" / "classifier.json",
            {"name": "robust", "robust": True, "val_accuracy": 0.3, "num_classes": 4})
     runs, _, _ = report.collect(tmp_path)

@@ -24,6 +24,7 @@ from fastinv.invert.metrics import (
     json_safe,
     noise_std,
     pixel_fidelity,
+    psnr_per_image,
     reconstruction_metrics,
 )
 from fastinv.io import atomic_write_json
@@ -161,7 +162,10 @@ def resample(
         for j in range(k)
     ]
     metrics = {key: sum(m[key] for m in per_draw) / k for key in per_draw[0]}
-    metrics.update(noise_std=std.mean().item(), k=k, n_images=len(data))
+    metrics.update(noise_std=std.mean().item(), k=k, n_images=len(data),
+                   # per image, with the dataset rows, so the report can pair two classifiers
+                   noise_std_per_image=std.mean(dim=(1, 2)).tolist(),
+                   index=None if data.index is None else data.index.tolist())
     show = min(n_show, len(data))
     columns = [data.images[:show]] + [samples[:show, j] for j in range(k)]
     figures.save_columns(columns, out_dir / "resample.png", upscale=2)
@@ -201,6 +205,8 @@ def misclassified(
     clash = others.to(wrong.device) == wrong
     others[clash.cpu()] = (others[clash.cpu()] + 1) % len(data)
     metrics["psnr_vs_other_images"] = pixel_fidelity(rec, data.images[others.to(wrong.device)])["psnr"]
+    metrics["psnr_per_image"] = psnr_per_image(rec, sub.images).tolist()
+    metrics["psnr_vs_other_per_image"] = psnr_per_image(rec, data.images[others.to(wrong.device)]).tolist()
     # Reference point: reconstructions of correctly classified images of the same run.
     right = (pred == data.labels).nonzero().flatten()
     if right.numel() > 0:

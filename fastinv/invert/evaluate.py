@@ -4,7 +4,8 @@ Layout written under a classifier's folder (what ``fastinv.invert.report`` reads
 
     <dir>/classifier.json                 name, robust or not, accuracies
     <dir>/analyses/<analysis>/metrics.json + PNGs
-    <dir>/methods.json                    inverter vs DeePSiM vs optimization, same images
+    <dir>/methods.json                    inverter vs DeePSiM vs NN vs optimization, same images
+    <dir>/per_image.json                  per-image values of each method (for intervals)
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from fastinv.invert import analyses
+from fastinv.invert import analyses, figures, quality
 from fastinv.invert.baselines import OptimizationConfig, optimize_inversion
-from fastinv.invert.metrics import json_safe, reconstruction_metrics
+from fastinv.invert.metrics import classifier_logits, json_safe, reconstruction_metrics
 from fastinv.io import atomic_write_text
 
 ANALYSES = ("reconstruct", "resample", "misclassified", "shift", "scale", "perturb")
@@ -79,46 +80,102 @@ def compare_methods(
     decoders: dict[str, torch.nn.Module],
     out_path: str | Path,
     *,
+    judge=None,
     optimization: OptimizationConfig | None = None,
     n_optimization: int = 32,
     seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    n_show: int = 8,
 ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """Metrics of each feedforward decoder and of optimization-based inversion on ``data``.
 
     Feedforward methods see every image; optimization, which costs ``steps × restarts``
     classifier passes per image, sees the first ``n_optimization`` — and each feedforward
     method is also scored on that subset (``*_opt_subset`` entries) so the comparison is on
-    the same images. Returns (metrics by method, reconstructions by method).
+    the same images. With a ``judge`` (an independent classifier, see
+    ``fastinv.invert.quality``) every method also gets judge agreement and KID, and the
+    per-image values go to ``per_image.json`` beside ``out_path`` for the report's intervals.
+    Returns (metrics by method, reconstructions by method).
     """
     device = data.logits.device
     results: dict[str, dict] = {}
     recs: dict[str, torch.Tensor] = {}
+    per: dict[str, dict[str, list]] = {}
     n_opt = min(n_optimization, len(data))
     sub = data.subset(torch.arange(n_opt, device=device))
+    judge_orig = real_feats = None
+    if judge is not None:
+        with torch.no_grad():
+            judge_orig = classifier_logits(judge, data.images).argmax(1)
+        real_feats = quality.judge_features(judge, data.images)
+
+    def score(rec, images, labels, logits, jorig):
+        m = reconstruction_metrics(classifier, rec, images, labels, logits)
+        if judge is not None:
+            values = quality.per_image(classifier, judge, rec, images, labels, logits, jorig)
+            m.update({k: v.mean().item() for k, v in values.items() if k.startswith("judge")})
+            m.update(quality.realism(judge, data.images, rec, seed=seed, real_features=real_feats))
+            return m, values
+        return m, None
+
     for name, dec in decoders.items():
         rec, secs = _timed(lambda dec=dec: analyses.invert(dec, data.logits, seed=seed), device)
         rec = analyses.match_size(rec, data.images)
-        m = reconstruction_metrics(classifier, rec, data.images, data.labels, data.logits)
+        m, values = score(rec, data.images, data.labels, data.logits, judge_orig)
         m["seconds_per_image"] = secs / len(data)
         m["n_images"] = len(data)
         results[name] = m
         recs[name] = rec
+        if values is not None:
+            per[name] = {k: v.tolist() for k, v in values.items()}
         if n_opt > 0:
-            results[f"{name}_opt_subset"] = reconstruction_metrics(
-                classifier, rec[:n_opt], sub.images, sub.labels, sub.logits)
+            results[f"{name}_opt_subset"] = score(
+                rec[:n_opt], sub.images, sub.labels, sub.logits,
+                None if judge_orig is None else judge_orig[:n_opt])[0]
     if n_opt > 0 and optimization is not None:
         res = optimize_inversion(classifier, sub.logits, data.images.shape[-1], optimization)
-        m = reconstruction_metrics(classifier, res.images, sub.images, sub.labels, sub.logits)
+        m, _ = score(res.images, sub.images, sub.labels, sub.logits,
+                     None if judge_orig is None else judge_orig[:n_opt])
         m.update(seconds_per_image=res.seconds / n_opt, n_images=n_opt,
                  logit_distance_start=res.initial_distance.mean().item(),
                  logit_distance_end=res.logit_distance.mean().item(),
                  steps=optimization.steps, restarts=optimization.restarts)
         results["optimization"] = m
         recs["optimization"] = res.images
+    if judge is not None:  # the ceiling: the judge on the originals themselves
+        results["real images"] = {
+            "judge_vs_label": (judge_orig == data.labels.to(judge_orig.device)).float().mean().item(),
+            "n_images": len(data)}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(json_safe(results), indent=2))
+    if judge is not None and n_show > 0:
+        _judged_figure(judge, data, recs, out_path.parent / "methods.png", class_names, n_show)
+    if per:
+        index = data.index.tolist() if data.index is not None else list(range(len(data)))
+        atomic_write_text(out_path.parent / "per_image.json", json.dumps(json_safe(
+            {"index": index, "labels": data.labels.tolist(), "methods": per})))
     return results, recs
+
+
+def _judged_figure(judge, data, recs: dict[str, torch.Tensor], path: Path,
+                   class_names: Sequence[str] | None, n_show: int) -> None:
+    """Rows: images; columns: original | each method's x̂; every tile captioned with the
+    judge's label (✓ when it is the original's true class). Nearest-neighbour upscaled."""
+    n = min(n_show, len(data), *(r.shape[0] for r in recs.values()))
+    names = list(class_names) if class_names else [str(i) for i in range(data.logits.shape[1])]
+    tiles, titles = [], []
+    cols = {"x (real)": data.images[:n], **{k: v[:n] for k, v in recs.items()}}
+    with torch.no_grad():
+        judged = {k: classifier_logits(judge, v).argmax(1) for k, v in cols.items()}
+    for i in range(n):
+        for k, imgs in cols.items():
+            j = int(judged[k][i])
+            tiles.append(imgs[i])
+            mark = "✓" if j == int(data.labels[i]) else "✗"
+            titles.append(f"{k}\njudge: {names[j]} {mark}" if i == 0 else f"{names[j]} {mark}")
+    figures.save_titled_grid(torch.stack(tiles), titles, path, ncol=len(cols),
+                             suptitle=f"true classes: {', '.join(names[int(c)] for c in data.labels[:n])}")
 
 
 def write_classifier_info(out_dir: str | Path, info: dict) -> None:

@@ -89,6 +89,12 @@ def pixel_fidelity(rec: torch.Tensor, orig: torch.Tensor) -> dict[str, float]:
     return {"psnr": psnr.mean().item(), "ssim": float(ssim)}
 
 
+def psnr_per_image(rec: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) of each image pair (N,), images in [-1, 1]; 100 dB for identical images."""
+    mse = (((rec.float() + 1) / 2).clamp(0, 1) - ((orig.float() + 1) / 2).clamp(0, 1)).pow(2)
+    return -10 * torch.log10(mse.flatten(1).mean(1).clamp_min(1e-10))
+
+
 def noise_std(resamples: torch.Tensor) -> torch.Tensor:
     """Per-pixel std over K resamples: (N, K, C, H, W) in [-1, 1] -> (N, H, W) in [0, 1] units.
 

@@ -20,10 +20,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastinv.invert.stats import Gate, Interval, Verdict, bootstrap_diff, verdict
 from fastinv.io import atomic_write_text
-
-MARGIN_DB = 1.0  # PSNR gap that counts as "clearly above chance" for misclassified images
-RETAINED_R2 = 0.5  # a factor counts as retained by the logits at R² >= this on reconstructions
 
 
 @dataclass
@@ -33,6 +31,7 @@ class ClassifierRun:
     info: dict = field(default_factory=dict)
     analyses: dict[str, dict] = field(default_factory=dict)
     methods: dict[str, dict] = field(default_factory=dict)
+    per_image: dict = field(default_factory=dict)  # per_image.json: per-image values by method
 
     @property
     def robust(self) -> bool | None:
@@ -78,6 +77,7 @@ def collect(run_dir: str | Path) -> tuple[list[ClassifierRun], dict, dict]:
         for m in sorted((root / "analyses").glob("*/metrics.json")):
             run.analyses[m.parent.name] = _read(m)
         run.methods = _read(root / "methods.json")
+        run.per_image = _read(root / "per_image.json")
         runs.append(run)
     if not runs:
         raise FileNotFoundError(f"{run_dir} holds no analyses/*/metrics.json or methods.json; "
@@ -86,6 +86,12 @@ def collect(run_dir: str | Path) -> tuple[list[ClassifierRun], dict, dict]:
 
 
 # ---- findings -------------------------------------------------------------------------------
+# A finding is "reproduced" only when its paired bootstrap 95% interval over images excludes 0
+# in the paper's direction AND these quality gates hold; "contradicted" when it excludes 0 the
+# other way (gates holding); otherwise "inconclusive", with the reason.
+CLASSIFIER_GATE = 0.90  # Φ's validation accuracy (clean, for the robust one too)
+JUDGE_GATE = 0.50  # the inverter's judge agreement: judge(x̂) = true label (chance 1 / classes)
+MIN_MISCLASSIFIED = 5  # misclassified held-out images needed to test that finding
 
 
 def _inverter(run: ClassifierRun, key: str) -> float:
@@ -94,66 +100,111 @@ def _inverter(run: ClassifierRun, key: str) -> float:
     return _num(run.analyses.get("reconstruct", {}).get(key))
 
 
+def _gates(run: ClassifierRun) -> list[Gate]:
+    return [Gate(f"{run.name} Φ val acc", _num(run.info.get("val_accuracy")), CLASSIFIER_GATE),
+            Gate(f"{run.name} inverter judge agreement", _inverter(run, "judge_vs_label"),
+                 JUDGE_GATE)]
+
+
+def _paired(a: ClassifierRun, b: ClassifierRun, get) -> tuple[list[float], list[float]] | None:
+    """Per-image values of ``a`` and ``b`` on the images both evaluated (by dataset row)."""
+    va, vb = get(a), get(b)
+    if va is None or vb is None:
+        return None
+    common = sorted(set(va) & set(vb))
+    return ([va[i] for i in common], [vb[i] for i in common]) if len(common) >= 2 else None
+
+
+def _inverter_per_image(key: str):
+    def get(run: ClassifierRun):
+        m = run.per_image.get("methods", {}).get("inverter", {})
+        if key not in m:
+            return None
+        return dict(zip(run.per_image["index"], m[key]))
+    return get
+
+
+def _noise_per_image(run: ClassifierRun):
+    r = run.analyses.get("resample", {})
+    if "noise_std_per_image" not in r:
+        return None
+    index = r.get("index") or list(range(len(r["noise_std_per_image"])))
+    return dict(zip(index, r["noise_std_per_image"]))
+
+
+def _row(claim: str, v: Verdict, evidence: str) -> tuple[str, str, str]:
+    return claim, v.outcome, f"{evidence}. {v.reason}"
+
+
 def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) for each of the paper's findings checked here."""
     out = []
     robust = [r for r in runs if r.robust is True]
     standard = [r for r in runs if r.robust is False]
+    pair = (robust[0], standard[0]) if robust and standard else None
 
     claim = "Robust classifiers' logits give closer reconstructions"
-    if robust and standard:
-        r, s = robust[0], standard[0]
-        better = [k for k in ("psnr", "ssim") if _inverter(r, k) > _inverter(s, k)]
-        verdict = {2: "reproduced", 1: "partly reproduced", 0: "not reproduced"}[len(better)]
-        ev = (f"inverter PSNR {_fmt(_inverter(r, 'psnr'), 2)} dB ({r.name}) vs "
-              f"{_fmt(_inverter(s, 'psnr'), 2)} dB ({s.name}); SSIM {_fmt(_inverter(r, 'ssim'))} "
-              f"vs {_fmt(_inverter(s, 'ssim'))}")
+    values = _paired(*pair, _inverter_per_image("psnr")) if pair else None
+    if values:
+        r, s = pair
+        iv = bootstrap_diff(*values)
+        v = verdict(iv, +1, _gates(r) + _gates(s))
+        out.append(_row(claim, v, f"inverter PSNR, {r.name} − {s.name}, paired over {iv.n} "
+                                  f"images: {iv} dB"))
     else:
-        verdict, ev = "not tested", "needs one standard and one robust classifier in the run"
-    out.append((claim, verdict, ev))
+        out.append((claim, "not tested", "needs per-image inverter results for one standard "
+                                         "and one robust classifier"))
 
     claim = "Noise changes non-robust reconstructions more (logits of robust models pin down more)"
-    rs = [_num(r.analyses.get("resample", {}).get("noise_std")) for r in robust[:1]]
-    ss = [_num(s.analyses.get("resample", {}).get("noise_std")) for s in standard[:1]]
-    if rs and ss and not (math.isnan(rs[0]) or math.isnan(ss[0])):
-        verdict = "reproduced" if ss[0] > rs[0] else "not reproduced"
-        ev = (f"mean per-pixel std over noise draws {_fmt(ss[0], 4)} ({standard[0].name}) vs "
-              f"{_fmt(rs[0], 4)} ({robust[0].name})")
+    values = _paired(*pair, _noise_per_image) if pair else None
+    if values:
+        r, s = pair
+        iv = bootstrap_diff(values[1], values[0])
+        v = verdict(iv, +1, _gates(r) + _gates(s))
+        out.append(_row(claim, v, f"per-pixel std over noise draws, {s.name} − {r.name}, paired "
+                                  f"over {iv.n} images: {iv}"))
     else:
-        verdict, ev = "not tested", "needs resample results for a standard and a robust classifier"
-    out.append((claim, verdict, ev))
+        out.append((claim, "not tested", "needs per-image resample results for a standard and "
+                                         "a robust classifier"))
 
-    claim = "Misclassified images still reconstruct the original image"
-    parts, verdicts = [], []
     for r in runs:
+        claim = f"Misclassified images still reconstruct the original image ({r.name})"
         m = r.analyses.get("misclassified", {})
-        if not m.get("n_misclassified"):
+        own, other = m.get("psnr_per_image"), m.get("psnr_vs_other_per_image")
+        n = int(m.get("n_misclassified") or 0)
+        if not own or not other:
+            out.append((claim, "not tested", "no misclassified held-out image"
+                        if not n else "no per-image PSNR in misclassified/metrics.json"))
             continue
-        own, other = _num(m.get("psnr")), _num(m.get("psnr_vs_other_images"))
-        verdicts.append(own > other + MARGIN_DB)
-        parts.append(f"{r.name}: {m['n_misclassified']} images, PSNR to own original "
-                     f"{_fmt(own, 2)} dB vs {_fmt(other, 2)} dB to other images "
-                     f"(correctly classified: {_fmt(m.get('correct_psnr'), 2)} dB)")
-    if verdicts:
-        verdict = ("reproduced" if all(verdicts) else
-                   "partly reproduced" if any(verdicts) else "not reproduced")
-        ev = "; ".join(parts) + f" (criterion: at least {MARGIN_DB:g} dB above other images)"
-    else:
-        verdict, ev = "not tested", "no classifier got any evaluated image wrong"
-    out.append((claim, verdict, ev))
+        iv = bootstrap_diff(own, other) if n >= 2 else None
+        gates = _gates(r) + [Gate(f"{r.name} misclassified images", n, MIN_MISCLASSIFIED)]
+        v = verdict(iv, +1, gates)
+        out.append(_row(claim, v, f"{n} images: PSNR of x̂ to its own x minus to another "
+                                  f"held-out image: {iv if iv else '–'} dB"))
 
-    claim = "Logits keep more than the class (nuisance factors can be read off reconstructions)"
-    kept = {}
     for clf, table in factors.items():
-        inv = table.get("inverter", {})
-        kept[clf] = sorted(f for f, v in inv.items() if _num(v) >= RETAINED_R2)
-    if kept:
-        verdict = "reproduced" if any(kept.values()) else "not reproduced"
-        ev = "; ".join(f"{c}: {', '.join(v) if v else 'none'}" for c, v in kept.items())
-        ev = f"factors with R² ≥ {RETAINED_R2:g} on inverter reconstructions — {ev}"
-    else:
-        verdict, ev = "not tested", "no factor table (needs the synthetic dataset's factors.csv)"
-    out.append((claim, verdict, ev))
+        claim = (f"Logits keep more than the class: nuisance factors can be read off "
+                 f"reconstructions ({clf})")
+        intervals = table.get("_intervals", {}).get("inverter")
+        run = next((r for r in runs if r.name == clf), None)
+        if not intervals or run is None:
+            out.append((claim, "not tested", "no factor intervals (needs the synthetic "
+                                             "dataset's factors.csv)"))
+            continue
+        ivs = {f: Interval(**d) for f, d in intervals.items()}
+        kept = sorted(f for f, iv in ivs.items() if iv.lo > 0)
+        failed = [g for g in _gates(run) if not g.holds]
+        if failed:
+            outcome, reason = "inconclusive", "quality gate not met: " + "; ".join(map(str, failed))
+        elif kept:
+            outcome, reason = "reproduced", "R² interval above 0 for " + ", ".join(kept)
+        elif all(iv.hi < 0 for iv in ivs.values()):
+            outcome, reason = "contradicted", "every factor's R² interval is below 0"
+        else:
+            outcome, reason = "inconclusive", "no factor's R² interval lies above 0"
+        ev = "; ".join(f"{f} {iv}" for f, iv in sorted(ivs.items()))
+        out.append((claim, outcome, f"R² of the factor regressor on inverter outputs (95% "
+                                    f"bootstrap over images): {ev}. {reason}"))
     return out
 
 
@@ -173,9 +224,9 @@ def weak_classifiers(runs: list[ClassifierRun]) -> list[str]:
 
 # ---- document model: blocks rendered to Markdown and HTML ----------------------------------
 
-METHOD_KEYS = (("top1_vs_orig", "top-1 agree Φ(x)"), ("top1_vs_label", "top-1 vs label"),
-               ("top5_vs_label", "top-5 vs label"), ("logit_cosine", "logit cos"),
-               ("logit_rel_l2", "logit rel L2"), ("psnr", "PSNR dB"), ("ssim", "SSIM"),
+METHOD_KEYS = (("judge_vs_label", "judge: x̂ is x's class"), ("judge_vs_judge", "judge(x̂) = judge(x)"),
+               ("kid", "KID (judge features)"), ("top1_vs_orig", "Φ(x̂) = Φ(x) top-1"),
+               ("logit_cosine", "logit cos"), ("psnr", "PSNR dB"), ("ssim", "SSIM"),
                ("seconds_per_image", "s / image"))
 FIGURES = (("reconstruct", "reconstruct.png", "original | reconstructions (two noise draws)"),
            ("resample", "resample.png", "original | reconstructions with fresh noise"),
@@ -205,6 +256,20 @@ def build_blocks(run_dir: Path) -> list[tuple]:
     b.append(("h", 2, "The paper's findings on this data"))
     rows = [[c, v, e] for c, v, e in findings(runs, factors)]
     b.append(("table", ["finding (Teterwak et al. 2021)", "verdict", "evidence"], rows))
+    b.append(("p", "A finding is *reproduced* only when its paired bootstrap 95% interval over "
+                   "held-out images excludes 0 in the paper's direction and the quality gates "
+                   f"hold: Φ's validation accuracy ≥ {CLASSIFIER_GATE:.0%} and the inverter's "
+                   f"judge agreement (judge(x̂) = x's class) ≥ {JUDGE_GATE:.0%} for every "
+                   "classifier the finding compares (and ≥ "
+                   f"{MIN_MISCLASSIFIED} misclassified images for that finding); *contradicted* "
+                   "when it excludes 0 the other way; otherwise *inconclusive*, with the reason."))
+    options = {r.name: r.info.get("inverter_options") for r in runs if "inverter_options" in r.info}
+    if options:
+        text = "; ".join(f"{n}: " + (", ".join(f"{k} ({v})" for k, v in o.items()) or
+                                     "none (the paper's GAN-only recipe)")
+                         for n, o in options.items())
+        b.append(("p", "Inverter options beyond the paper's GAN-only recipe used by this run — "
+                       + text + ". `benchmarks/bench_quality.py` measures each option's effect."))
     weak = weak_classifiers(runs)
     if weak:
         b.append(("p", "Caution: " + "; ".join(weak) + ". The paper's findings are about "
@@ -213,17 +278,28 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                   "`gpu` preset on a GPU)."))
 
     b.append(("h", 2, "Classifiers"))
-    rows = [[r.name, {True: "yes", False: "no"}.get(r.robust, "?"),
+    rows = [[r.name, r.info.get("arch", "?"), {True: "yes", False: "no"}.get(r.robust, "?"),
              _fmt(r.info.get("val_accuracy")), _fmt(r.info.get("val_robust_accuracy"))]
             for r in runs]
-    b.append(("table", ["classifier", "robust", "val acc", "val acc under PGD"], rows))
+    judges = {json.dumps(r.info["judge"], sort_keys=True) for r in runs if "judge" in r.info}
+    for j in sorted(judges):
+        j = json.loads(j)
+        rows.append([f"judge (seed {j.get('seed')}, evaluation only)", j.get("arch", "?"), "no",
+                     _fmt(j.get("val_accuracy")), "–"])
+    b.append(("table", ["classifier", "architecture", "robust", "val acc", "val acc under PGD"],
+              rows))
 
     b.append(("h", 2, "Methods on the same images"))
     b.append(("p", "Inverter = the logit-conditioned GAN inverter; DeePSiM = feedforward decoder "
-                   "with pixel + feature + adversarial losses; optimization = gradient descent on "
-                   "x (TV/L2 prior, restarts), on a subset — the `_opt_subset` rows score the "
-                   "feedforward methods on that same subset. Noise std is the inverter's mean "
-                   "per-pixel std over noise draws (the decoders are deterministic)."))
+                   "with pixel + feature + adversarial losses; logit NN = the training image whose "
+                   "logits are nearest (what the logits pin down within the data, no training); "
+                   "optimization = gradient descent on x (TV/L2 prior, restarts), on a subset — "
+                   "the `_opt_subset` rows score the feedforward methods on that same subset. "
+                   "The judge is a classifier of another architecture and seed trained only on "
+                   "real images (the `real images` row is its accuracy on the originals: the "
+                   "ceiling); KID is measured in its feature space against the real held-out "
+                   "images (lower is more realistic). Noise std is the inverter's mean per-pixel "
+                   "std over noise draws (the other methods are deterministic)."))
     header = ["classifier", "method"] + [h for _, h in METHOD_KEYS] + ["noise std"]
     rows = []
     for r in runs:
@@ -246,7 +322,7 @@ def build_blocks(run_dir: Path) -> list[tuple]:
         b.append(("p", "A CNN trained on real images predicts each nuisance factor; `real` is its "
                        "R² on held-out real images (the ceiling), the other columns its R² on each "
                        "method's reconstructions against the originals' factors."))
-        cols = [(c, m) for c, t in factors.items() for m in t]
+        cols = [(c, m) for c, t in factors.items() for m in t if not m.startswith("_")]
         names = sorted({f for t in factors.values() for d in t.values() for f in d})
         rows = [[f] + [_fmt(factors[c][m].get(f)) for c, m in cols] for f in names]
         b.append(("table", ["factor"] + [f"{c}/{m}" for c, m in cols], rows))
@@ -265,6 +341,10 @@ def build_blocks(run_dir: Path) -> list[tuple]:
     b.append(("h", 2, "Figures"))
     for r in runs:
         b.append(("h", 3, r.name))
+        if (r.path / "methods.png").is_file():
+            b.append(("img", (r.path / "methods.png").relative_to(run_dir).as_posix(),
+                      f"{r.name}: original | each method's reconstruction, captioned with the "
+                      "judge's label (✓: the original's true class)"))
         for analysis, fname, caption in FIGURES:
             p = r.path / "analyses" / analysis / fname
             if p.is_file():

@@ -12,6 +12,7 @@
                          load only files you trust
     fastinv:small_resnet the project's small ResNet, as saved by ``fastinv classifier train``
                          (``.safetensors`` + ``.json`` sidecar with arch, classes, normalisation)
+    fastinv:small_cnn    the plain VGG-style CNN the demo trains as its evaluation judge
 
 Weights come only from local files (nothing is downloaded); tensors are read with safetensors
 or ``torch.load(weights_only=True)``, so a weights checkpoint cannot run code. The result is frozen:
@@ -27,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastinv.models.small_cnn import SmallCNN
 from fastinv.models.small_resnet import SmallResNet
+
+# the project's own architectures, by the name in a spec (fastinv:<name>) and in the sidecar
+FASTINV_ARCHS = {"small_resnet": SmallResNet, "small_cnn": SmallCNN}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -197,14 +202,15 @@ def sidecar_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def save_small_resnet(model: SmallResNet, path: str | Path, *, input_size: int, mean, std,
-                      extra: dict | None = None) -> Path:
+def save_small_resnet(model: SmallResNet | SmallCNN, path: str | Path, *, input_size: int, mean,
+                      std, extra: dict | None = None) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically."""
     from fastinv.io import atomic_save_safetensors, atomic_write_json
 
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(arch="small_resnet", num_classes=model.num_classes, width=model.width,
+    arch = next(k for k, cls in FASTINV_ARCHS.items() if type(model) is cls)
+    meta = dict(arch=arch, num_classes=model.num_classes, width=model.width,
                 blocks_per_stage=model.blocks_per_stage, input_size=int(input_size),
                 mean=list(mean), std=list(std), **(extra or {}))
     atomic_save_safetensors(model.state_dict(), path)
@@ -214,22 +220,26 @@ def save_small_resnet(model: SmallResNet, path: str | Path, *, input_size: int, 
 
 def _fastinv(arch, weights, random_init, num_classes):
     spec = f"fastinv:{arch}"
-    if arch != "small_resnet":
-        raise ValueError(f"unknown fastinv classifier {arch!r}; the one built in is small_resnet")
+    if arch not in FASTINV_ARCHS:
+        raise ValueError(f"unknown fastinv classifier {arch!r}; built in: {sorted(FASTINV_ARCHS)}")
+    cls = FASTINV_ARCHS[arch]
     if random_init:
         meta = dict(num_classes=num_classes or 10, width=16, blocks_per_stage=1, input_size=32,
                     mean=[0.5] * 3, std=[0.5] * 3)
-        net = SmallResNet(meta["num_classes"], meta["width"], meta["blocks_per_stage"])
+        net = cls(meta["num_classes"], meta["width"], meta["blocks_per_stage"])
     else:
         path = _weights_path(weights, spec)
         side = sidecar_path(path)
         if not side.is_file():
             raise FileNotFoundError(f"{side} (the metadata next to {path.name}) is missing; "
-                                    "fastinv:small_resnet weights come from `fastinv classifier train`")
+                                    f"{spec} weights come from `fastinv classifier train`")
         meta = json.loads(side.read_text())
+        if meta.get("arch", "small_resnet") != arch:
+            raise ValueError(f"{path} holds a fastinv:{meta['arch']} classifier, not {spec}; "
+                             f"pass --classifier fastinv:{meta['arch']}")
         if num_classes is not None and num_classes != meta["num_classes"]:
             raise ValueError(f"{path} has {meta['num_classes']} classes, asked for {num_classes}")
-        net = SmallResNet(meta["num_classes"], meta["width"], meta["blocks_per_stage"])
+        net = cls(meta["num_classes"], meta["width"], meta["blocks_per_stage"])
         _load_into(net, load_state_dict(path), spec, path)
     return Classifier(net, name=spec, input_size=meta["input_size"], mean=meta["mean"],
                       std=meta["std"], num_classes=meta["num_classes"])

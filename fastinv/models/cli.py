@@ -21,6 +21,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint, flag = hints[f.name], "--" + f.name.replace("_", "-")
         if f.name in ("mean", "std"):
             parser.add_argument(flag, type=float, nargs=3, default=f.default)
+        elif hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif hint in (int, float, str):
             parser.add_argument(flag, type=hint, default=f.default, required=f.name == "data")
         else:  # int | None, float | None

@@ -48,6 +48,9 @@ class SmallResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(ch, num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled penultimate feature (N, 4w): the space KID is measured in."""
+        return self.stages(self.stem(x)).amax(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stages(self.stem(x))
-        return self.fc(h.amax(dim=(2, 3)))
+        return self.fc(self.embed(x))

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastinv.models.classifiers import save_small_resnet
-from fastinv.models.small_resnet import SmallResNet
+from fastinv.models.classifiers import FASTINV_ARCHS, save_small_resnet
 
 NORMS = ("none", "l2", "linf")
 OPTIMIZERS = ("sgd", "adamw")
@@ -30,6 +29,7 @@ SYMMETRY_AUGMENTS = ("none", "dihedral", "dihedral+rgb")
 class ClassifierConfig:
     data: str = ""  # ImageFolder root with train/ (and val/)
     out: str = "runs/classifier/small_resnet.safetensors"
+    arch: str = "small_resnet"  # small_resnet | small_cnn (the evaluation judge's architecture)
     input_size: int = 32
     width: int = 16
     blocks_per_stage: int = 2
@@ -47,6 +47,8 @@ class ClassifierConfig:
     # and a random order of its colour channels. Label-preserving only where rotation and
     # colours are nuisance factors, as in the synthetic shapes; there it multiplies the data.
     symmetry_augment: str = "none"  # none | dihedral | dihedral+rgb
+    # decode the training split once and serve it from RAM (whole images: crop_min_scale=1)
+    in_memory: bool = False
     # Start from these small-ResNet weights (.safetensors of the same width/blocks/classes), e.g.
     # PGD fine-tuning of a standard model: from scratch, few PGD steps stay at chance.
     init_weights: str = ""
@@ -65,6 +67,8 @@ class ClassifierConfig:
         if not self.data:
             raise ValueError("ClassifierConfig.data is empty: pass --data DIR (an ImageFolder "
                              "root, e.g. from `fastinv data synth`)")
+        if self.arch not in FASTINV_ARCHS:
+            raise ValueError(f"arch must be one of {sorted(FASTINV_ARCHS)}, got {self.arch!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not 0 < self.crop_min_scale <= 1:
@@ -72,6 +76,8 @@ class ClassifierConfig:
         if self.symmetry_augment not in SYMMETRY_AUGMENTS:
             raise ValueError(f"symmetry_augment must be one of {SYMMETRY_AUGMENTS}, "
                              f"got {self.symmetry_augment!r}")
+        if self.in_memory and self.crop_min_scale != 1:
+            raise ValueError("in_memory serves whole images: set crop_min_scale=1")
         if self.adversarial not in NORMS:
             raise ValueError(f"adversarial must be one of {NORMS}, got {self.adversarial!r}")
         if self.adversarial != "none" and not (self.eps > 0 and self.pgd_steps >= 1):
@@ -110,11 +116,16 @@ def pgd_attack(model, x01: torch.Tensor, y: torch.Tensor, *, norm: str, eps: flo
 def _loader(cfg: ClassifierConfig, split: Path, train: bool, device):
     from fastinv.data import make_loader
 
-    return make_loader(split, resolution=cfg.input_size, classifier_size=cfg.input_size,
-                       classifier_mean=cfg.mean, classifier_std=cfg.std,
-                       batch_size=cfg.batch_size, train=train, seed=cfg.seed,
-                       backend=cfg.backend, drop_last=train, device=device,
-                       num_workers=cfg.workers, crop_scale=(cfg.crop_min_scale, 1.0))
+    common = dict(resolution=cfg.input_size, classifier_size=cfg.input_size,
+                  classifier_mean=cfg.mean, classifier_std=cfg.std, backend=cfg.backend,
+                  device=device, num_workers=cfg.workers)
+    if train and cfg.in_memory:
+        from fastinv.data.memory import MemoryLoader
+
+        return MemoryLoader(make_loader(split, batch_size=256, train=False, **common),
+                            batch_size=cfg.batch_size, seed=cfg.seed)
+    return make_loader(split, batch_size=cfg.batch_size, train=train, seed=cfg.seed,
+                       drop_last=train, crop_scale=(cfg.crop_min_scale, 1.0), **common)
 
 
 def evaluate(model, loader, cfg: ClassifierConfig, *, adversarial: bool) -> float:
@@ -162,7 +173,7 @@ def _step_size(cfg: ClassifierConfig) -> float:
 
 
 def train_classifier(cfg: ClassifierConfig) -> Path:
-    """Train the small ResNet; returns the written ``.safetensors`` path (sidecar next to it)."""
+    """Train the small ResNet (or ``cfg.arch``); returns the written ``.safetensors`` path (sidecar next to it)."""
     from fastinv.data.sources import dataset_classes
     from fastinv.train.distributed import resolve_device
 
@@ -176,7 +187,7 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     num_classes = len(dataset_classes(train_dir))
-    model = SmallResNet(num_classes, cfg.width, cfg.blocks_per_stage)
+    model = FASTINV_ARCHS[cfg.arch](num_classes, cfg.width, cfg.blocks_per_stage)
     if cfg.init_weights:
         from safetensors.torch import load_file
 

@@ -1,0 +1,210 @@
+"""Inverter quality against training steps and wall-clock seconds, for the demo's CPU recipe
+and for each of its options switched off (the ablation rows), with the logit-space nearest
+neighbour as the reference line.
+
+    python benchmarks/bench_quality.py --preset default --work runs/bench_quality
+    fastinv bench quality --preset quick          # the same through the CLI
+    pytest benchmarks/bench_quality.py            # a seconds-long smoke run (tiny preset)
+
+The data, the standard classifier Φ, the judge (another architecture and seed, trained only on
+real images) and the factor regressor are made once in ``--work`` and reused. Each
+configuration trains an inverter with a checkpoint every ``--eval-every`` steps; every
+checkpoint's EMA generator is scored on the same held-out images:
+
+  judge      judge(x̂) = x's true class (the headline: Φ itself can be fooled)
+  Φ agree    Φ(x̂) top-1 = Φ(x) top-1
+  logit cos  cosine of Φ(x̂) and Φ(x)
+  KID        in the judge's feature space, against real held-out images (lower: more real)
+  factor R²  mean R² of the factor regressor over the nuisance factors (colours, texture,
+             position, scale, rotation) read off x̂ against x's factors
+
+Seconds are the wall clock of the training run up to the checkpoint (its file time minus the
+run's config.yaml time), so they include everything ``fastinv train`` does per step. Configs
+run one after another: never time two things at once on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# name -> overrides on top of the preset's recipe; "recipe" is the preset as shipped
+ABLATIONS = {
+    "recipe": (),
+    "no logit consistency": ("--optim.aux_logit_weight=0",),
+    "no D augmentation": ("--optim.diffaug=",),
+    "raw logits (no affine)": ("--model.logit_preprocess=none",),
+    "paper (GAN only, raw logits)": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0",
+                                     "--optim.diffaug=", "--model.logit_preprocess=none"),
+}
+
+
+def prepare(work: Path, preset: str, device: str) -> dict:
+    """Data, Φ, judge, evaluation images and factor regressor (cached in ``work``)."""
+    from fastinv import demo
+    from fastinv.data import load_factors, make_synthetic_dataset
+    from fastinv.invert import factors as fac
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.classifier import train_classifier
+
+    p = demo.PRESETS[preset]
+    if not (work / "data" / "factors.csv").exists():
+        make_synthetic_dataset(work / "data", n=p.n_images, resolution=p.resolution, seed=0,
+                               val_fraction=p.val_fraction, num_classes=p.num_classes)
+    weights = {}
+    for name in ("standard", "judge"):
+        path = work / "classifiers" / f"{name}.safetensors"
+        if not path.exists():
+            train_classifier(demo._classifier_config(p, work, name, device))
+        weights[name] = path
+    clf = load_classifier(f"fastinv:{p.clf_arch}", weights=weights["standard"]).to(device)
+    judge = load_classifier(f"fastinv:{p.judge_arch}", weights=weights["judge"]).to(device)
+    val = demo._images(work / "data" / "val", clf, p, p.n_eval, device)
+    train = demo._images(work / "data" / "train", clf, p, p.n_images, device)
+    tf, vf = load_factors(work / "data", split="train"), load_factors(work / "data", split="val")
+    y_train, names = fac.factor_targets({k: v[train.index.numpy()] for k, v in tf.items()})
+    y_val, _ = fac.factor_targets({k: v[val.index.numpy()] for k, v in vf.items()})
+    torch.manual_seed(0)
+    regressor = fac.train_factor_regressor(train.images, y_train.to(device),
+                                           epochs=p.factor_epochs, seed=0)
+    return dict(p=p, weights=weights, clf=clf, judge=judge, val=val, train=train,
+                regressor=regressor, y_val=y_val.to(device), names=names)
+
+
+@torch.no_grad()
+def score(env: dict, decoder) -> dict[str, float]:
+    from fastinv.invert import analyses, quality
+    from fastinv.invert.factors import r2_per_factor
+
+    val = env["val"]
+    rec = analyses.match_size(analyses.invert(decoder, val.logits, seed=0), val.images)
+    values = quality.per_image(env["clf"], env["judge"], rec, val.images, val.labels, val.logits)
+    r2 = r2_per_factor(env["regressor"].predict(rec), env["y_val"], env["names"])
+    return {"judge": values["judge_vs_label"].mean().item(),
+            "phi_agree": values["phi_agree"].mean().item(),
+            "logit_cos": values["logit_cosine"].mean().item(),
+            "kid": quality.realism(env["judge"], val.images, rec)["kid"],
+            "factor_r2": sum(r2.values()) / len(r2)}
+
+
+def run_config(env: dict, work: Path, name: str, overrides: tuple[str, ...], steps: int,
+               eval_every: int, device: str) -> list[dict]:
+    from fastinv import demo
+    from fastinv.train import checkpoint
+    from fastinv.train.checkpoint import load_inverter
+
+    slug = name.split(" (")[0].replace(" ", "_")
+    out = work / "runs" / slug
+    run_dir = out / "standard" / "inverter"
+    p = env["p"]
+    if not checkpoint.list_checkpoints(run_dir):
+        extra = (f"--run.steps={steps}", f"--run.ckpt_every={eval_every}",
+                 f"--run.keep_checkpoints={steps // eval_every + 1}", "--run.progress=false",
+                 *overrides)
+        demo._train_inverter(p, out, "standard", env["weights"]["standard"], device, extra)
+    t0 = (run_dir / "config.yaml").stat().st_mtime
+    rows = []
+    for ck in checkpoint.list_checkpoints(run_dir):
+        G, _ = load_inverter(ck, device=device)
+        step = int(ck.stem.split("_")[-1])
+        rows.append({"config": name, "step": step, "seconds": ck.stat().st_mtime - t0,
+                     **score(env, G)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], reference: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("judge", "judge agreement (↑)"), ("kid", "KID in judge features (↓)"),
+            ("phi_agree", "Φ agreement (↑)"), ("factor_r2", "mean factor R² (↑)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    for ax, (k, title) in zip(axes, keys):
+        for name in dict.fromkeys(r["config"] for r in rows):
+            pts = [r for r in rows if r["config"] == name]
+            ax.plot([r["step"] for r in pts], [r[k] for r in pts], marker="o", label=name)
+        ax.axhline(reference[k], color="k", ls="--", lw=1, label="logit NN (reference)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("G steps")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    from fastinv.io import atomic_savefig
+
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def table(rows: list[dict], reference: dict) -> str:
+    head = "| config | step | s | judge | Φ agree | logit cos | KID | factor R² |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = "| {config} | {step} | {seconds:.0f} | {judge:.3f} | {phi_agree:.3f} | " \
+          "{logit_cos:.3f} | {kid:.3f} | {factor_r2:.3f} |"
+    lines += [fmt.format(**r) for r in rows]
+    lines.append(fmt.format(config="logit NN (reference)", step="–", seconds=0, **reference))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="default", help="demo preset: default | quick | tiny")
+    ap.add_argument("--work", default="runs/bench_quality", help="cache and output folder")
+    ap.add_argument("--steps", type=int, default=None, help="G steps (default: the preset's)")
+    ap.add_argument("--eval-every", type=int, default=None, help="steps between checkpoints")
+    ap.add_argument("--configs", default="all",
+                    help="comma-separated names of " + ", ".join(ABLATIONS) + " (default all)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fastinv import demo
+
+    if args.preset not in demo.PRESETS:
+        ap.error(f"unknown preset {args.preset!r}; choose from {sorted(demo.PRESETS)}")
+    names = list(ABLATIONS) if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        ap.error(f"unknown configs {unknown}; choose from {list(ABLATIONS)}")
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    env = prepare(work, args.preset, args.device)
+    print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
+    steps = args.steps or env["p"].gan_steps
+    every = args.eval_every or max(1, steps // 5)
+    from fastinv.invert.quality import NearestNeighbour
+
+    reference = score(env, NearestNeighbour(env["train"].logits, env["train"].images))
+    rows = []
+    for name in names:
+        rows += run_config(env, work, name, ABLATIONS[name], steps, every, args.device)
+    md = table(rows, reference)
+    print(md)
+    from fastinv.io import atomic_write_text
+
+    atomic_write_text(work / "quality.md", md + "\n")
+    atomic_write_text(work / "quality.json", json.dumps({"rows": rows, "reference": reference},
+                                                        indent=2))
+    plot(rows, reference, work / "quality.png")
+    print(f"wrote {work / 'quality.md'}, quality.json, quality.png", flush=True)
+    return 0
+
+
+def test_quality_benchmark_runs_on_the_tiny_preset(tmp_path):
+    """Smoke run: the benchmark's whole path in seconds (no quality asserted)."""
+    assert main(["--preset", "tiny", "--work", str(tmp_path), "--steps", "4", "--eval-every", "2",
+                 "--configs", "recipe,paper (GAN only, raw logits)"]) == 0
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert {r["config"] for r in rows} == {"recipe", "paper (GAN only, raw logits)"}
+    assert (tmp_path / "quality.png").is_file()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
