@@ -3,7 +3,7 @@
 // mirror _check_* and _layout in fastinv/ops/conditional_batch_norm.py, message for message.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -155,9 +155,10 @@ inline void check_update_running(const at::Tensor& running_mean, const at::Tenso
 // The CPU kernel; the CUDA kernel's fallback for strided or mixed-dtype buffers.
 inline void update_running_with_aten(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                                      const at::Tensor& var, int64_t count, double momentum) {
-  const at::Tensor unbiased = var * (static_cast<double>(count) / static_cast<double>(count - 1));
-  running_mean.copy_(running_mean.to(mean.scalar_type()) * (1 - momentum) + mean * momentum);
-  running_var.copy_(running_var.to(var.scalar_type()) * (1 - momentum) + unbiased * momentum);
+  // r * (1 - momentum) + s * momentum, as methods (the operators need all of ATen's headers)
+  const at::Tensor unbiased = var.mul(static_cast<double>(count) / static_cast<double>(count - 1));
+  running_mean.copy_(running_mean.to(mean.scalar_type()).mul(1 - momentum).add(mean.mul(momentum)));
+  running_var.copy_(running_var.to(var.scalar_type()).mul(1 - momentum).add(unbiased.mul(momentum)));
 }
 
 }  // namespace cbn

@@ -3,7 +3,7 @@
 // fastinv/ops/hinge_loss.py, message for message and exception type for exception type.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "common.h"

@@ -4,7 +4,7 @@
 // (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 namespace fastinv {

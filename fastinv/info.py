@@ -13,6 +13,28 @@ import fastinv
 from fastinv import ops
 
 
+def kernel_image_for(capability: tuple[int, int], archs: list[str]) -> str | None:
+    """Which of the extension's GPU targets a GPU of ``capability`` runs: machine code of the
+    same major version and a minor version not above its own (sm_80 runs on 8.6), else PTX of
+    a version not above it (compiled by the driver at first use), else None (no kernel image:
+    every CUDA op fails on that GPU)."""
+    major, minor = capability
+    best_sass, best_ptx = None, None
+    for name in archs:
+        kind, _, digits = name.partition("_")
+        digits = "".join(ch for ch in digits if ch.isdigit())
+        if not digits:
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor and name[-1].isdigit():
+            best_sass = name if best_sass is None or name > best_sass else best_sass
+        elif kind == "compute" and (a_major, a_minor) <= (major, minor):
+            best_ptx = name if best_ptx is None or name > best_ptx else best_ptx
+    if best_sass is not None:
+        return best_sass
+    return f"{best_ptx} (PTX, compiled by the driver)" if best_ptx is not None else None
+
+
 def collect() -> dict:
     def version(dist: str) -> str | None:
         try:
@@ -27,7 +49,10 @@ def collect() -> dict:
         dali = dali_mod.__version__
     except Exception:
         dali = version("nvidia-dali-cuda130")
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = [torch.cuda.get_device_name(i) for i in range(n_gpus)]
+    archs = ops.extension_status()["cuda_archs"]
+    gpu_kernels = [kernel_image_for(torch.cuda.get_device_capability(i), archs) for i in range(n_gpus)]
     return {
         "fastinv": fastinv.__version__,
         "python": platform.python_version(),
@@ -36,6 +61,7 @@ def collect() -> dict:
         "dali": dali,
         "extension": ops.extension_status(),
         "gpus": gpus,
+        "gpu_kernels": gpu_kernels,
         "cpu_threads": torch.get_num_threads(),
         "ops": ops.backend_info(),
     }
@@ -55,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
           f"(CUDA {info['torch_cuda'] or 'none'})  DALI {info['dali'] or 'not installed'}")
     state = "loaded" if ext["loaded"] else f"not loaded ({ext['reason']})"
     print(f"extension fastinv._C: {state}; CUDA kernels compiled: {'yes' if ext['with_cuda'] else 'no'}")
-    print(f"GPUs: {', '.join(info['gpus']) if info['gpus'] else 'none visible'}; CPU threads: {info['cpu_threads']}")
+    if ext["with_cuda"]:
+        archs = " ".join(ext["cuda_archs"]) or "not recorded (built without setup.py)"
+        print(f"CUDA targets in fastinv._C: {archs} (sm_XY: machine code, compute_XY: PTX)")
+    gpus = [f"{name} [{image or 'NO KERNEL IMAGE: rebuild with TORCH_CUDA_ARCH_LIST'}]"
+            if ext["with_cuda"] and ext["cuda_archs"] else name
+            for name, image in zip(info["gpus"], info["gpu_kernels"])]
+    print(f"GPUs: {', '.join(gpus) if gpus else 'none visible'}; CPU threads: {info['cpu_threads']}")
     width = max(len(name) for name in info["ops"]) + 2
     print(f"{'op':<{width}}{'cpu':<12}{'cuda':<12}")
     for name, where in info["ops"].items():

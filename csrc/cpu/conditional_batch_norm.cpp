@@ -22,6 +22,7 @@
 // and nothing cancels catastrophically (unlike E[x^2] - E[x]^2 around a large mean).
 // Every reduction has a fixed order that depends only on the shape: results do not depend
 // on the thread count.
+#include <ATen/ATen.h>  // host-only: the whole of ATen (the .cu files include only what they use)
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -7,6 +7,7 @@
 // thread), each chunk summed with 16 independent accumulators (vectorised by the compiler),
 // and the chunk sums added in chunk order: the result does not depend on the thread count.
 // Backward: one fused elementwise pass writing both gradients.
+#include <ATen/ATen.h>  // host-only: the whole of ATen (the .cu files include only what they use)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/AccumulateType.h>

@@ -11,6 +11,7 @@
 // the thread count. Accumulation in float (double for double weights).
 //
 // Backward: c = (Σ g∘W) / σ² per weight (chunked partial dots), then dW = g / σ - c u vᵀ.
+#include <ATen/ATen.h>  // host-only: the whole of ATen (the .cu files include only what they use)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

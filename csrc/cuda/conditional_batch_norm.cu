@@ -26,7 +26,11 @@
 // Determinism: no atomics; every sum has an order fixed by the shape and the SM count.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAContextLight.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -824,7 +828,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cuda(
     } else {
       mean = as_acc(*running_mean, x).clone();
       var = as_acc(*running_var, x).clone();
-      invstd = (var + eps).rsqrt();
+      invstd = var.add(eps).rsqrt();
     }
     launch_apply<scalar_t, A>(x, gain, bias, mean, invstd, nhwc, y, L);
   });

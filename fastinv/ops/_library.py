@@ -64,6 +64,8 @@ def extension_status() -> dict[str, object]:
     return {
         "loaded": bool(_extension_state["loaded"]),
         "with_cuda": bool(getattr(module, "with_cuda", 0)) if module is not None else False,
+        # GPU targets compiled in: "sm_90" machine code, "compute_120" PTX (setup.py records them)
+        "cuda_archs": str(getattr(module, "cuda_archs", "")).split() if module is not None else [],
         "reason": _extension_state["error"],
     }
 
