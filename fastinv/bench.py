@@ -1,4 +1,6 @@
-"""``fastinv bench``: run the kernel benchmarks (pytest-benchmark) of a source checkout.
+"""``fastinv bench``: run the kernel benchmarks (pytest-benchmark) of a source checkout, or
+``fastinv bench quality [--preset quick ...]``: the inverter-quality benchmark
+(``benchmarks/bench_quality.py``; its flags pass through).
 
 The benchmarks live in the repository's ``benchmarks/`` folder next to the package; each prints
 reference-eager vs torch.compile vs fastinv with GB/s and % of the copy bandwidth.
@@ -28,6 +30,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("which", nargs="*", default=[], help="benchmark names, e.g. hinge cbn spectral_norm (default: all)")
     parser.add_argument("-k", default=None, help="pytest -k expression, e.g. 'cuda and bfloat16'")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case")
+    parser.add_argument("extra", nargs=argparse.REMAINDER,
+                        help="after `quality`: bench_quality.py's flags (--preset, --work, ...)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +40,18 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         sys.stderr.write(f"fastinv bench: {exc}\n")
         return 2
+    if args.which == ["quality"]:  # a script, not a pytest-benchmark file: its own flags
+        return subprocess.call([sys.executable, str(root / "bench_quality.py"), *args.extra])
+    if args.extra:  # flags after the names land here (REMAINDER): parse them as ours
+        more = argparse.ArgumentParser(prog="fastinv bench", add_help=False)
+        more.add_argument("-k", default=args.k)
+        more.add_argument("--rounds", type=int, default=args.rounds)
+        known, rest = more.parse_known_args(args.extra)
+        if rest:
+            sys.stderr.write(f"fastinv bench: unknown arguments {rest} (only `fastinv bench "
+                             "quality` takes its own flags)\n")
+            return 2
+        args.k, args.rounds = known.k, known.rounds
     files = [str(root / f"bench_{w}.py") for w in args.which] or [str(root)]
     missing = [f for f in files if not Path(f).exists()]
     if missing:

@@ -33,6 +33,7 @@ from fastinv.train.augment import diff_augment, parse_policy
 from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA
 from fastinv.train.monitor import Monitor, image_grid
+from fastinv.train.regularizers import r1_due, r1_loss
 
 
 class BatchStream:
@@ -180,7 +181,10 @@ class InverterTrainer:
             self.G_fake, self.D_judge = torch.compile(self.G), torch.compile(self.D)
         self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
         self.augment = parse_policy(cfg.optim.diffaug)
-        self.step = 0
+        if cfg.optim.r1_gamma > 0 and info.distributed:
+            raise ValueError("optim.r1_gamma is not supported under torchrun yet (its double "
+                             "backward bypasses DDP's gradient sync); set --optim.r1_gamma=0")
+        self.step = self.d_step = 0
 
     @torch.no_grad()
     def _fit_logit_statistics(self, max_images: int = 4096) -> None:
@@ -245,11 +249,18 @@ class InverterTrainer:
                     d_real, d_fake = out[: len(x)], out[len(x):]
                     loss = hinge_loss_d(d_real, d_fake)
                 (loss / acc).backward()
+                if o.r1_gamma > 0 and r1_due(self.d_step, o.r1_every):
+                    # its own D forward (on the reals as D sees them), a double backward
+                    r1 = r1_loss(lambda xr, zr: self.D(self._augment(xr), zr), x, z,
+                                 o.r1_gamma, o.r1_every)
+                    (r1 / acc).backward()
+                    stats["r1"] = stats.get("r1", 0.0) + r1.detach() / (o.d_steps * acc)
                 n = o.d_steps * acc  # statistics stay on the device: no sync per micro-batch
                 stats["loss_d"] += loss.detach() / n
                 stats["d_real"] += d_real.detach().float().mean() / n
                 stats["d_fake"] += d_fake.detach().float().mean() / n
             self.opt_D.step()
+            self.d_step += 1
 
         self.D.requires_grad_(False)
         self.opt_G.zero_grad(set_to_none=True)
@@ -321,6 +332,7 @@ class InverterTrainer:
         self.opt_G.load_state_dict(ckpt["opt_G"])
         self.opt_D.load_state_dict(ckpt["opt_D"])
         self.step = int(ckpt["step"])
+        self.d_step = self.step * self.cfg.optim.d_steps  # lazy R1's schedule resumes with it
         self.batches = BatchStream(self.batches.loader, ckpt["data"]["epoch"],
                                    ckpt["data"]["position"])
         checkpoint.set_rng_state(ckpt["rng"])

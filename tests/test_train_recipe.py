@@ -1,0 +1,116 @@
+"""The inverter recipe's options: each one does what its name says, on tiny runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastinv.models.discriminator import Discriminator
+from fastinv.train import checkpoint
+from fastinv.train.augment import diff_augment, parse_policy
+from fastinv.train.config import ConfigError, inverter_options, load_config
+from fastinv.train.gan import train_inverter
+from tests.train_tiny import tiny_dataset
+
+RECIPE = ["--logit_preprocess=affine", "--d_pool=mean", "--diffaug=translation,cutout",
+          "--aux_logit_weight=1", "--crop_min_scale=1", "--in_memory=true"]
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory)
+
+
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_recipe_run_trains_with_standardised_logits_and_logit_consistency(tmp_path, synthetic_data):
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=6", "--log_every=2", *RECIPE])
+    run_dir = train_inverter(cfg)
+    aux = _scalars(run_dir, "aux_logit")
+    assert len(aux) == 3 and all(math.isfinite(v) and v > 0 for v in aux)
+    G, _ = checkpoint.load_inverter(run_dir)
+    # the affine map was fitted to the classifier's logits and travels with the checkpoint
+    assert not torch.equal(G.preprocess.shift, torch.zeros_like(G.preprocess.shift))
+    assert torch.all(G.preprocess.scale > 0)
+    assert inverter_options(cfg) == {"logit consistency": 1.0,
+                                     "D augmentation": "translation,cutout",
+                                     "logit preprocessing": "affine", "D pooling": "mean"}
+
+
+def test_r1_penalty_is_applied_lazily_and_logged(tmp_path, synthetic_data):
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=1", "--r1_gamma=10", "--r1_every=2"])
+    run_dir = train_inverter(cfg)
+    r1 = _scalars(run_dir, "r1")
+    assert r1 and all(v > 0 and math.isfinite(v) for v in r1)
+    assert inverter_options(cfg) == {"R1": 10.0}
+
+
+def test_paper_recipe_names_no_option():
+    assert inverter_options(load_config("tiny")) == {}
+
+
+def test_in_memory_needs_whole_image_crops():
+    with pytest.raises(ConfigError, match="crop_min_scale=1"):
+        load_config("tiny", ["--in_memory=true", "--crop_min_scale=0.5"])
+
+
+def test_bad_augmentation_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        load_config("tiny", ["--diffaug=translation,blur"])
+    assert parse_policy(" translation , cutout ") == ("translation", "cutout")
+
+
+def test_diff_augment_is_differentiable_and_keeps_shapes():
+    x = torch.randn(4, 3, 16, 16, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    y = diff_augment(x, ("translation", "cutout", "color"), gen)
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert torch.equal(diff_augment(x, ()), x)
+
+
+def test_cutout_zeroes_a_quarter_of_the_image_when_inside():
+    from fastinv.train.augment import cutout
+
+    x = torch.ones(64, 1, 16, 16)
+    out = cutout(x, gen=torch.Generator().manual_seed(0))
+    zeroed = (out == 0).float().flatten(1).mean(1)
+    assert zeroed.max() <= 0.25 + 1e-6 and zeroed.min() > 0
+
+
+def test_mean_pooling_keeps_d_outputs_of_order_one():
+    torch.manual_seed(0)
+    x, z = torch.rand(8, 3, 32, 32) * 2 - 1, torch.randn(8, 10)
+    out = {pool: Discriminator(10, 32, ch=8, attention_resolution=0, pool=pool)(x, z).abs().mean()
+           for pool in ("sum", "mean")}
+    assert out["mean"] < out["sum"] / 10
+
+
+def test_memory_loader_serves_every_image_once_per_epoch(synthetic_data):
+    from fastinv.data import make_loader
+    from fastinv.data.memory import MemoryLoader
+
+    common = dict(resolution=16, classifier_size=16, classifier_mean=(0.5,) * 3,
+                  classifier_std=(0.5,) * 3, backend="pil", device="cpu", num_workers=0)
+    decoder = make_loader(synthetic_data / "train", batch_size=7, train=False, **common)
+    full = torch.cat([b["image"] for b in decoder])
+    ml = MemoryLoader(decoder, batch_size=5, drop_last=False, seed=3)
+    ml.set_epoch(1)
+    seen = torch.cat([b["index"] for b in ml])
+    assert sorted(seen.tolist()) == list(range(len(full)))
+    ml.set_epoch(1, start_batch=1)
+    resumed = torch.cat([b["index"] for b in ml])
+    assert torch.equal(resumed, seen[5:])
+    batch = next(iter(MemoryLoader(decoder, batch_size=4, train=False)))
+    assert torch.allclose(batch["image"], full[:4], atol=1 / 127.5)
