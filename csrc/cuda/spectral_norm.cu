@@ -9,9 +9,10 @@
 // Forward, per power iteration (training):
 //   row_dot     t = W v                 one warp per row
 //   col_dot     Wᵀ t, in row chunks     one thread per column, partial sums per row chunk;
-//               the LAST block of each weight (a ticket counter) adds the partials in chunk
-//               order and finishes: u = t/max(|t|,eps), w = Wᵀt/max(|t|,eps),
-//               v = w/max(|w|,eps), σ = w·v
+//               the LAST block of each column block (a ticket counter) adds its columns'
+//               partials in chunk order, w = Wᵀt/max(|t|,eps), and the last of those per
+//               weight (a second ticket) finishes: u = t/max(|t|,eps), v = w/max(|w|,eps),
+//               σ = w·v
 // then scale    out = W / σ.
 // Eval: row_dot whose last block per weight computes σ = u·t; then scale. So a training
 // forward with one iteration is 3 launches and the backward 2 (gw_dot: c = Σ g∘W / σ² with the
@@ -55,6 +56,7 @@ struct Entry {
   int64_t rows, cols;
   int64_t t_off;    // into the t workspace (rows of all weights)
   int64_t p_off;    // into the partials workspace
+  int64_t cb_off;   // col_dot's column blocks: into col_tickets and the colsq workspace (make_table)
 };
 
 // Kernel grids, each as first-block prefix sums over the weights (K + 1 entries).
@@ -64,6 +66,7 @@ struct Table {
   const Entry* entries;
   const int64_t* starts;  // kNumGrids x (K + 1)
   unsigned int* tickets;  // K, zero at the start of each kernel (the last block resets its own)
+  unsigned int* col_tickets;  // one per col_dot column block of every weight, likewise
   int K;
 };
 
@@ -154,17 +157,20 @@ row_dot_kernel(Table tab, acc_t* t_ws, acc_t* sigma, acc_t eps, bool v_from_out)
   }
 }
 
-// Partials of Wᵀ t over row chunks, then (last block of each weight) u, v and σ.
+// Partials of Wᵀ t over row chunks; then two levels of last blocks: the last of a column
+// block's `chunks` blocks adds that block's partials (chunk order) into (Wᵀ u)_c, and the last
+// such column block of the weight normalises: v, σ, u. (One last block per weight used to add
+// all chunks x cols partials alone: rows/64 serial reads per column on one SM.)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-col_dot_kernel(Table tab, const acc_t* t_ws, acc_t* partial, acc_t* sigma, acc_t eps) {
+col_dot_kernel(Table tab, const acc_t* t_ws, acc_t* partial, acc_t* colsq, acc_t* sigma, acc_t eps) {
   const int64_t* starts = tab.starts + kColGrid * (tab.K + 1);
   const int k = find_weight(starts, tab.K, blockIdx.x);
   const Entry e = tab.entries[k];
   const int64_t local = blockIdx.x - starts[k];
   const int64_t col_blocks = (e.cols + kThreads - 1) / kThreads;
-  const int64_t chunk = local / col_blocks;
-  const int64_t c = (local % col_blocks) * kThreads + threadIdx.x;
+  const int64_t chunk = local / col_blocks, cb = local % col_blocks;
+  const int64_t c = cb * kThreads + threadIdx.x;
   const int64_t chunks = (e.rows + kRowsPerColBlock - 1) / kRowsPerColBlock;
   const scalar_t* w = static_cast<const scalar_t*>(e.w);
   const acc_t* t = t_ws + e.t_off;
@@ -174,25 +180,34 @@ col_dot_kernel(Table tab, const acc_t* t_ws, acc_t* partial, acc_t* sigma, acc_t
     for (int64_t r = chunk * kRowsPerColBlock; r < r_end; ++r) acc += t[r] * static_cast<acc_t>(w[r * e.cols + c]);
     partial[e.p_off + chunk * e.cols + c] = acc;
   }
-  if (!is_last_block(tab.tickets + k, starts[k + 1] - starts[k])) return;
-
+  // level 1: this column block's chunks are all written
+  if (!is_last_block(tab.col_tickets + e.cb_off + cb, chunks)) return;
   acc_t part = 0;
   for (int64_t r = threadIdx.x; r < e.rows; r += kThreads) part += t[r] * t[r];
-  const acc_t tn = max(sqrt(block_sum(part)), eps);
+  const acc_t tn = max(sqrt(block_sum(part)), eps);  // the same value in every block (fixed order)
   acc_t* p = partial + e.p_off;
   part = 0;
-  for (int64_t cc = threadIdx.x; cc < e.cols; cc += kThreads) {
+  if (c < e.cols) {
     acc_t s = 0;
-    for (int64_t ch = 0; ch < chunks; ++ch) s += __ldcg(p + ch * e.cols + cc);
-    const acc_t wc = s / tn;  // (Wᵀ u)_c
-    p[cc] = wc;               // this thread's own column: read back below by this thread only
-    part += wc * wc;
+    for (int64_t ch = 0; ch < chunks; ++ch) s += __ldcg(p + ch * e.cols + c);
+    const acc_t wc = s / tn;  // (Wᵀ u)_c, kept in chunk 0's row
+    p[c] = wc;
+    part = wc * wc;
   }
+  part = block_sum(part);
+  if (threadIdx.x == 0) {
+    colsq[e.cb_off + cb] = part;
+    tab.col_tickets[e.cb_off + cb] = 0u;
+  }
+  // level 2: every column block of the weight is folded
+  if (!is_last_block(tab.tickets + k, col_blocks)) return;
+  part = 0;
+  for (int64_t b = threadIdx.x; b < col_blocks; b += kThreads) part += __ldcg(colsq + e.cb_off + b);
   const acc_t wn = max(sqrt(block_sum(part)), eps);
   acc_t* v = static_cast<acc_t*>(e.v);
   part = 0;
   for (int64_t cc = threadIdx.x; cc < e.cols; cc += kThreads) {
-    const acc_t wc = p[cc];
+    const acc_t wc = __ldcg(p + cc);  // written by other blocks
     const acc_t vc = wc / wn;
     v[cc] = vc;
     part += wc * vc;
@@ -291,10 +306,16 @@ struct DeviceTable {
   at::Tensor buffer;
   Table tab;
   std::vector<int64_t> grid_blocks;  // total blocks of each grid
+  int64_t col_blocks_total = 0;      // col_dot column blocks over all weights
 };
 
 DeviceTable make_table(std::vector<Entry>& entries, const at::Device& device) {
   const int K = static_cast<int>(entries.size());
+  int64_t col_blocks_total = 0;
+  for (Entry& e : entries) {
+    e.cb_off = col_blocks_total;
+    col_blocks_total += (e.cols + kThreads - 1) / kThreads;
+  }
   std::vector<int64_t> starts(kNumGrids * (K + 1), 0);
   for (int k = 0; k < K; ++k) {
     const Entry& e = entries[k];
@@ -308,7 +329,7 @@ DeviceTable make_table(std::vector<Entry>& entries, const at::Device& device) {
   }
   const size_t entries_bytes = sizeof(Entry) * K;
   const size_t starts_bytes = sizeof(int64_t) * starts.size();
-  const size_t tickets_bytes = sizeof(unsigned int) * K;
+  const size_t tickets_bytes = sizeof(unsigned int) * (K + col_blocks_total);
   const size_t total = entries_bytes + starts_bytes + tickets_bytes;
   at::Tensor host = at::empty({static_cast<int64_t>(total)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   uint8_t* h = host.mutable_data_ptr<uint8_t>();
@@ -322,6 +343,8 @@ DeviceTable make_table(std::vector<Entry>& entries, const at::Device& device) {
   out.tab.entries = reinterpret_cast<const Entry*>(d);
   out.tab.starts = reinterpret_cast<const int64_t*>(d + entries_bytes);
   out.tab.tickets = reinterpret_cast<unsigned int*>(d + entries_bytes + starts_bytes);
+  out.tab.col_tickets = out.tab.tickets + K;
+  out.col_blocks_total = col_blocks_total;
   out.tab.K = K;
   for (int gi = 0; gi < kNumGrids; ++gi) out.grid_blocks.push_back(starts[gi * (K + 1) + K]);
   return out;
@@ -361,6 +384,7 @@ spectral_norm_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs,
   at::Tensor p_ws = at::empty({n_iter > 0 ? p_total : 1}, acc_opts);
   DeviceTable dt = make_table(entries, W[0].device());
   for (int64_t b : dt.grid_blocks) check_grid(b);
+  at::Tensor colsq_ws = at::empty({n_iter > 0 ? dt.col_blocks_total : 1}, acc_opts);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W[0].scalar_type(), "spectral_norm_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
@@ -376,7 +400,7 @@ spectral_norm_cuda(at::TensorList weights, at::TensorList us, at::TensorList vs,
       row_dot_kernel<scalar_t, acc_t, false><<<row_grid, kThreads, 0, stream>>>(dt.tab, t, sig, e, it > 0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       col_dot_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(dt.grid_blocks[kColGrid]), kThreads, 0, stream>>>(
-          dt.tab, t, p_ws.mutable_data_ptr<acc_t>(), sig, e);
+          dt.tab, t, p_ws.mutable_data_ptr<acc_t>(), colsq_ws.mutable_data_ptr<acc_t>(), sig, e);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     scale_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(dt.grid_blocks[kElemGrid]), kThreads, 0, stream>>>(
