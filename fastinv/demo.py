@@ -50,18 +50,20 @@ class DemoPreset:
     clf_lr: float = 2e-3
     clf_crop_min_scale: float = 1.0
     clf_symmetry_augment: str = "dihedral"
-    robust_epochs: int | None = 4  # None: clf_epochs; PGD makes each step (1 + pgd_steps) x
+    robust_epochs: int | None = 5  # None: clf_epochs; PGD makes each step (1 + pgd_steps) x
     # PGD fine-tuning of the standard classifier: from scratch, 380 PGD steps stayed at chance
     # on the quick data (measured), fine-tuning for 114 steps reached 36% (chance 25%).
     robust_from_standard: bool = True
     robust_eps: float = 0.5  # L2 PGD radius in [0, 1] pixel units
     robust_pgd_steps: int = 1
     # The judge: another architecture and seed, trained only on real training images, never
-    # used to train or select an inverter (fastinv.invert.quality).
-    judge_arch: str = "small_resnet"
+    # used to train or select an inverter (fastinv.invert.quality). A deeper plain CNN (9
+    # convolutions to Φ's 6): the small ResNet reached only 84% val here in the same budget
+    # (measured), a judge that weak caps every agreement it reports.
+    judge_arch: str = "small_cnn"
     judge_width: int = 16
-    judge_blocks: int = 1
-    judge_epochs: int = 10
+    judge_blocks: int = 3
+    judge_epochs: int = 8
     judge_seed: int = 1
     gan_preset: str = "demo-cpu"
     gan_steps: int = 2000
@@ -86,6 +88,7 @@ PRESETS: dict[str, DemoPreset] = {
                         factor_epochs=6),
     "tiny": DemoPreset(n_images=160, resolution=16, num_classes=4, clf_width=8, clf_blocks=1,
                        clf_epochs=1, clf_max_steps=4, robust_pgd_steps=1, judge_width=8,
+                       judge_blocks=2,
                        judge_epochs=1, gan_preset="tiny", gan_steps=4,
                        deepsim_steps=4, deepsim_width=8, deepsim_batch=8, opt_steps=3, opt_restarts=1,
                        n_optimization=4, n_eval=24, k_resample=2, factor_epochs=1),
@@ -223,11 +226,12 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
         _, gan_cfg = load_inverter(out / name / "inverter", device="cpu")
         write_classifier_info(out / name, {
             "name": name, "robust": name == "robust", "weights": str(weights[name]),
-            "arch": p.clf_arch, "num_classes": clf.num_classes,
+            "arch": p.clf_arch, "width": p.clf_width, "blocks": p.clf_blocks,
+            "num_classes": clf.num_classes,
             "val_accuracy": meta.get("val_accuracy"),
             "val_robust_accuracy": meta.get("val_robust_accuracy"),
-            "judge": {"arch": p.judge_arch, "seed": p.judge_seed,
-                      "val_accuracy": judge_meta.get("val_accuracy")},
+            "judge": {"arch": p.judge_arch, "width": p.judge_width, "blocks": p.judge_blocks,
+                      "seed": p.judge_seed, "val_accuracy": judge_meta.get("val_accuracy")},
             "inverter_options": inverter_options(gan_cfg), "inverter_steps": gan_cfg.run.steps})
         G, _ = load_inverter(out / name / "inverter", device=device)
         val = _images(out / "data" / "val", clf, p, p.n_eval, device)

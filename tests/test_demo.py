@@ -66,7 +66,9 @@ def test_demo_scores_every_method_with_the_independent_judge(demo_dir):
         assert len(per["methods"]["inverter"]["psnr"]) == len(per["index"])
         assert (d / "methods.png").is_file()
         info = json.loads((d / "classifier.json").read_text())
-        assert info["judge"]["arch"] != info["arch"]  # another architecture
+        judge = info["judge"]  # another architecture (depth / width / family) and seed
+        assert (judge["arch"], judge["width"], judge["blocks"]) != (
+            info["arch"], info["width"], info["blocks"]) and judge["seed"] != 0
     assert (demo_dir / "classifiers" / "judge.safetensors").is_file()
 
 

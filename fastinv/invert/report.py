@@ -278,13 +278,15 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                   "`gpu` preset on a GPU)."))
 
     b.append(("h", 2, "Classifiers"))
-    rows = [[r.name, r.info.get("arch", "?"), {True: "yes", False: "no"}.get(r.robust, "?"),
+    rows = [[r.name, f"{r.info.get('arch', '?')} (width {r.info.get('width', '?')}, "
+             f"{r.info.get('blocks', '?')} per stage)", {True: "yes", False: "no"}.get(r.robust, "?"),
              _fmt(r.info.get("val_accuracy")), _fmt(r.info.get("val_robust_accuracy"))]
             for r in runs]
     judges = {json.dumps(r.info["judge"], sort_keys=True) for r in runs if "judge" in r.info}
     for j in sorted(judges):
         j = json.loads(j)
-        rows.append([f"judge (seed {j.get('seed')}, evaluation only)", j.get("arch", "?"), "no",
+        arch = f"{j.get('arch', '?')} (width {j.get('width', '?')}, {j.get('blocks', '?')} per stage)"
+        rows.append([f"judge (seed {j.get('seed')}, evaluation only)", arch, "no",
                      _fmt(j.get("val_accuracy")), "–"])
     b.append(("table", ["classifier", "architecture", "robust", "val acc", "val acc under PGD"],
               rows))
