@@ -6,11 +6,15 @@ Sizes come from a preset: ``default`` (≤ 15 min on 2 CPU cores), ``quick`` (�
 CUDA unless a preset is named). Everything a user looks at later stays in ``--out``::
 
     data/                       the synthetic ImageFolder + factors.csv
-    classifiers/<name>.safetensors (+ .json)
-    <name>/inverter/            inverter run: checkpoints, TensorBoard logs, config.yaml
+    classifiers/<name>.safetensors (+ .json)   standard, robust, judge (evaluation only)
+    <name>/inverter/            inverter run: checkpoints, TensorBoard logs, config.yaml;
+                                load it with fastinv.train.checkpoint.load_inverter(run_dir)
     <name>/deepsim/             DeePSiM decoder (safetensors) + TensorBoard logs
     <name>/analyses/<analysis>/ figures + metrics.json
-    <name>/methods.json, <name>/classifier.json
+    <name>/methods.json         every method scored on the same held-out images (judge, KID,
+                                Φ agreement, PSNR, ...); per_image.json: the per-image values
+    <name>/methods.png          original | each method's x̂, captioned with the judge's label
+    <name>/classifier.json      Φ and judge accuracies, the inverter's options
     factors.json, summary.json, report.md, report.html
 """
 

@@ -89,12 +89,19 @@ def test_cutout_zeroes_a_quarter_of_the_image_when_inside():
     assert zeroed.max() <= 0.25 + 1e-6 and zeroed.min() > 0
 
 
-def test_mean_pooling_keeps_d_outputs_of_order_one():
-    torch.manual_seed(0)
+def test_d_pooling_scales_the_outputs_by_the_map_area():
     x, z = torch.rand(8, 3, 32, 32) * 2 - 1, torch.randn(8, 10)
-    out = {pool: Discriminator(10, 32, ch=8, attention_resolution=0, pool=pool)(x, z).abs().mean()
-           for pool in ("sum", "mean")}
-    assert out["mean"] < out["sum"] / 10
+    out = {}
+    for pool in ("sum", "sqrt", "mean"):
+        torch.manual_seed(0)  # the same weights for each pooling
+        D = Discriminator(10, 32, ch=8, attention_resolution=0, pool=pool).eval()
+        with torch.no_grad():
+            out[pool] = D(x, z) - D.linear.bias  # the output layer's bias does not scale
+    # D's last map is 8x8 at 32 px: sum = 8 sqrt = 64 mean
+    torch.testing.assert_close(out["sum"], 8 * out["sqrt"])
+    torch.testing.assert_close(out["sum"], 64 * out["mean"])
+    with pytest.raises(ValueError, match="pool must be one of"):
+        Discriminator(10, 32, ch=8, attention_resolution=0, pool="max")
 
 
 def test_memory_loader_serves_every_image_once_per_epoch(synthetic_data):

@@ -124,6 +124,12 @@ def match_size(rec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _upscale(data: Images) -> int:
+    """Nearest-neighbour factor that shows a tile at about 128 px (×4 at 32 px): small images
+    are unreadable at their own size."""
+    return max(1, 128 // data.images.shape[-1])
+
+
 def write_metrics(out_dir: Path, metrics: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "metrics.json", json_safe(metrics))
@@ -142,7 +148,7 @@ def reconstruct(
     columns = [data.images[:show], rec[:show]]
     for r in range(1, n_rec):
         columns.append(match_size(invert(G, data.logits[:show], seed=seed + r), data.images))
-    figures.save_columns(columns, out_dir / "reconstruct.png", upscale=2)
+    figures.save_columns(columns, out_dir / "reconstruct.png", upscale=_upscale(data))
     return write_metrics(out_dir, metrics)
 
 
@@ -168,7 +174,7 @@ def resample(
                    index=None if data.index is None else data.index.tolist())
     show = min(n_show, len(data))
     columns = [data.images[:show]] + [samples[:show, j] for j in range(k)]
-    figures.save_columns(columns, out_dir / "resample.png", upscale=2)
+    figures.save_columns(columns, out_dir / "resample.png", upscale=_upscale(data))
     figures.save_std_maps(data.images[:show], std[:show], out_dir / "resample_std.png")
     return write_metrics(out_dir, metrics)
 
@@ -264,7 +270,7 @@ def logit_sweep(
         m["value"] = float(v)
         per_value.append(m)
         rows.append(rec[:show])
-    figures.save_columns(rows, out_dir / f"{kind}.png", upscale=2)
+    figures.save_columns(rows, out_dir / f"{kind}.png", upscale=_upscale(data))
     curve_keys = ["top1_vs_orig", "logit_cosine", "psnr", "ssim"]
     figures.save_curves(
         values,

@@ -85,7 +85,7 @@ def compare_methods(
     n_optimization: int = 32,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
-    n_show: int = 8,
+    n_show: int = 10,
 ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """Metrics of each feedforward decoder and of optimization-based inversion on ``data``.
 
@@ -150,7 +150,8 @@ def compare_methods(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_path, json.dumps(json_safe(results), indent=2))
     if judge is not None and n_show > 0:
-        _judged_figure(judge, data, recs, out_path.parent / "methods.png", class_names, n_show)
+        full = {k: v for k, v in recs.items() if v.shape[0] == len(data)}  # not the opt subset
+        _judged_figure(judge, data, full, out_path.parent / "methods.png", class_names, n_show)
     if per:
         index = data.index.tolist() if data.index is not None else list(range(len(data)))
         atomic_write_text(out_path.parent / "per_image.json", json.dumps(json_safe(
@@ -162,20 +163,24 @@ def _judged_figure(judge, data, recs: dict[str, torch.Tensor], path: Path,
                    class_names: Sequence[str] | None, n_show: int) -> None:
     """Rows: images; columns: original | each method's x̂; every tile captioned with the
     judge's label (✓ when it is the original's true class). Nearest-neighbour upscaled."""
-    n = min(n_show, len(data), *(r.shape[0] for r in recs.values()))
+    labels = data.labels.cpu()
+    limit = len(labels)
+    # one image of each class first (the evaluation set is in class order), then the rest
+    firsts = [int((labels == c).nonzero()[0]) for c in labels.unique()]
+    rows = (firsts + [i for i in range(limit) if i not in firsts])[:n_show]
     names = list(class_names) if class_names else [str(i) for i in range(data.logits.shape[1])]
     tiles, titles = [], []
-    cols = {"x (real)": data.images[:n], **{k: v[:n] for k, v in recs.items()}}
+    cols = {"x (real)": data.images, **recs}
     with torch.no_grad():
-        judged = {k: classifier_logits(judge, v).argmax(1) for k, v in cols.items()}
-    for i in range(n):
+        judged = {k: classifier_logits(judge, v[rows]).argmax(1) for k, v in cols.items()}
+    for r, i in enumerate(rows):
         for k, imgs in cols.items():
-            j = int(judged[k][i])
+            j = int(judged[k][r])
             tiles.append(imgs[i])
-            mark = "✓" if j == int(data.labels[i]) else "✗"
-            titles.append(f"{k}\njudge: {names[j]} {mark}" if i == 0 else f"{names[j]} {mark}")
+            mark = "✓" if j == int(labels[i]) else "✗"
+            titles.append(f"{k}\njudge: {names[j]} {mark}" if r == 0 else f"{names[j]} {mark}")
     figures.save_titled_grid(torch.stack(tiles), titles, path, ncol=len(cols),
-                             suptitle=f"true classes: {', '.join(names[int(c)] for c in data.labels[:n])}")
+                             suptitle="judge's label (✓ = x's class)")
 
 
 def write_classifier_info(out_dir: str | Path, info: dict) -> None:

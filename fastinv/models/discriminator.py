@@ -7,11 +7,15 @@ feature of the residual trunk (summed as in BigGAN, or averaged: ``pool``) and `
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from fastinv.models import layers
 from fastinv.models import layers as _layers
+
+POOLS = ("sum", "mean", "sqrt")  # spatial pooling of D's last feature map
 
 # resolution -> (channel multipliers in, out, downsample per block); the first "in" is RGB.
 D_ARCH: dict[int, tuple[list[int], list[int], list[bool]]] = {
@@ -61,8 +65,8 @@ class Discriminator(nn.Module):
                  logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv",
                  pool: str = "sum"):
         super().__init__()
-        if pool not in ("sum", "mean"):
-            raise ValueError(f"Discriminator pool must be sum or mean, got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"Discriminator pool must be one of {POOLS}, got {pool!r}")
         with _layers.implementation(layers):
             self._build(num_classes, resolution, ch, attention_resolution, logit_preprocess,
                         logit_temperature, sn_eps)
@@ -104,6 +108,9 @@ class Discriminator(nn.Module):
             if str(i) in self.attention:
                 h = self.attention[str(i)](h)
         h = torch.relu(h)
-        h = h.sum(dim=(2, 3)) if self.pool == "sum" else h.mean(dim=(2, 3))
+        h_area = h.shape[2] * h.shape[3]
+        h = h.sum(dim=(2, 3))
+        if self.pool != "sum":  # mean: / HW; sqrt: / sqrt(HW), between the two
+            h = h / (h_area if self.pool == "mean" else math.sqrt(h_area))
         proj = (self.embed(self.preprocess(logits)).to(h.dtype) * h).sum(dim=1)
         return self.linear(h).squeeze(1) + proj

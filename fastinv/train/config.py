@@ -323,7 +323,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.logit_temperature > 0, "model.logit_temperature must be > 0")
     _require(m.layers in ("fastinv", "torch"), f"model.layers must be fastinv or torch, "
              f"got {m.layers!r}")
-    _require(m.d_pool in ("sum", "mean"), f"model.d_pool must be sum or mean, got {m.d_pool!r}")
+    _require(m.d_pool in ("sum", "mean", "sqrt"), f"model.d_pool must be sum, mean or sqrt, "
+             f"got {m.d_pool!r}")
     try:
         parse_policy(o.diffaug)
     except ValueError as exc:
