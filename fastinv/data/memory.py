@@ -16,10 +16,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fastinv.data.base import ImageLoader
 from fastinv.data.plan import epoch_order, num_batches
 
 
-class MemoryLoader:
+class MemoryLoader(ImageLoader):
+    """An ``ImageLoader`` over decoded images in RAM (``bad_files``, ``classes``, ``epoch`` and
+    ``set_epoch`` are the base class's; the epoch plan counts the decoded images)."""
+
+    backend = "memory"
+
     def __init__(self, decoder, *, batch_size: int, train: bool = True, rank: int = 0,
                  world_size: int = 1, seed: int = 0, drop_last: bool = True, flip: bool = True):
         """``decoder``: a ``make_loader(..., train=False)`` loader over the whole split (one
@@ -27,6 +33,8 @@ class MemoryLoader:
         if decoder.train:
             raise ValueError("MemoryLoader decodes with an evaluation loader (train=False): "
                              "whole images, every file once")
+        # ImageLoader.__init__ is not called: crops and normalisation are the decoder's, done
+        # once in this loop; only the base class's epoch bookkeeping and properties are shared
         images, cls, index = [], [], []
         for batch in decoder:  # normalised floats -> uint8 levels (the loaders' exact inverse)
             images.append(((batch["image"].cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
@@ -41,26 +49,10 @@ class MemoryLoader:
         self.index = torch.cat(index)
         self.labels = torch.from_numpy(decoder.source.labels)[self.index]
         self.source, self.device = decoder.source, decoder.device
+        self.resolution, self.classifier_size = decoder.resolution, decoder.classifier_size
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.drop_last, self.flip = rank, world_size, drop_last, flip
         self._epoch, self._start_batch = 0, 0
-
-    @property
-    def bad_files(self):
-        return self.source.bad_files
-
-    @property
-    def classes(self) -> list[str]:
-        return self.source.classes
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
-        self._epoch, self._start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         return num_batches(len(self.images), rank=self.rank, world_size=self.world_size,
