@@ -42,8 +42,9 @@ def test_reconstruct_writes_grid_and_metrics(setup, tmp_path):
     assert saved["n_images"] == 10
     for key in ("top1_vs_orig", "top1_vs_label", "logit_cosine", "logit_rel_l2", "psnr", "ssim"):
         assert key in saved and saved[key] == pytest.approx(m[key])
-    # 4 rows x 3 columns (original | 2 reconstructions) of 32 px tiles (upscaled x2), 2 px padding
-    assert _png_shape(tmp_path / "reconstruct.png") == (3 * 34 + 2, 4 * 34 + 2)
+    # 4 rows x 3 columns (original | 2 reconstructions) of 16 px images shown at 128 px
+    # (nearest-neighbour x8: small images are unreadable at their own size), 2 px padding
+    assert _png_shape(tmp_path / "reconstruct.png") == (3 * 130 + 2, 4 * 130 + 2)
 
 
 def test_resample_std_map_is_positive_for_a_noise_dependent_generator(setup, tmp_path):
