@@ -190,7 +190,12 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     from fastinv.invert import factors as fac
     from fastinv.invert.baselines import OptimizationConfig
     from fastinv.invert.deepsim_train import DeepSimConfig, train_deepsim
-    from fastinv.invert.evaluate import compare_methods, run_analyses, write_classifier_info
+    from fastinv.invert.evaluate import (
+        compare_methods,
+        optimization_subset,
+        run_analyses,
+        write_classifier_info,
+    )
     from fastinv.invert.quality import NearestNeighbour
     from fastinv.invert.report import write_report
     from fastinv.models.classifiers import load_classifier, sidecar_path
@@ -267,9 +272,9 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
         table["_intervals"] = fac.factor_intervals(factor_model, y_val, fnames, feedforward,
                                                    seed=seed)
         if "optimization" in recs:
-            n = recs["optimization"].shape[0]
-            table[f"optimization (first {n})"] = fac.r2_per_factor(
-                factor_model.predict(recs["optimization"]), y_val[:n], fnames)
+            idx = optimization_subset(len(val), p.n_optimization).to(y_val.device)
+            table[f"optimization ({len(idx)} images)"] = fac.r2_per_factor(
+                factor_model.predict(recs["optimization"]), y_val[idx], fnames)
         factor_table[name] = table
     atomic_write_text(out / "factors.json", json.dumps(factor_table, indent=2))
 

@@ -107,3 +107,14 @@ def test_bootstrap_stat_of_an_r2_excludes_zero_only_when_there_is_signal():
 
     assert bootstrap_stat(r2(good), 200).lo > 0.5
     assert not bootstrap_stat(r2(bad), 200).lo > 0
+
+
+def test_optimization_subset_spreads_over_a_class_ordered_set():
+    from fastinv.invert.evaluate import optimization_subset
+
+    labels = torch.arange(10).repeat_interleave(50)  # 500 images in class order
+    idx = optimization_subset(len(labels), 20)
+    assert len(idx) == 20 and len(set(idx.tolist())) == 20
+    assert set(labels[idx].tolist()) == set(range(10))  # every class, not 20 of class 0
+    assert optimization_subset(5, 32).tolist() == [0, 1, 2, 3, 4]
+    assert optimization_subset(5, 0).numel() == 0

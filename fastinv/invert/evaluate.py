@@ -66,6 +66,13 @@ def run_analyses(
     return results
 
 
+def optimization_subset(n: int, n_optimization: int) -> torch.Tensor:
+    """Indices of the images optimisation-based inversion sees: ``n_optimization`` of ``n``,
+    evenly spaced (every class of a class-ordered set)."""
+    k = max(0, min(n_optimization, n))
+    return torch.div(torch.arange(k) * n, max(k, 1), rounding_mode="floor")
+
+
 def _timed(fn: Callable[[], torch.Tensor], device) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -90,7 +97,9 @@ def compare_methods(
     """Metrics of each feedforward decoder and of optimization-based inversion on ``data``.
 
     Feedforward methods see every image; optimization, which costs ``steps × restarts``
-    classifier passes per image, sees the first ``n_optimization`` — and each feedforward
+    classifier passes per image, sees ``n_optimization`` of them spread evenly over the set
+    (``optimization_subset``: the set is in class order, so its first images would all be
+    of one class) — and each feedforward
     method is also scored on that subset (``*_opt_subset`` entries) so the comparison is on
     the same images. With a ``judge`` (an independent classifier, see
     ``fastinv.invert.quality``) every method also gets judge agreement and KID, and the
@@ -101,8 +110,9 @@ def compare_methods(
     results: dict[str, dict] = {}
     recs: dict[str, torch.Tensor] = {}
     per: dict[str, dict[str, list]] = {}
-    n_opt = min(n_optimization, len(data))
-    sub = data.subset(torch.arange(n_opt, device=device))
+    sub_idx = optimization_subset(len(data), n_optimization).to(device)
+    n_opt = len(sub_idx)
+    sub = data.subset(sub_idx)
     judge_orig = real_feats = None
     if judge is not None:
         with torch.no_grad():
@@ -130,12 +140,12 @@ def compare_methods(
             per[name] = {k: v.tolist() for k, v in values.items()}
         if n_opt > 0:
             results[f"{name}_opt_subset"] = score(
-                rec[:n_opt], sub.images, sub.labels, sub.logits,
-                None if judge_orig is None else judge_orig[:n_opt])[0]
+                rec[sub_idx], sub.images, sub.labels, sub.logits,
+                None if judge_orig is None else judge_orig[sub_idx])[0]
     if n_opt > 0 and optimization is not None:
         res = optimize_inversion(classifier, sub.logits, data.images.shape[-1], optimization)
         m, _ = score(res.images, sub.images, sub.labels, sub.logits,
-                     None if judge_orig is None else judge_orig[:n_opt])
+                     None if judge_orig is None else judge_orig[sub_idx])
         m.update(seconds_per_image=res.seconds / n_opt, n_images=n_opt,
                  logit_distance_start=res.initial_distance.mean().item(),
                  logit_distance_end=res.logit_distance.mean().item(),
