@@ -165,6 +165,8 @@ def factor_intervals(
         if rot:
             cols["rotation"] = rot
 
+        # R² in numpy rather than sklearn's r2_score (as r2_per_factor uses): it runs n_boot
+        # times per factor, and rotation averages its cos / sin columns the same way
         def r2(idx, js, p=p):
             vals = []
             for j in js:

@@ -72,10 +72,16 @@ class Interval:
         return f"{self.mean:+.4g} [{self.lo:+.4g}, {self.hi:+.4g}]"
 
 
+def _array(values) -> np.ndarray:
+    """float64 numpy copy of a tensor (any device) or array-like."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    return np.asarray(values, dtype=np.float64)
+
+
 def bootstrap_mean(values, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
     """Percentile bootstrap interval of the mean of ``values`` (1-D, one value per image)."""
-    v = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values,
-                   dtype=np.float64).ravel()
+    v = _array(values).ravel()
     v = v[np.isfinite(v)]
     if v.size < 2:
         raise ValueError(f"bootstrap_mean needs at least 2 finite values, got {v.size}")
@@ -103,8 +109,7 @@ def bootstrap_stat(fn, n: int, *, n_boot: int = 1000, level: float = 0.95, seed:
 
 def bootstrap_diff(a, b, **kw) -> Interval:
     """Interval of mean(a - b) for paired per-image values (the same images in both)."""
-    a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
-    b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64)
+    a, b = _array(a), _array(b)
     if a.shape != b.shape:
         raise ValueError(f"bootstrap_diff needs paired values of one shape, got {a.shape}, {b.shape}")
     return bootstrap_mean(a - b, **kw)
