@@ -62,3 +62,21 @@ def test_training_lowers_pixel_error_and_round_trips(tmp_path):
     data = analyses.Images.from_images(classifier, images[:6], torch.zeros(6, dtype=torch.long))
     m = analyses.resample(G2, classifier, data, tmp_path / "resample", k=2, n_show=2)
     assert m["noise_std"] == 0
+
+
+def test_decoder_standardises_its_logits_and_keeps_the_statistics():
+    """Raw logits of a confident classifier (norm ~30) reach the FC stack in training-set
+    units; the statistics are buffers, so a saved decoder standardises the same way."""
+    torch.manual_seed(0)
+    logits = torch.randn(256, 5) * torch.tensor([30.0, 5.0, 1.0, 0.1, 12.0]) + 7.0
+    G = DeepSimDecoder(5, 16, 8)
+    before = G(logits[:4])
+    G.set_statistics(logits)
+    torch.testing.assert_close(G.logit_shift, logits.mean(0))
+    torch.testing.assert_close(G.logit_scale, logits.std(0))
+    assert not torch.allclose(G(logits[:4]), before)
+    # a decoder loaded from the state dict standardises the same way
+    G2 = DeepSimDecoder(5, 16, 8)
+    G2.load_state_dict(G.state_dict())
+    torch.testing.assert_close(G2(logits[:4]), G(logits[:4]))
+    assert {"logit_shift", "logit_scale"} <= set(G.state_dict())

@@ -84,6 +84,8 @@ def train_deepsim(
     torch.manual_seed(cfg.seed)
     num_classes, resolution = logits.shape[1], images.shape[-1]
     G = DeepSimDecoder(num_classes, resolution, cfg.width).to(device)
+    G.set_statistics(logits)
+    d_logits = (logits.float() - G.logit_shift) / G.logit_scale  # D sees them on G's scale
     D = DeepSimDiscriminator(num_classes, resolution, cfg.width).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
@@ -104,11 +106,11 @@ def train_deepsim(
     ones = torch.ones(cfg.batch_size, device=device)
     for step in steps:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
-        x, z, fx = images[idx], logits[idx], target_feats[idx]
+        x, z, fx, zd = images[idx], logits[idx], target_feats[idx], d_logits[idx]
         fake = G(z)
         # discriminator: real pairs vs decoded pairs
-        d_loss = F.binary_cross_entropy_with_logits(D(x, z), ones) + F.binary_cross_entropy_with_logits(
-            D(fake.detach(), z), torch.zeros_like(ones)
+        d_loss = F.binary_cross_entropy_with_logits(D(x, zd), ones) + F.binary_cross_entropy_with_logits(
+            D(fake.detach(), zd), torch.zeros_like(ones)
         )
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -117,7 +119,7 @@ def train_deepsim(
         feats, _ = comparator(fake)
         pix = F.mse_loss(fake, x)
         feat = F.mse_loss(feats, fx)
-        adv = F.binary_cross_entropy_with_logits(D(fake, z), ones)
+        adv = F.binary_cross_entropy_with_logits(D(fake, zd), ones)
         g_loss = cfg.lambda_pix * pix + cfg.lambda_feat * feat + cfg.lambda_adv * adv
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()

@@ -41,12 +41,25 @@ class DeepSimDecoder(nn.Module):
         layers += [nn.Conv2d(ch, 3, 3, 1, 1), nn.Tanh()]
         self.up = nn.Sequential(*layers)
         self._top = top
+        # Each logit in units of its training-set spread (``set_statistics``; identity until
+        # then). A confident classifier's raw logits have norm ~30: fed raw, the fully connected
+        # stack learns little in a few hundred steps and the decoder draws the data's mean.
+        self.register_buffer("logit_shift", torch.zeros(num_classes))
+        self.register_buffer("logit_scale", torch.ones(num_classes))
+
+    @torch.no_grad()
+    def set_statistics(self, logits: torch.Tensor) -> None:
+        """Standardise inputs with the per-logit mean and std of ``logits`` (N, num_classes)."""
+        z = logits.float()
+        self.logit_shift.copy_(z.mean(0))
+        self.logit_scale.copy_(z.std(0).clamp_min(1e-6))
 
     def sample_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.empty(batch, 0)
 
     def forward(self, logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.fc(logits.float()).view(-1, self._top, 4, 4)
+        z = (logits.float() - self.logit_shift) / self.logit_scale
+        h = self.fc(z).view(-1, self._top, 4, 4)
         return self.up(h)
 
 
