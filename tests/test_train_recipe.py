@@ -121,3 +121,27 @@ def test_memory_loader_serves_every_image_once_per_epoch(synthetic_data):
     assert torch.equal(resumed, seen[5:])
     batch = next(iter(MemoryLoader(decoder, batch_size=4, train=False)))
     assert torch.allclose(batch["image"], full[:4], atol=1 / 127.5)
+
+
+def test_flip_mirrors_about_half_the_images_and_passes_gradients():
+    from fastinv.train.augment import flip
+
+    x = torch.randn(200, 3, 8, 8, requires_grad=True)
+    out = flip(x, gen=torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(o, xi.flip(2)) for o, xi in zip(out, x.detach())])
+    same = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x.detach())])
+    assert bool((mirrored | same).all()) and 60 < int(mirrored.sum()) < 140
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_consistency_augmentation_is_named_and_trains(tmp_path, synthetic_data):
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=2", "--aux_logit_weight=1",
+                               "--aux_augment=translation,flip"])
+    run_dir = train_inverter(cfg)
+    assert all(math.isfinite(v) and v > 0 for v in _scalars(run_dir, "aux_logit"))
+    assert inverter_options(cfg) == {"logit consistency": 1.0,
+                                     "consistency augmentation": "translation,flip"}
+    with pytest.raises(ConfigError, match="optim.aux_augment: unknown augmentation"):
+        load_config("tiny", ["--aux_augment=rotate"])

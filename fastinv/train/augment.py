@@ -6,14 +6,18 @@ flows through them; they never change what G is asked to produce.
 
 Policies (comma-separated): ``translation`` (shift by up to 1/8 of the size, zero fill),
 ``cutout`` (a zeroed square of half the size at a random place), ``color`` (brightness,
-saturation, contrast).
+saturation, contrast), ``flip`` (horizontal, half of the images).
+
+The same transforms serve the logit-consistency term (``optim.aux_augment``): Φ reads G's image
+under a random transform, an expectation over transformations. A pattern that fools Φ at one
+pixel alignment rarely survives a shift; what Φ reads at every shift is the shape it learned.
 """
 
 from __future__ import annotations
 
 import torch
 
-POLICIES = ("translation", "cutout", "color")
+POLICIES = ("translation", "cutout", "color", "flip")
 
 
 def parse_policy(text: str) -> tuple[str, ...]:
@@ -63,7 +67,12 @@ def cutout(x: torch.Tensor, ratio: float = 0.5, gen=None) -> torch.Tensor:
     return x * (~hole).unsqueeze(1).to(x.dtype)
 
 
-_FNS = {"translation": translation, "cutout": cutout, "color": color}
+def flip(x: torch.Tensor, gen=None) -> torch.Tensor:
+    mirror = _rand((x.shape[0], 1, 1, 1), x, gen) < 0.5
+    return torch.where(mirror, x.flip(3), x)
+
+
+_FNS = {"translation": translation, "cutout": cutout, "color": color, "flip": flip}
 
 
 def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator | None = None

@@ -85,6 +85,10 @@ class OptimConfig:
     aux_logit_weight: float = 0.0
     recon_weight: float = 0.0  # "pixel reconstruction": λ of mean |G(Φ(x), ε) - x| (L1)
     diffaug: str = ""  # "D augmentation": DiffAugment policy, e.g. "translation,cutout"
+    # "consistency augmentation": the logit-consistency term reads Φ on G's image under these
+    # transforms (same policy names as diffaug), so G cannot satisfy Φ with a pattern that only
+    # works at one alignment
+    aux_augment: str = ""
     # R1 penalty on D at real images (fastinv/train/regularizers.py), lazy: γ·k every k-th D
     # step (StyleGAN2). 0 = off; single process only for now (not under torchrun)
     r1_gamma: float = 0.0
@@ -160,7 +164,8 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
     """The options beyond the paper's GAN-only inverter that ``cfg`` turns on, by name."""
     o, m = cfg.optim, cfg.model
     named = {"logit consistency": o.aux_logit_weight, "pixel reconstruction": o.recon_weight,
-             "D augmentation": o.diffaug, "R1": o.r1_gamma,
+             "D augmentation": o.diffaug, "consistency augmentation": o.aux_augment,
+             "R1": o.r1_gamma,
              "logit preprocessing": "" if m.logit_preprocess == "none" else m.logit_preprocess,
              "D pooling": "" if m.d_pool == "sum" else m.d_pool}
     return {k: v for k, v in named.items() if v}
@@ -325,10 +330,11 @@ def validate(cfg: TrainConfig) -> None:
              f"got {m.layers!r}")
     _require(m.d_pool in ("sum", "mean", "sqrt"), f"model.d_pool must be sum, mean or sqrt, "
              f"got {m.d_pool!r}")
-    try:
-        parse_policy(o.diffaug)
-    except ValueError as exc:
-        raise ConfigError(f"optim.diffaug: {exc}") from None
+    for name in ("diffaug", "aux_augment"):
+        try:
+            parse_policy(getattr(o, name))
+        except ValueError as exc:
+            raise ConfigError(f"optim.{name}: {exc}") from None
     _require(o.recon_weight >= 0, "optim.recon_weight must be >= 0")
     _require(o.r1_gamma >= 0 and o.r1_every >= 1, "optim.r1_gamma must be >= 0 and "
              "optim.r1_every >= 1")

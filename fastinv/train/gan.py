@@ -181,6 +181,7 @@ class InverterTrainer:
             self.G_fake, self.D_judge = torch.compile(self.G), torch.compile(self.D)
         self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
         self.augment = parse_policy(cfg.optim.diffaug)
+        self.aux_augment = parse_policy(cfg.optim.aux_augment)
         if cfg.optim.r1_gamma > 0 and info.distributed:
             raise ValueError("optim.r1_gamma is not supported under torchrun yet (its double "
                              "backward bypasses DDP's gradient sync); set --optim.r1_gamma=0")
@@ -278,7 +279,8 @@ class InverterTrainer:
                 if o.aux_logit_weight > 0:
                     # on the scale G and D see the logits on (affine: unit variance per logit)
                     pre = self.G.preprocess
-                    aux = (pre(self.classifier(self.classifier.prepare(fake)).float())
+                    seen = diff_augment(fake, self.aux_augment, self.noise_gen)
+                    aux = (pre(self.classifier(self.classifier.prepare(seen)).float())
                            - pre(z)).pow(2).mean()
                     stats["aux_logit"] += aux.detach() / acc
                     loss = loss + o.aux_logit_weight * aux
