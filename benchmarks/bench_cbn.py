@@ -5,6 +5,12 @@ Bytes that must move: forward reads x and writes y (2 * numel * element size); f
 adds reading x and dy and writing dx (5 * numel * element size in all). gain/bias/statistics
 are O(N*C) and not counted.
 
+``fwd+bwd relu``: the same followed by a ReLU, as in BigGAN's GBlock: eager and torch.compile
+run ``torch.relu`` after the ccbn, fastinv ``relu=True`` (fused into the apply pass and the
+backward kernels). The bytes that must move are the same 5 tensors (the fused backward
+recomputes the ReLU mask from x); eager's separate ReLU moves 4 more (its forward reads and
+writes y, its backward reads y and dy and writes the masked dy).
+
 CUDA: the BigGAN-128 generator's shapes at N=256 in bf16 channels_last (the training
 configuration: the rows that show the channels_last vector loads, the lane widths for
 C = 96, 192, 384 and the finalize kernels) and in fp32 NCHW, plus bf16 NCHW at 128x128
@@ -44,6 +50,10 @@ CASES += [
 ]
 # forward alone: one case per device (the table's point is forward+backward)
 FWD_CASES = {("cuda", BIGGAN128[2], torch.float32, "nchw"), ("cpu", (32, 128, 32, 32), torch.float32, "nchw")}
+# with the ReLU (BigGAN's GBlock): the training configuration's two largest tensors on CUDA
+# (FASTINV_BENCH_FULL=1: every case), the issue's shape in both layouts on the CPU
+RELU_CASES = {("cuda", BIGGAN128[2], torch.bfloat16, "nhwc"), ("cuda", BIGGAN128[4], torch.bfloat16, "nhwc"),
+              ("cpu", (32, 128, 32, 32), torch.float32, "nchw"), ("cpu", (32, 128, 32, 32), torch.float32, "nhwc")}
 
 
 def ccbn_eager(x, gain, bias, running_mean, running_var):
@@ -56,6 +66,21 @@ def ccbn_fastinv(x, gain, bias, running_mean, running_var):
     return ops.conditional_batch_norm(x, gain, bias, running_mean, running_var, True, 0.1, 1e-5)
 
 
+def ccbn_relu_eager(x, gain, bias, running_mean, running_var):
+    """BigGAN-PyTorch's GBlock: ccbn, then the activation."""
+    return torch.relu(ccbn_eager(x, gain, bias, running_mean, running_var))
+
+
+def ccbn_relu_fastinv(x, gain, bias, running_mean, running_var):
+    return ops.conditional_batch_norm(x, gain, bias, running_mean, running_var, True, 0.1, 1e-5, relu=True)
+
+
+IMPLS = {  # (relu?, impl) -> function
+    (False, "reference-eager"): ccbn_eager, (False, "fastinv"): ccbn_fastinv,
+    (True, "reference-eager"): ccbn_relu_eager, (True, "fastinv"): ccbn_relu_fastinv,
+}
+
+
 def _case_id(case):
     device, (n, c, h, w), dtype, layout = case
     short = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
@@ -63,12 +88,16 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("impl", ["reference-eager", "torch.compile", "fastinv"])
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "fwd+bwd relu"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_cbn(measure, case, mode, impl):
     device, shape, dtype, layout = case
     if mode == "fwd" and (device, shape, dtype, layout) not in FWD_CASES:
         pytest.skip("forward alone is measured on one shape per device (keeps the run short)")
+    relu = mode == "fwd+bwd relu"
+    full = os.environ.get("FASTINV_BENCH_FULL") == "1" and device == "cuda"
+    if relu and not full and (device, shape, dtype, layout) not in RELU_CASES:
+        pytest.skip("the ReLU rows are measured on a few shapes (RELU_CASES; FASTINV_BENCH_FULL=1: all)")
     n, c = shape[:2]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])
@@ -76,9 +105,11 @@ def test_cbn(measure, case, mode, impl):
     bias = torch.randn(n, c, generator=g).to(device, dtype)
     dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])
     rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    fn = {"reference-eager": ccbn_eager, "torch.compile": torch.compile(ccbn_eager, dynamic=False),
-          "fastinv": ccbn_fastinv}[impl]
-    backward = mode == "fwd+bwd"
+    if impl == "torch.compile":
+        fn = torch.compile(IMPLS[relu, "reference-eager"], dynamic=False)
+    else:
+        fn = IMPLS[relu, impl]
+    backward = mode != "fwd"
     x.requires_grad_(backward)
     gain.requires_grad_(backward)
     bias.requires_grad_(backward)

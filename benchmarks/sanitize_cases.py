@@ -48,19 +48,19 @@ def _cbn_inputs(shape, dtype, layout, offset=0):
     return x, gain, bias, dy
 
 
-def _cbn_case(shape, dtype=torch.float32, layout=torch.contiguous_format, offset=0, training=True):
+def _cbn_case(shape, dtype=torch.float32, layout=torch.contiguous_format, offset=0, training=True, relu=False):
     def run():
         x, gain, bias, dy = _cbn_inputs(shape, dtype, layout, offset)
         c = shape[1]
         rm, rv = torch.zeros(c), torch.ones(c) + 0.5
-        cpu = F.conditional_batch_norm(x, gain, bias, rm, rv, training, 1e-5)
-        dev = F.conditional_batch_norm(x.cuda(), gain.cuda(), bias.cuda(), rm.cuda(), rv.cuda(), training, 1e-5)
+        cpu = F.conditional_batch_norm(x, gain, bias, rm, rv, training, 1e-5, relu)
+        dev = F.conditional_batch_norm(x.cuda(), gain.cuda(), bias.cuda(), rm.cuda(), rv.cuda(), training, 1e-5, relu)
         tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.bfloat16, torch.float16) else {}
         _close(dev, cpu, **tol)
         _, mean, invstd, _ = cpu
-        bwd_cpu = F.conditional_batch_norm_backward(dy, x, gain, mean, invstd, training)
+        bwd_cpu = F.conditional_batch_norm_backward(dy, x, gain, mean, invstd, training, relu, bias)
         bwd_dev = F.conditional_batch_norm_backward(dy.cuda(), x.cuda(), gain.cuda(), mean.cuda(), invstd.cuda(),
-                                                    training)
+                                                    training, relu, bias.cuda())
         _close(bwd_dev, bwd_cpu, **(tol or dict(rtol=1e-4, atol=1e-4)))
 
     return run
@@ -83,6 +83,13 @@ case("cbn nhwc fp64 vector")(_cbn_case((2, 6, 5, 5), torch.float64, torch.channe
 case("cbn nhwc scalar (C odd)")(_cbn_case((3, 5, 7, 9), layout=torch.channels_last))
 case("cbn nhwc eval")(_cbn_case((2, 32, 4, 4), torch.bfloat16, torch.channels_last, training=False))
 case("cbn H=W=1")(_cbn_case((4, 3, 1, 1)))
+# the fused ReLU: bias read by both backward passes (vector and scalar loads), held slab
+case("cbn relu nchw held slab fp32")(_cbn_case((4, 8, 4, 4), relu=True))
+case("cbn relu nchw two-pass bf16")(_cbn_case((2, 4, 96, 96), torch.bfloat16, relu=True))
+case("cbn relu nhwc bf16 vector")(_cbn_case((4, 96, 4, 4), torch.bfloat16, torch.channels_last, relu=True))
+case("cbn relu nhwc scalar (C odd), eval")(_cbn_case((3, 5, 7, 9), layout=torch.channels_last, training=False,
+                                                      relu=True))
+case("cbn relu misaligned view")(_cbn_case((2, 4, 6, 6), offset=1, relu=True))
 
 
 @case("cbn split ops and running-stat update (fused and strided)")

@@ -4,9 +4,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "common.h"
 
@@ -65,6 +69,38 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& gain, const at:
   }
 }
 
+// ---- the normalise-and-affine and the fused ReLU (one place for both devices) ---------------
+
+// v = (x - mean) * scale + shift, scale = invstd * gain, shift = bias. The forward's apply and
+// the backward's ReLU mask evaluate this one expression, so the mask sees the very value the
+// forward stored. ((x - mean) first: folding mean into the shift loses digits for a large mean.)
+template <typename A>
+C10_HOST_DEVICE inline A affine(A x, A mean, A scale, A shift) {
+  return (x - mean) * scale + shift;
+}
+
+// relu=True forward: max(v, 0), NaN kept (as torch.relu).
+template <typename A>
+C10_HOST_DEVICE inline A relu_of(A v) {
+  return v < A(0) ? A(0) : v;
+}
+
+// relu=True backward: dy passes where the *stored* output y (v rounded to T) is > 0, as torch's
+// ReLU backward (threshold_backward(dy, y, 0)) and the reference. A tiny positive v rounds to 0
+// in fp16/bf16 (round to nearest even: v <= half the smallest subnormal becomes 0), so v is
+// compared with that largest value that rounds to 0 instead of converting (keeps the CPU loops
+// vectorised). NaN never passes.
+template <typename T, typename A>
+C10_HOST_DEVICE inline bool relu_passes(A v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return v > A(0x1p-25f);  // smallest fp16 subnormal 2^-24
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return v > A(0x1p-134f);  // smallest bf16 subnormal 2^-133
+  } else {
+    return v > A(0);  // T == A: y is v
+  }
+}
+
 // ---- layout ---------------------------------------------------------------------------------
 
 // Same rule as _layout() in Python: channels_last when x is that and not also contiguous.
@@ -102,6 +138,15 @@ inline void check_backward(const at::Tensor& grad_y, const at::Tensor& x, const 
   check_grad(grad_y, x);
   check_c(mean, x, "mean");
   check_c(invstd, x, "invstd");
+}
+
+// relu=True: the backward recomputes the forward's output from x, the statistics, gain and
+// bias, so it needs bias ((N, C), x's dtype).
+inline void check_backward_relu(const at::Tensor& x, bool relu, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(!relu || bias.has_value(), kOp,
+                    ": relu=True masks grad_y where the forward's output is > 0, recomputed from x "
+                    "and the statistics, and needs the forward's bias; pass bias");
+  if (bias.has_value()) check_nc(*bias, x, "bias");
 }
 
 inline void check_apply(const at::Tensor& x, const at::Tensor& gain, const at::Tensor& bias,

@@ -118,19 +118,21 @@ def test_running_stats_follow_pytorch_batch_norm(device, layout):
     h=st.integers(1, 9),
     w=st.integers(1, 9),
     channels_last=st.booleans(),
+    relu=st.booleans(),
 )
-def test_random_shapes_float64_agree_with_reference(n, c, h, w, channels_last):
+def test_random_shapes_float64_agree_with_reference(n, c, h, w, channels_last, relu):
     layout = torch.channels_last if channels_last else torch.contiguous_format
     x, gain, bias = _inputs((n, c, h, w), torch.float64, "cpu", layout)
     rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
-    y, mean, invstd, var = fbn.conditional_batch_norm(x, gain, bias, rm, rv, True, 1e-5)
-    ry, rmean, rinvstd, rvar = cbn.conditional_batch_norm_reference(x, gain, bias, rm, rv, True, 1e-5)
+    y, mean, invstd, var = fbn.conditional_batch_norm(x, gain, bias, rm, rv, True, 1e-5, relu)
+    ry, rmean, rinvstd, rvar = cbn.conditional_batch_norm_reference(x, gain, bias, rm, rv, True, 1e-5, relu)
     for a, b in [(y, ry), (mean, rmean), (invstd, rinvstd), (var, rvar)]:
         torch.testing.assert_close(a, b, **TOL[torch.float64])
-    torch.testing.assert_close(y, _expected(x, gain, bias), **TOL[torch.float64])
+    expected = _expected(x, gain, bias)
+    torch.testing.assert_close(y, expected.relu() if relu else expected, **TOL[torch.float64])
     dy = torch.randn_like(y)
-    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
-    ref = cbn.conditional_batch_norm_backward_reference(dy, x, gain, mean, invstd, True)
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True, relu, bias)
+    ref = cbn.conditional_batch_norm_backward_reference(dy, x, gain, mean, invstd, True, relu, bias)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
@@ -569,9 +571,11 @@ def test_cuda_misaligned_views_take_the_scalar_path():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
-def test_misaligned_views_forward_and_backward(device, dtype, layout):
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_misaligned_views_forward_and_backward(device, dtype, layout, relu):
     """x, dy, gain and bias one element into their storage (not 16-byte aligned): the scalar
-    paths, in both layouts, forward and backward."""
+    paths, in both layouts, forward and backward (with the fused ReLU: bias read in backward
+    too)."""
     shape = (4, 16, 6, 6)
     n = torch.Size(shape).numel()
     base = torch.randn(n + 1, dtype=torch.float64).to(device, dtype)
@@ -583,18 +587,23 @@ def test_misaligned_views_forward_and_backward(device, dtype, layout):
         x = base[1:].view(shape)
         dy = _misaligned(shape, dtype, device)
     gain = torch.randn(4 * 16 + 1, dtype=torch.float64).to(device, dtype)[1:].view(4, 16)
-    bias = torch.randn(4, 16, dtype=torch.float64).to(device, dtype)
-    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5)
-    torch.testing.assert_close(y.double(), _expected(x, gain, bias), **TOL[dtype])
-    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True)
+    bias = torch.randn(4 * 16 + 1, dtype=torch.float64).to(device, dtype)[1:].view(4, 16)
+
+    def expected(x):
+        e = _expected(x, gain, bias)
+        return e.relu() if relu else e
+
+    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5, relu)
+    torch.testing.assert_close(y.double(), expected(x), **TOL[dtype])
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, True, relu, bias)
     ref = cbn.conditional_batch_norm_backward_reference(dy.double(), x.double(), gain.double(), mean.double(),
-                                                        invstd.double(), True)
+                                                        invstd.double(), True, relu, bias.double())
     _assert_backward_close(got, ref, dtype, shape)
     # aligned x with misaligned per-channel operands: the channels_last vector path must not
     # take 16-byte loads of gain/bias
     xa, _, _ = _inputs(shape, dtype, device, layout)
-    torch.testing.assert_close(fbn.conditional_batch_norm(xa, gain, bias, None, None, True, 1e-5)[0].double(),
-                               _expected(xa, gain, bias), **TOL[dtype])
+    torch.testing.assert_close(fbn.conditional_batch_norm(xa, gain, bias, None, None, True, 1e-5, relu)[0].double(),
+                               expected(xa), **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -708,3 +717,215 @@ def test_module_compiles_fullgraph():
     torch.testing.assert_close(compiled(x, cond), ref(x, cond))
     torch.testing.assert_close(m.running_var, ref.running_var)
     assert int(m.num_batches_tracked) == 1
+
+
+# --- fused ReLU (relu=True) -------------------------------------------------------------------
+
+
+def _expected_relu(x, gain, bias, eps=1e-5, mean=None, var=None):
+    return _expected(x, gain, bias, eps, mean, var).relu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 19, 1, 1), (3, 33, 8, 8), (5, 8, 17, 3)])
+def test_relu_forward_matches_float64(device, dtype, layout, shape):
+    x, gain, bias = _inputs(shape, dtype, device, layout, offset=0.0)
+    y = ops.conditional_batch_norm(x, gain, bias, training=True, relu=True)
+    expected_layout = layout if shape[2] * shape[3] > 1 else torch.contiguous_format
+    assert y.dtype == dtype and y.is_contiguous(memory_format=expected_layout)
+    assert (y >= 0).all()
+    torch.testing.assert_close(y.double(), _expected_relu(x, gain, bias), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_backward_matches_float64_autograd(device, dtype, layout, training):
+    x, gain, bias = _inputs((3, 7, 5, 4), dtype, device, layout)
+    rm, rv = torch.randn(7, device=device) + 3, torch.rand(7, device=device) + 3
+    dy = torch.randn(x.shape, dtype=torch.float64).to(device, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, gain, bias)]
+    y = ops.conditional_batch_norm(*leaves, rm, rv, training=training, relu=True)
+    y.backward(dy)
+    leaves64 = [t.double().requires_grad_() for t in (x, gain, bias)]
+    stats = {} if training else dict(mean=rm, var=rv)
+    out64 = _expected_relu(*leaves64, **stats)
+    assert 0.2 < (out64 == 0).double().mean() < 0.8  # the mask matters
+    out64.backward(dy.double())
+    for got, want in zip(leaves, leaves64):
+        assert got.grad.dtype == dtype
+        tol = TOL[dtype] if dtype in (torch.float64, torch.float32) else dict(rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+    if layout == torch.channels_last:
+        assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 19, 1, 1), (3, 33, 8, 8)])
+def test_relu_kernels_agree_with_the_reference_in_float64(device, layout, training, shape):
+    x, gain, bias = _inputs(shape, torch.float64, device, layout, offset=0.0)
+    c = shape[1]
+    rm = torch.randn(c, dtype=torch.float64, device=device)
+    rv = torch.rand(c, dtype=torch.float64, device=device) + 0.5
+    got = fbn.conditional_batch_norm(x, gain, bias, rm, rv, training, 1e-5, True)
+    ref = cbn.conditional_batch_norm_reference(x, gain, bias, rm, rv, training, 1e-5, True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    dy = torch.randn_like(x)
+    _, mean, invstd, _ = got
+    got_b = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, training, True, bias)
+    ref_b = cbn.conditional_batch_norm_backward_reference(dy, x, gain, mean, invstd, training, True, bias)
+    for a, b in zip(got_b, ref_b):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    # the mask is the only difference from the plain backward
+    passes = got[0] > 0
+    plain = fbn.conditional_batch_norm_backward(dy * passes, x, gain, mean, invstd, training)
+    for a, b in zip(got_b, plain):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fn", ["kernel", "reference"])
+def test_relu_backward_masks_by_the_stored_output(device, dtype, fn):
+    """A positive value too small for fp16/bf16 is stored as 0, and the ReLU's gradient there
+    is 0 (as torch.relu's backward on the stored output), though its fp32 value is > 0."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # smallest subnormal
+    # eval, mean 0, invstd 1 (eps 0): y = x * gain; x = 1/4 gives tiny/4 (stored as 0), x = 1 tiny
+    x = torch.tensor([0.25, 1.0, -1.0, 0.5], device=device).view(1, 1, 2, 2).to(dtype)
+    gain = torch.full((1, 1), tiny, device=device).to(dtype)
+    bias = torch.zeros(1, 1, device=device, dtype=dtype)
+    rm, rv = torch.zeros(1, device=device), torch.ones(1, device=device)
+    forward = fbn.conditional_batch_norm if fn == "kernel" else cbn.conditional_batch_norm_reference
+    backward = (fbn.conditional_batch_norm_backward if fn == "kernel"
+                else cbn.conditional_batch_norm_backward_reference)
+    y, mean, invstd, _ = forward(x, gain, bias, rm, rv, False, 0.0, True)
+    assert y.flatten().tolist() == [0.0, tiny, 0.0, 0.0]  # 0.5 * tiny rounds to even: 0
+    gx, _, _ = backward(torch.ones_like(x), x, gain, mean, invstd, False, True, bias)
+    assert (gx.flatten() != 0).tolist() == [False, True, False, False]
+    # the torch layers' ReLU on the stored output agrees
+    xt = x.clone().requires_grad_()
+    torch.relu(xt * gain[:, :, None, None]).sum().backward()
+    assert (xt.grad.flatten() != 0).tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_gradcheck(device, training):
+    x, gain, bias = _inputs((3, 4, 3, 2), torch.float64, device, offset=0.0)
+    rm = torch.randn(4, dtype=torch.float64, device=device)
+    rv = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    args = [t.requires_grad_() for t in (x, gain, bias)]
+
+    def fn(x, gain, bias):
+        return ops.conditional_batch_norm(x, gain, bias, rm.clone(), rv.clone(), training=training, relu=True)
+
+    y = fn(*args)
+    assert 0 < (y == 0).sum() < y.numel() and y[y != 0].abs().min() > 1e-4  # away from the kink
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_relu_opcheck(device, dtype, layout):
+    x, gain, bias = _inputs((3, 5, 4, 3), dtype, device, layout, offset=0.0)
+    rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)
+    xg, gg, bg = (t.clone().requires_grad_() for t in (x, gain, bias))
+    for training in (True, False):
+        torch.library.opcheck(fbn.conditional_batch_norm.default, (xg, gg, bg, rm, rv, training, 1e-5, True))
+    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, None, None, True, 1e-5, True)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(fbn.conditional_batch_norm_backward.default,
+                          (dy, x, gain, mean, invstd, True, True, bias))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_relu_compiles_fullgraph(backend, layout):
+    x, gain, bias = _inputs((4, 6, 5, 5), torch.float32, layout=layout, offset=0.0)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    rm_e, rv_e = rm.clone(), rv.clone()
+
+    def step(x, gain, bias, rm, rv):
+        return ops.conditional_batch_norm(x, gain, bias, rm, rv, training=True, momentum=0.2, relu=True) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    leaves_c = [t.clone().requires_grad_() for t in (x, gain, bias)]
+    leaves_e = [t.clone().requires_grad_() for t in (x, gain, bias)]
+    yc = compiled(*leaves_c, rm, rv)
+    ye = step(*leaves_e, rm_e, rv_e)
+    torch.testing.assert_close(yc, ye)
+    torch.testing.assert_close(rm, rm_e)
+    torch.testing.assert_close(rv, rv_e)
+    yc.square().sum().backward()
+    ye.square().sum().backward()
+    for a, b in zip(leaves_c, leaves_e):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("fn", [fbn.conditional_batch_norm_backward, cbn.conditional_batch_norm_backward_reference])
+def test_relu_backward_without_bias_raises_a_clear_error(fn):
+    x, gain, bias = _inputs((4, 3, 2, 2))
+    dy, mean, invstd = torch.randn_like(x), torch.zeros(3), torch.ones(3)
+    with pytest.raises((RuntimeError, ValueError), match="relu=True .* needs the forward's bias; pass bias"):
+        fn(dy, x, gain, mean, invstd, True, True, None)
+    with pytest.raises((RuntimeError, ValueError), match=r"bias must have shape \(N, C\)"):
+        fn(dy, x, gain, mean, invstd, True, True, bias[:2])
+
+
+def test_relu_autograd_matches_autograd_of_the_reference():
+    """The op's registered backward (fused mask) against torch's autograd through the reference
+    forward, whose ReLU is torch.relu."""
+    x, gain, bias = _inputs((4, 5, 3, 3), torch.float64, offset=0.0)
+    dy = torch.randn_like(x)
+    leaves = [t.clone().requires_grad_() for t in (x, gain, bias)]
+    fused = torch.autograd.grad(ops.conditional_batch_norm(*leaves, relu=True), leaves, dy)
+    y_ref = cbn.conditional_batch_norm_reference(*leaves, None, None, True, 1e-5, True)[0]
+    for a, b in zip(fused, torch.autograd.grad(y_ref, leaves, dy)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_module_relu_flag_is_relu_after_the_layer(layout):
+    m = ConditionalBatchNorm2d(6, 5, spectral_norm=False, relu=True)
+    plain = ConditionalBatchNorm2d(6, 5, spectral_norm=False)
+    plain.load_state_dict(m.state_dict())
+    assert "relu" in repr(m) and "relu" not in repr(plain)
+    x = torch.randn(4, 6, 3, 3).contiguous(memory_format=layout)
+    cond = torch.randn(4, 5)
+    xr, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, yp = m(xr, cond), torch.relu(plain(xp, cond))
+    torch.testing.assert_close(y, yp)
+    torch.testing.assert_close(m.running_var, plain.running_var)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yp.backward(dy)
+    torch.testing.assert_close(xr.grad, xp.grad)
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", KERNEL_PATH_SHAPES)
+def test_cuda_relu_matches_float64_on_kernel_paths(dtype, layout, training, shape):
+    """The fused ReLU on every CUDA kernel path (held slab, stats + apply, vector / scalar,
+    NCHW run groups / split runs, channels_last lanes), forward and masked backward."""
+    x, gain, bias = _inputs(shape, dtype, "cuda", layout, offset=0.0)
+    dy = torch.randn(shape, dtype=torch.float64).to("cuda", dtype).contiguous(memory_format=layout)
+    c = shape[1]
+    rm, rv = 0.1 * torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 3.5
+    y, mean, invstd, _ = fbn.conditional_batch_norm(x, gain, bias, rm, rv, training, 1e-5, True)
+    stats = {} if training else dict(mean=rm, var=rv)
+    torch.testing.assert_close(y.double(), _expected_relu(x, gain, bias, **stats), **TOL[dtype])
+    got = fbn.conditional_batch_norm_backward(dy, x, gain, mean, invstd, training, True, bias)
+    ref = cbn.conditional_batch_norm_backward_reference(dy.double(), x.double(), gain.double(), mean.double(),
+                                                        invstd.double(), training, True, bias.double())
+    _assert_backward_close(got, ref, dtype, shape)

@@ -1,6 +1,7 @@
 """Cross-replica conditional batch norm: 2 gloo processes on CPU, holding batches of different
 sizes, give exactly what one process gives on the concatenated batch (outputs, gradients of x,
-gain and bias, running statistics), through the op and through the module."""
+gain and bias, running statistics), through the op and through the module (the module with
+relu=True: torch.relu after the synchronised op against the fused ReLU of one process)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _run(x, gain, bias, weight, cond, group):
     y = ops.conditional_batch_norm(*leaves, rm, rv, True, 0.1, 1e-5, process_group=group)
     (y * weight).sum().backward()
     torch.manual_seed(0)
-    m = ConditionalBatchNorm2d(C, COND, spectral_norm=False).to(x.dtype)
+    m = ConditionalBatchNorm2d(C, COND, spectral_norm=False, relu=True).to(x.dtype)
     if group is not None:
         convert_sync_cbn(m, group)
     xm = x.clone().requires_grad_()

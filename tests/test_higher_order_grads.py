@@ -77,11 +77,12 @@ def test_cbn_eval_passes_gradgradcheck(device):
     assert gradgradcheck(f, (x, gain, bias))
 
 
-def test_cbn_module_penalty_gradients_match_the_module_on_the_reference(monkeypatch):
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_cbn_module_penalty_gradients_match_the_module_on_the_reference(monkeypatch, relu):
     from fastinv.nn import ConditionalBatchNorm2d
 
     torch.manual_seed(1)
-    m = ConditionalBatchNorm2d(3, 4, spectral_norm=False).double()
+    m = ConditionalBatchNorm2d(3, 4, spectral_norm=False, relu=relu).double()
     x = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     cond = torch.randn(4, 4, dtype=torch.float64)
 
@@ -91,12 +92,47 @@ def test_cbn_module_penalty_gradients_match_the_module_on_the_reference(monkeypa
 
     fused = penalty_grads()
 
-    def reference(x, gain, bias, running_mean, running_var, training, momentum, eps, process_group):
-        return cbn.conditional_batch_norm_reference(x, gain, bias, None, None, training, eps)[0]
+    def reference(x, gain, bias, running_mean, running_var, training, momentum, eps, process_group, relu):
+        return cbn.conditional_batch_norm_reference(x, gain, bias, None, None, training, eps, relu)[0]
 
     monkeypatch.setattr("fastinv.nn.conditional_batch_norm.conditional_batch_norm", reference)
     for a, b in zip(fused, penalty_grads()):
         torch.testing.assert_close(a, b, **F64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cbn_relu_r1_style_penalty_gradient_matches_the_reference(device, layout):
+    """relu=True: the first backward masks by the output's sign; differentiating it again
+    treats the mask as a constant, as autograd through torch.relu does."""
+    x, gain, bias = _cbn_inputs(device, layout, shape=(4, 3, 5, 5))
+    weight = torch.randn(x.shape, dtype=torch.float64, device=device)
+    fused = _r1_style_penalty_grads(lambda *a: ops.conditional_batch_norm(*a, relu=True), x, gain, bias, weight)
+    ref = _r1_style_penalty_grads(
+        lambda x, g, b: cbn.conditional_batch_norm_reference(x, g, b, None, None, True, 1e-5, True)[0],
+        x, gain, bias, weight,
+    )
+    assert fused[1] is not None, "d(penalty)/d(gain) was dropped"
+    for name, a, b in zip(("x", "gain"), fused[:2], ref[:2]):
+        torch.testing.assert_close(a, b, **F64, msg=f"d(penalty)/d({name})")
+    # bias reaches the input gradient only through the mask, piecewise constant: 0 on both sides
+    for g in (fused[2], ref[2]):
+        assert g is None or torch.count_nonzero(g) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cbn_relu_passes_gradgradcheck(device, training):
+    x, gain, bias = _cbn_inputs(device)
+    rm = torch.randn(x.shape[1], dtype=torch.float64, device=device)
+    rv = torch.rand(x.shape[1], dtype=torch.float64, device=device) + 0.5
+
+    def f(x, g, b):
+        return ops.conditional_batch_norm(x, g, b, rm, rv, training=training, relu=True)
+
+    y = f(x, gain, bias)
+    assert 0 < (y == 0).sum() < y.numel() and y[y != 0].abs().min() > 1e-4  # away from the kink
+    assert gradgradcheck(f, (x, gain, bias))
 
 
 def test_cross_replica_cbn_raises_a_clear_error_when_differentiated_twice(tmp_path):

@@ -1,7 +1,13 @@
 // CPU kernels of conditional batch norm (schemas, reference and the math in
 // fastinv/ops/conditional_batch_norm.py; CUDA twin in csrc/cuda/conditional_batch_norm.cu).
 //
-//   y = (x - mean[c]) * invstd[c] * gain[n,c] + bias[n,c]
+//   y = (x - mean[c]) * invstd[c] * gain[n,c] + bias[n,c]      (relu=True: max(y, 0))
+//
+// The fused ReLU (BigGAN applies one after every CBN) is a template flag of the elementwise
+// and reduction loops. Its backward masks dy where y was not > 0, y's sign recomputed from x
+// and the statistics: both backward passes read x anyway, so the mask costs a multiply-add
+// per value and the O(N*C) gain/bias, where a saved y would add a whole tensor read to each of
+// the two passes (5 -> 7 tensor-sized transfers) and keep y alive until the backward.
 //
 // Both layouts stream through memory in address order, in two passes: statistics (or the
 // backward's two reductions), then the elementwise pass. NCHW works on the N*C contiguous
@@ -87,19 +93,32 @@ inline void shifted_sums(const scalar_t* __restrict p, int64_t n, acc_t k, doubl
   }
 }
 
-// sum(dy) and sum(dy * (x - mean)) over one contiguous run.
-template <typename scalar_t, typename acc_t>
+// dy as the backward sees it: with the fused ReLU, 0 where the forward's output was not > 0
+// (recomputed from x: scale, shift are the forward's invstd * gain and bias).
+template <bool Relu, typename scalar_t, typename acc_t>
+inline acc_t masked_dy(scalar_t dy, acc_t x, acc_t mean, acc_t scale, acc_t shift) {
+  const acc_t g = static_cast<acc_t>(dy);
+  if constexpr (Relu) {
+    return relu_passes<scalar_t, acc_t>(affine(x, mean, scale, shift)) ? g : acc_t(0);
+  } else {
+    return g;
+  }
+}
+
+// sum(dy) and sum(dy * (x - mean)) over one contiguous run (dy masked when Relu).
+template <bool Relu, typename scalar_t, typename acc_t>
 inline std::pair<double, double> run_dot(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                         int64_t n, acc_t mean) {
+                                         int64_t n, acc_t mean, acc_t scale, acc_t shift) {
   double s = 0, q = 0;
   for (int64_t b = 0; b < n; b += kChunk) {
     const int64_t e = std::min(n, b + kChunk);
     acc_t ts = 0, tq = 0;
 #pragma omp simd reduction(+ : ts, tq)
     for (int64_t i = b; i < e; ++i) {
-      const acc_t g = static_cast<acc_t>(dy[i]);
+      const acc_t xv = static_cast<acc_t>(x[i]);
+      const acc_t g = masked_dy<Relu, scalar_t, acc_t>(dy[i], xv, mean, scale, shift);
       ts += g;
-      tq += g * (static_cast<acc_t>(x[i]) - mean);
+      tq += g * (xv - mean);
     }
     s += ts;
     q += tq;
@@ -143,7 +162,7 @@ void nchw_stats(const scalar_t* x, Dims d, double* mean, double* var) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool Relu, typename scalar_t, typename acc_t>
 void nchw_apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, scalar_t* y, Dims d,
                 const acc_t* mean, const acc_t* invstd) {
   at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t r0, int64_t r1) {
@@ -156,44 +175,53 @@ void nchw_apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, s
       scalar_t* __restrict ys = y + r * d.HW;
 #pragma omp simd
       for (int64_t i = 0; i < d.HW; ++i) {
-        ys[i] = store<scalar_t, acc_t>((static_cast<acc_t>(xs[i]) - m) * scale + b);
+        const acc_t v = affine(static_cast<acc_t>(xs[i]), m, scale, b);
+        ys[i] = store<scalar_t, acc_t>(Relu ? relu_of(v) : v);
       }
     }
   });
 }
 
-// Per-(n, c) sums: gb[n,c] = sum dy, gg[n,c] = invstd * sum dy (x - mean).
-template <typename scalar_t, typename acc_t, typename out_t>
-void nchw_reduce(const scalar_t* dy, const scalar_t* x, Dims d, const acc_t* mean,
-                 const acc_t* invstd, out_t* gg, out_t* gb) {
+// Per-(n, c) sums: gb[n,c] = sum dy, gg[n,c] = invstd * sum dy (x - mean). Relu: dy masked
+// by the forward's output (gain, bias: the forward's; unused otherwise).
+template <bool Relu, typename scalar_t, typename acc_t, typename out_t>
+void nchw_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
+                 Dims d, const acc_t* mean, const acc_t* invstd, out_t* gg, out_t* gb) {
   at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r % d.C;
-      const auto [s, q] = run_dot<scalar_t, acc_t>(dy + r * d.HW, x + r * d.HW, d.HW, mean[c]);
+      const acc_t scale = Relu ? invstd[c] * static_cast<acc_t>(gain[r]) : acc_t(0);
+      const acc_t shift = Relu ? static_cast<acc_t>(bias[r]) : acc_t(0);
+      const auto [s, q] = run_dot<Relu, scalar_t, acc_t>(dy + r * d.HW, x + r * d.HW, d.HW, mean[c], scale,
+                                                         shift);
       gb[r] = static_cast<out_t>(s);
       gg[r] = static_cast<out_t>(q * static_cast<double>(invstd[c]));
     }
   });
 }
 
-// grad_x = invstd*gain*dy - invstd*A/M - (x - mean)*invstd^2*B/M   (A = B = 0 in eval)
-template <typename scalar_t, typename acc_t>
-void nchw_elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, scalar_t* dx, Dims d,
-                const acc_t* mean, const acc_t* invstd, const double* A, const double* B, double M) {
+// grad_x = invstd*gain*dy - invstd*A/M - (x - mean)*invstd^2*B/M   (A = B = 0 in eval; dy
+// masked by the forward's output when Relu, bias unused otherwise)
+template <bool Relu, typename scalar_t, typename acc_t>
+void nchw_elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
+                scalar_t* dx, Dims d, const acc_t* mean, const acc_t* invstd, const double* A,
+                const double* B, double M) {
   at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r % d.C;
       const acc_t m = mean[c];
       const acc_t c0 = static_cast<acc_t>(-static_cast<double>(invstd[c]) * A[c] / M);
       const acc_t c2 = static_cast<acc_t>(-static_cast<double>(invstd[c]) * invstd[c] * B[c] / M);
-      const acc_t c1 = invstd[c] * static_cast<acc_t>(gain[r]);
+      const acc_t c1 = invstd[c] * static_cast<acc_t>(gain[r]);  // also the forward's scale
+      const acc_t shift = Relu ? static_cast<acc_t>(bias[r]) : acc_t(0);
       const scalar_t* __restrict xs = x + r * d.HW;
       const scalar_t* __restrict gs = dy + r * d.HW;
       scalar_t* __restrict out = dx + r * d.HW;
 #pragma omp simd
       for (int64_t i = 0; i < d.HW; ++i) {
-        out[i] = store<scalar_t, acc_t>(c1 * static_cast<acc_t>(gs[i]) +
-                                        c2 * (static_cast<acc_t>(xs[i]) - m) + c0);
+        const acc_t xv = static_cast<acc_t>(xs[i]);
+        const acc_t g = masked_dy<Relu, scalar_t, acc_t>(gs[i], xv, m, c1, shift);
+        out[i] = store<scalar_t, acc_t>(c1 * g + c2 * (xv - m) + c0);
       }
     }
   });
@@ -246,7 +274,7 @@ void nhwc_stats(const scalar_t* x, Dims d, double* mean, double* var) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool Relu, typename scalar_t, typename acc_t>
 void nhwc_apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, scalar_t* y, Dims d,
                 const acc_t* mean, const acc_t* invstd) {
   at::parallel_for(0, d.N * d.HW, 256, [&](int64_t r0, int64_t r1) {
@@ -263,26 +291,32 @@ void nhwc_apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, s
       }
       const scalar_t* xr = x + r * d.C;
       scalar_t* yr = y + r * d.C;
-      // (x - mean) * scale + bias: folding mean into the shift would lose digits for a
-      // large mean.
 #pragma omp simd
       for (int64_t c = 0; c < d.C; ++c) {
-        yr[c] = store<scalar_t, acc_t>((static_cast<acc_t>(xr[c]) - mean[c]) * scale[c] + shift[c]);
+        const acc_t v = affine(static_cast<acc_t>(xr[c]), mean[c], scale[c], shift[c]);
+        yr[c] = store<scalar_t, acc_t>(Relu ? relu_of(v) : v);
       }
     }
   });
 }
 
-// gb[n,c] = sum_hw dy, gg[n,c] = invstd[c] * sum_hw dy (x - mean), per sample in parallel.
-template <typename scalar_t, typename acc_t, typename out_t>
-void nhwc_reduce(const scalar_t* dy, const scalar_t* x, Dims d, const acc_t* mean,
-                 const acc_t* invstd, out_t* gg, out_t* gb) {
+// gb[n,c] = sum_hw dy, gg[n,c] = invstd[c] * sum_hw dy (x - mean), per sample in parallel
+// (dy masked by the forward's output when Relu; gain, bias unused otherwise).
+template <bool Relu, typename scalar_t, typename acc_t, typename out_t>
+void nhwc_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
+                 Dims d, const acc_t* mean, const acc_t* invstd, out_t* gg, out_t* gb) {
   at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<acc_t> ls(d.C), lq(d.C);
+    std::vector<acc_t> ls(d.C), lq(d.C), scale(d.C), shift(d.C);
     std::vector<double> s(d.C), q(d.C);
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(s.begin(), s.end(), 0.0);
       std::fill(q.begin(), q.end(), 0.0);
+      if constexpr (Relu) {
+        for (int64_t c = 0; c < d.C; ++c) {
+          scale[c] = invstd[c] * static_cast<acc_t>(gain[n * d.C + c]);
+          shift[c] = static_cast<acc_t>(bias[n * d.C + c]);
+        }
+      }
       for (int64_t r0 = 0; r0 < d.HW; r0 += 512) {
         std::fill(ls.begin(), ls.end(), acc_t(0));
         std::fill(lq.begin(), lq.end(), acc_t(0));
@@ -292,9 +326,10 @@ void nhwc_reduce(const scalar_t* dy, const scalar_t* x, Dims d, const acc_t* mea
           const scalar_t* gr = dy + (n * d.HW + r) * d.C;
 #pragma omp simd
           for (int64_t c = 0; c < d.C; ++c) {
-            const acc_t g = static_cast<acc_t>(gr[c]);
+            const acc_t xv = static_cast<acc_t>(xr[c]);
+            const acc_t g = masked_dy<Relu, scalar_t, acc_t>(gr[c], xv, mean[c], scale[c], shift[c]);
             ls[c] += g;
-            lq[c] += g * (static_cast<acc_t>(xr[c]) - mean[c]);
+            lq[c] += g * (xv - mean[c]);
           }
         }
         for (int64_t c = 0; c < d.C; ++c) {
@@ -310,31 +345,35 @@ void nhwc_reduce(const scalar_t* dy, const scalar_t* x, Dims d, const acc_t* mea
   });
 }
 
-template <typename scalar_t, typename acc_t>
-void nhwc_elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, scalar_t* dx, Dims d,
-                const acc_t* mean, const acc_t* invstd, const double* A, const double* B,
-                double M) {
+template <bool Relu, typename scalar_t, typename acc_t>
+void nhwc_elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
+                scalar_t* dx, Dims d, const acc_t* mean, const acc_t* invstd, const double* A,
+                const double* B, double M) {
   std::vector<acc_t> c0(d.C), c2(d.C);
   for (int64_t c = 0; c < d.C; ++c) {
     c0[c] = static_cast<acc_t>(-static_cast<double>(invstd[c]) * A[c] / M);
     c2[c] = static_cast<acc_t>(-static_cast<double>(invstd[c]) * invstd[c] * B[c] / M);
   }
   at::parallel_for(0, d.N * d.HW, 256, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> c1(d.C);
+    std::vector<acc_t> c1(d.C), shift(d.C);  // c1: also the forward's scale
     int64_t cur = -1;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / d.HW;
       if (n != cur) {
         cur = n;
-        for (int64_t c = 0; c < d.C; ++c) c1[c] = invstd[c] * static_cast<acc_t>(gain[n * d.C + c]);
+        for (int64_t c = 0; c < d.C; ++c) {
+          c1[c] = invstd[c] * static_cast<acc_t>(gain[n * d.C + c]);
+          if constexpr (Relu) shift[c] = static_cast<acc_t>(bias[n * d.C + c]);
+        }
       }
       const scalar_t* xr = x + r * d.C;
       const scalar_t* gr = dy + r * d.C;
       scalar_t* out = dx + r * d.C;
 #pragma omp simd
       for (int64_t c = 0; c < d.C; ++c) {
-        out[c] = store<scalar_t, acc_t>(c1[c] * static_cast<acc_t>(gr[c]) +
-                                       c2[c] * (static_cast<acc_t>(xr[c]) - mean[c]) + c0[c]);
+        const acc_t xv = static_cast<acc_t>(xr[c]);
+        const acc_t g = masked_dy<Relu, scalar_t, acc_t>(gr[c], xv, mean[c], c1[c], shift[c]);
+        out[c] = store<scalar_t, acc_t>(c1[c] * g + c2[c] * (xv - mean[c]) + c0[c]);
       }
     }
   });
@@ -356,35 +395,50 @@ void batch_stats(const scalar_t* x, Dims d, bool nhwc, acc_t* mean, acc_t* var) 
   }
 }
 
+// The fused ReLU is a template flag (the loops stay branch-free and vectorised), chosen here.
 template <typename scalar_t, typename acc_t>
 void apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, scalar_t* y, Dims d,
-           bool nhwc, const acc_t* mean, const acc_t* invstd) {
-  if (nhwc) {
-    nhwc_apply<scalar_t, acc_t>(x, gain, bias, y, d, mean, invstd);
-  } else {
-    nchw_apply<scalar_t, acc_t>(x, gain, bias, y, d, mean, invstd);
-  }
+           bool nhwc, const acc_t* mean, const acc_t* invstd, bool relu) {
+  auto run = [&](auto relu_flag) {
+    constexpr bool R = decltype(relu_flag)::value;
+    if (nhwc) {
+      nhwc_apply<R, scalar_t, acc_t>(x, gain, bias, y, d, mean, invstd);
+    } else {
+      nchw_apply<R, scalar_t, acc_t>(x, gain, bias, y, d, mean, invstd);
+    }
+  };
+  relu ? run(std::true_type{}) : run(std::false_type{});
+}
+
+// relu_bias != nullptr: the fused ReLU's backward, dy masked where the forward's output
+// (recomputed from x, mean, invstd, gain and this bias) was not > 0.
+template <typename scalar_t, typename acc_t>
+void reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* relu_bias,
+            Dims d, bool nhwc, const acc_t* mean, const acc_t* invstd, acc_t* gg, acc_t* gb) {
+  auto run = [&](auto relu_flag) {
+    constexpr bool R = decltype(relu_flag)::value;
+    if (nhwc) {
+      nhwc_reduce<R, scalar_t, acc_t, acc_t>(dy, x, gain, relu_bias, d, mean, invstd, gg, gb);
+    } else {
+      nchw_reduce<R, scalar_t, acc_t, acc_t>(dy, x, gain, relu_bias, d, mean, invstd, gg, gb);
+    }
+  };
+  relu_bias != nullptr ? run(std::true_type{}) : run(std::false_type{});
 }
 
 template <typename scalar_t, typename acc_t>
-void reduce(const scalar_t* dy, const scalar_t* x, Dims d, bool nhwc, const acc_t* mean,
-            const acc_t* invstd, acc_t* gg, acc_t* gb) {
-  if (nhwc) {
-    nhwc_reduce<scalar_t, acc_t, acc_t>(dy, x, d, mean, invstd, gg, gb);
-  } else {
-    nchw_reduce<scalar_t, acc_t, acc_t>(dy, x, d, mean, invstd, gg, gb);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, scalar_t* dx, Dims d,
-           bool nhwc, const acc_t* mean, const acc_t* invstd, const double* A, const double* B,
-           double M) {
-  if (nhwc) {
-    nhwc_elemt<scalar_t, acc_t>(dy, x, gain, dx, d, mean, invstd, A, B, M);
-  } else {
-    nchw_elemt<scalar_t, acc_t>(dy, x, gain, dx, d, mean, invstd, A, B, M);
-  }
+void elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* relu_bias,
+           scalar_t* dx, Dims d, bool nhwc, const acc_t* mean, const acc_t* invstd, const double* A,
+           const double* B, double M) {
+  auto run = [&](auto relu_flag) {
+    constexpr bool R = decltype(relu_flag)::value;
+    if (nhwc) {
+      nhwc_elemt<R, scalar_t, acc_t>(dy, x, gain, relu_bias, dx, d, mean, invstd, A, B, M);
+    } else {
+      nchw_elemt<R, scalar_t, acc_t>(dy, x, gain, relu_bias, dx, d, mean, invstd, A, B, M);
+    }
+  };
+  relu_bias != nullptr ? run(std::true_type{}) : run(std::false_type{});
 }
 
 at::Tensor per_channel(const at::Tensor& x, at::IntArrayRef shape) {
@@ -404,7 +458,7 @@ at::Tensor as_acc(const at::Tensor& t, const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cpu(
     const at::Tensor& x_in, const at::Tensor& gain_in, const at::Tensor& bias_in,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    bool training, double eps) {
+    bool training, double eps, bool relu) {
   check_forward(x_in, gain_in, bias_in, running_mean, running_var, training);
   const at::MemoryFormat fmt = layout_of(x_in);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
@@ -426,20 +480,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cpu(
       pi[c] = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(pv[c]) + eps));
     }
     apply<scalar_t, acc_t>(px, gain.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
-                           y.mutable_data_ptr<scalar_t>(), d, nhwc, pm, pi);
+                           y.mutable_data_ptr<scalar_t>(), d, nhwc, pm, pi, relu);
   });
   return {y, mean, invstd, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& gain_in,
-    const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training) {
+    const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training, bool relu,
+    const std::optional<at::Tensor>& bias_in) {
   check_backward(grad_y, x_in, gain_in, mean_in, invstd_in);
+  check_backward_relu(x_in, relu, bias_in);
   const at::MemoryFormat fmt = layout_of(x_in);
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(fmt);
   const at::Tensor gain = gain_in.contiguous();
+  const at::Tensor bias = relu ? bias_in->contiguous() : at::Tensor();
   const at::Tensor mean = as_acc(mean_in, x), invstd = as_acc(invstd_in, x);
   const Dims d = dims(x);
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
@@ -454,7 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cpu(
     const acc_t* pi = invstd.const_data_ptr<acc_t>();
     acc_t* pgg = gg.mutable_data_ptr<acc_t>();
     acc_t* pgb = gb.mutable_data_ptr<acc_t>();
-    reduce<scalar_t, acc_t>(pdy, px, d, nhwc, pm, pi, pgg, pgb);
+    const scalar_t* relu_bias = relu ? bias.const_data_ptr<scalar_t>() : nullptr;
+    reduce<scalar_t, acc_t>(pdy, px, pg, relu_bias, d, nhwc, pm, pi, pgg, pgb);
     if (training) {  // A[c] = sum_n gain*grad_bias, B[c] = sum_n gain*grad_gain, in sample order
       for (int64_t n = 0; n < d.N; ++n) {
         for (int64_t c = 0; c < d.C; ++c) {
@@ -465,8 +523,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cpu(
         }
       }
     }
-    elemt<scalar_t, acc_t>(pdy, px, pg, dx.mutable_data_ptr<scalar_t>(), d, nhwc, pm, pi, A.data(),
-                           B.data(), static_cast<double>(d.N * d.HW));
+    elemt<scalar_t, acc_t>(pdy, px, pg, relu_bias, dx.mutable_data_ptr<scalar_t>(), d, nhwc, pm, pi,
+                           A.data(), B.data(), static_cast<double>(d.N * d.HW));
   });
   // the sums in acc precision, rounded to gain's dtype like the reference
   return {dx, gg.to(gain.scalar_type()), gb.to(gain.scalar_type())};
@@ -499,7 +557,7 @@ at::Tensor cbn_apply_cpu(const at::Tensor& x_in, const at::Tensor& gain_in, cons
     apply<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), gain.const_data_ptr<scalar_t>(),
                            bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), dims(x),
                            fmt == at::MemoryFormat::ChannelsLast, mean.const_data_ptr<acc_t>(),
-                           invstd.const_data_ptr<acc_t>());
+                           invstd.const_data_ptr<acc_t>(), /*relu=*/false);
   });
   return y;
 }
@@ -517,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_backward_reduce_cpu(const at::Tensor& gra
   at::Tensor gg = per_channel(x, {d.N, d.C}), gb = per_channel(x, {d.N, d.C});
   CBN_DISPATCH(x, "cbn_backward_reduce_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    reduce<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), d,
+    reduce<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), nullptr, nullptr, d,
                             fmt == at::MemoryFormat::ChannelsLast, mean.const_data_ptr<acc_t>(),
                             invstd.const_data_ptr<acc_t>(), gg.mutable_data_ptr<acc_t>(),
                             gb.mutable_data_ptr<acc_t>());
@@ -541,7 +599,7 @@ at::Tensor cbn_backward_elemt_cpu(const at::Tensor& grad_y, const at::Tensor& x_
   CBN_DISPATCH(x, "cbn_backward_elemt_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     elemt<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                           gain.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), dims(x),
+                           gain.const_data_ptr<scalar_t>(), nullptr, dx.mutable_data_ptr<scalar_t>(), dims(x),
                            fmt == at::MemoryFormat::ChannelsLast, mean.const_data_ptr<acc_t>(),
                            invstd.const_data_ptr<acc_t>(), A.const_data_ptr<double>(),
                            B.const_data_ptr<double>(), static_cast<double>(count));

@@ -1,7 +1,12 @@
 // CUDA kernels of conditional batch norm (schemas, reference and math in
 // fastinv/ops/conditional_batch_norm.py; CPU twin in csrc/cpu/conditional_batch_norm.cpp).
 //
-//   y = (x - mean[c]) * invstd[c] * gain[n,c] + bias[n,c]
+//   y = (x - mean[c]) * invstd[c] * gain[n,c] + bias[n,c]      (relu=True: max(y, 0))
+//
+// The fused ReLU is a runtime flag (apply) or the presence of `relu_bias` (backward), uniform
+// over the grid, so it adds no kernel variants. Its backward masks dy where the stored y was
+// not > 0, y's sign recomputed from x (read by both backward passes anyway) and the O(N*C)
+// gain/bias: no extra tensor-sized read, where a saved y would add one to each pass.
 //
 // Launches (fused ops):
 //   forward (training)  stats_partial -> finalize_stats -> apply               3 launches
@@ -256,7 +261,7 @@ constexpr int kHeld = 8;
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kThreads)
 nchw_forward_held(const T* __restrict__ x, const T* __restrict__ gain, const T* __restrict__ bias,
-                  int64_t N, int64_t C, int64_t HW, double eps, T* __restrict__ y,
+                  int64_t N, int64_t C, int64_t HW, double eps, bool relu, T* __restrict__ y,
                   A* __restrict__ mean, A* __restrict__ var, A* __restrict__ invstd) {
   __shared__ A stats[2];
   const int64_t c = blockIdx.x;
@@ -302,7 +307,8 @@ nchw_forward_held(const T* __restrict__ x, const T* __restrict__ gain, const T* 
       Vec<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        out.v[j] = static_cast<T>((static_cast<A>(held[h].v[j]) - mu) * scale + b);
+        const A v = affine(static_cast<A>(held[h].v[j]), mu, scale, b);
+        out.v[j] = static_cast<T>(relu ? relu_of(v) : v);
       }
       store<T, V>(y + (n * C + c) * HW + static_cast<int64_t>(i) * V, out);
     }
@@ -367,7 +373,7 @@ template <typename T, typename A, int V, bool NHWC, bool S>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(const T* __restrict__ x, const T* __restrict__ gain, const T* __restrict__ bias,
              const A* __restrict__ mean, const A* __restrict__ invstd, int64_t numel, int64_t C,
-             int64_t HW, T* __restrict__ y) {
+             int64_t HW, bool relu, T* __restrict__ y) {
   const int64_t units = numel / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
 #pragma unroll 2
@@ -383,29 +389,42 @@ apply_kernel(const T* __restrict__ x, const T* __restrict__ gain, const T* __res
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A scale = is.v[j] * g.v[j];
-        yv.v[j] = static_cast<T>((static_cast<A>(xv.v[j]) - m.v[j]) * scale + b.v[j]);
+        const A v = affine(static_cast<A>(xv.v[j]), m.v[j], scale, b.v[j]);
+        yv.v[j] = static_cast<T>(relu ? relu_of(v) : v);
       }
     } else {
       const A m = mean[c], scale = invstd[c] * static_cast<A>(gain[nc]), b = static_cast<A>(bias[nc]);
 #pragma unroll
-      for (int j = 0; j < V; ++j) yv.v[j] = static_cast<T>((static_cast<A>(xv.v[j]) - m) * scale + b);
+      for (int j = 0; j < V; ++j) {
+        const A v = affine(static_cast<A>(xv.v[j]), m, scale, b);
+        yv.v[j] = static_cast<T>(relu ? relu_of(v) : v);
+      }
     }
     store<T, V>(y + e, yv);
   }
 }
 
+// dy as the backward sees it: with the fused ReLU (relu), 0 where the forward's output, recomputed
+// from x with the forward's scale = invstd * gain and shift = bias, was not > 0.
+template <typename T, typename A>
+__device__ __forceinline__ A masked_dy(T dy, A x, A mean, A scale, A shift, bool relu) {
+  const A g = static_cast<A>(dy);
+  return (!relu || relu_passes<T, A>(affine(x, mean, scale, shift))) ? g : A(0);
+}
+
 // grad_x = invstd*gain*dy - invstd*A/M - (x - mean)*invstd^2*B/M; sum_a == nullptr: eval,
-// grad_x = invstd*gain*dy.
+// grad_x = invstd*gain*dy. relu_bias != nullptr: dy masked by the forward's output (fused ReLU).
 template <typename T, typename A, int V, bool NHWC, bool S>
 __global__ void __launch_bounds__(kThreads)
 elemt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ gain,
-             const A* __restrict__ mean, const A* __restrict__ invstd, const A* __restrict__ sum_a,
-             const A* __restrict__ sum_b, double inv_count, int64_t numel, int64_t C, int64_t HW,
-             T* __restrict__ dx) {
+             const T* __restrict__ relu_bias, const A* __restrict__ mean, const A* __restrict__ invstd,
+             const A* __restrict__ sum_a, const A* __restrict__ sum_b, double inv_count, int64_t numel,
+             int64_t C, int64_t HW, T* __restrict__ dx) {
   const int64_t units = numel / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const A inv_m = static_cast<A>(inv_count);
   const bool train = sum_a != nullptr;  // sum_a and sum_b are given together
+  const bool relu = relu_bias != nullptr;
 #pragma unroll 2
   for (int64_t u = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; u < units; u += stride) {
     const int64_t e = u * V;
@@ -417,26 +436,32 @@ elemt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restr
     if constexpr (NHWC) {
       const PerChannel<A, V> m = load_channels<A, V>(mean + c), is = load_channels<A, V>(invstd + c);
       const PerChannel<A, V> g = load_channels_of<T, A, V>(gain + nc);
-      PerChannel<A, V> sa{}, sb{};
+      PerChannel<A, V> sa{}, sb{}, b{};
       if (train) {
         sa = load_channels<A, V>(sum_a + c);
         sb = load_channels<A, V>(sum_b + c);
       }
+      if (relu) b = load_channels_of<T, A, V>(relu_bias + nc);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A k0 = train ? -is.v[j] * sa.v[j] * inv_m : A(0);
         const A k2 = train ? -is.v[j] * is.v[j] * sb.v[j] * inv_m : A(0);
-        const A k1 = is.v[j] * g.v[j];
-        out.v[j] = static_cast<T>(k1 * static_cast<A>(gv.v[j]) + k2 * (static_cast<A>(xv.v[j]) - m.v[j]) + k0);
+        const A k1 = is.v[j] * g.v[j];  // also the forward's scale
+        const A xj = static_cast<A>(xv.v[j]);
+        const A gj = masked_dy<T, A>(gv.v[j], xj, m.v[j], k1, b.v[j], relu);
+        out.v[j] = static_cast<T>(k1 * gj + k2 * (xj - m.v[j]) + k0);
       }
     } else {
       const A is = invstd[c], m = mean[c];
       const A k0 = train ? -is * sum_a[c] * inv_m : A(0);
       const A k2 = train ? -is * is * sum_b[c] * inv_m : A(0);
-      const A k1 = is * static_cast<A>(gain[nc]);
+      const A k1 = is * static_cast<A>(gain[nc]);  // also the forward's scale
+      const A b = relu ? static_cast<A>(relu_bias[nc]) : A(0);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        out.v[j] = static_cast<T>(k1 * static_cast<A>(gv.v[j]) + k2 * (static_cast<A>(xv.v[j]) - m) + k0);
+        const A xj = static_cast<A>(xv.v[j]);
+        const A gj = masked_dy<T, A>(gv.v[j], xj, m, k1, b, relu);
+        out.v[j] = static_cast<T>(k1 * gj + k2 * (xj - m) + k0);
       }
     }
     store<T, V>(dx + e, out);
@@ -448,11 +473,15 @@ elemt_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restr
 // Per-(n, c) run sums of dy and dy*(x - mean) for NCHW: a group of G lanes (a power of two,
 // about the run's length in vectors) per work item, 32/G items per warp, warps grid-strided
 // over the N*C*splits items. Item i is piece sp = i / (N*C) of run r = i % (N*C); it writes
-// raw sums into part_b/part_q at [sp][n][c] (= sp * N*C + r).
+// raw sums into part_b/part_q at [sp][n][c] (= sp * N*C + r). relu_bias != nullptr: dy masked
+// by the forward's output (gain, invstd: the forward's; unused otherwise).
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kThreads)
-nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean, int64_t N,
-            int64_t C, int64_t HW, int G, int64_t splits, A* __restrict__ part_b, A* __restrict__ part_q) {
+nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
+            const T* __restrict__ gain, const T* __restrict__ relu_bias, const A* __restrict__ invstd,
+            int64_t N, int64_t C, int64_t HW, int G, int64_t splits, A* __restrict__ part_b,
+            A* __restrict__ part_q) {
+  const bool relu = relu_bias != nullptr;
   const int lane = threadIdx.x % 32;
   const int g = lane / G, li = lane % G, per_warp = 32 / G;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
@@ -465,6 +494,8 @@ nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restri
       const int64_t sp = item / runs, r = item - sp * runs;
       const int64_t i0 = hwv * sp / splits, i1 = hwv * (sp + 1) / splits;
       const A m = mean[r % C];
+      const A scale = relu ? invstd[r % C] * static_cast<A>(gain[r]) : A(0);
+      const A shift = relu ? static_cast<A>(relu_bias[r]) : A(0);
       const T* xs = x + r * HW;
       const T* gs = dy + r * HW;
 #pragma unroll 4
@@ -473,9 +504,10 @@ nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restri
         const Vec<T, V> gv = load<T, V>(gs + i * V);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const A gj = static_cast<A>(gv.v[j]);
+          const A xj = static_cast<A>(xv.v[j]);
+          const A gj = masked_dy<T, A>(gv.v[j], xj, m, scale, shift, relu);
           s += gj;
-          q += gj * (static_cast<A>(xv.v[j]) - m);
+          q += gj * (xj - m);
         }
       }
     }
@@ -495,9 +527,11 @@ nchw_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restri
 // gridDim.y, ... (so any N works). Partials at [sp][n][c].
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kThreads)
-nhwc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean, int64_t N,
-            int64_t C, int64_t HW, A* __restrict__ part_b, A* __restrict__ part_q) {
+nhwc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
+            const T* __restrict__ gain, const T* __restrict__ relu_bias, const A* __restrict__ invstd,
+            int64_t N, int64_t C, int64_t HW, A* __restrict__ part_b, A* __restrict__ part_q) {
   __shared__ A ss[V][kThreads], sq[V][kThreads];
+  const bool relu = relu_bias != nullptr;
   const Lanes L = lanes_for(C, V);
   const int lane = threadIdx.x % L.lanes, row = threadIdx.x / L.lanes;
   const int splits = gridDim.z, sp = blockIdx.z;
@@ -507,9 +541,14 @@ nhwc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restri
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = c0 + j < C ? mean[c0 + j] : A(0);
   for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform: the barrier below is safe
-    A s[V], q[V];
+    A s[V], q[V], scale[V], shift[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) s[j] = q[j] = 0;
+    for (int j = 0; j < V; ++j) {
+      s[j] = q[j] = 0;
+      const bool in = relu && c0 + j < C;  // the forward's scale and shift of sample n
+      scale[j] = in ? invstd[c0 + j] * static_cast<A>(gain[n * C + c0 + j]) : A(0);
+      shift[j] = in ? static_cast<A>(relu_bias[n * C + c0 + j]) : A(0);
+    }
     if (c0 < C) {
 #pragma unroll 4
       for (int64_t h = h0 + row; h < h1; h += L.rows) {
@@ -518,9 +557,10 @@ nhwc_reduce(const T* __restrict__ dy, const T* __restrict__ x, const A* __restri
         const Vec<T, V> gv = load<T, V>(dy + off);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const A gj = static_cast<A>(gv.v[j]);
+          const A xj = static_cast<A>(xv.v[j]);
+          const A gj = masked_dy<T, A>(gv.v[j], xj, m[j], scale[j], shift[j], relu);
           s[j] += gj;
-          q[j] += gj * (static_cast<A>(xv.v[j]) - m[j]);
+          q[j] += gj * (xj - m[j]);
         }
       }
     }
@@ -663,7 +703,7 @@ void batch_stats(const at::Tensor& x, bool nhwc, double eps, at::Tensor& mean, a
 
 template <typename T, typename A>
 void launch_apply(const at::Tensor& x, const at::Tensor& gain, const at::Tensor& bias,
-                  const at::Tensor& mean, const at::Tensor& invstd, bool nhwc, at::Tensor& y,
+                  const at::Tensor& mean, const at::Tensor& invstd, bool nhwc, bool relu, at::Tensor& y,
                   const Launch& L) {
   const Dims d = dims(x);
   constexpr int V = vec_width<T>();
@@ -684,12 +724,12 @@ void launch_apply(const at::Tensor& x, const at::Tensor& gain, const at::Tensor&
               : (vec ? apply_kernel<T, A, V, false, false> : apply_kernel<T, A, 1, false, false>));
   kernel<<<grid, kThreads, 0, L.stream>>>(px, gain.const_data_ptr<T>(), bias.const_data_ptr<T>(),
                                           mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(),
-                                          numel, d.C, d.HW, py);
+                                          numel, d.C, d.HW, relu, py);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, typename A>
-void launch_elemt(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gain,
+void launch_elemt(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gain, const T* relu_bias,
                   const at::Tensor& mean, const at::Tensor& invstd, const A* sum_a, const A* sum_b,
                   double inv_count, bool nhwc, at::Tensor& dx, const Launch& L) {
   const Dims d = dims(x);
@@ -698,7 +738,8 @@ void launch_elemt(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g
   const T* pdy = dy.const_data_ptr<T>();
   T* pdx = dx.mutable_data_ptr<T>();
   const bool coef_aligned = !nhwc || (aligned16(gain.const_data_ptr()) && aligned16(mean.const_data_ptr()) &&
-                                      aligned16(invstd.const_data_ptr()) && aligned16(sum_a) && aligned16(sum_b));
+                                      aligned16(invstd.const_data_ptr()) && aligned16(sum_a) && aligned16(sum_b) &&
+                                      aligned16(relu_bias));
   const bool vec = (nhwc ? d.C % V == 0 : d.HW % V == 0) && aligned16(px) && aligned16(pdy) &&
                    aligned16(pdx) && coef_aligned;
   const int64_t numel = x.numel();
@@ -708,16 +749,18 @@ void launch_elemt(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g
               : (vec ? elemt_kernel<T, A, V, false, true> : elemt_kernel<T, A, 1, false, true>))
       : (nhwc ? (vec ? elemt_kernel<T, A, V, true, false> : elemt_kernel<T, A, 1, true, false>)
               : (vec ? elemt_kernel<T, A, V, false, false> : elemt_kernel<T, A, 1, false, false>));
-  kernel<<<grid, kThreads, 0, L.stream>>>(pdy, px, gain.const_data_ptr<T>(), mean.const_data_ptr<A>(),
+  kernel<<<grid, kThreads, 0, L.stream>>>(pdy, px, gain.const_data_ptr<T>(), relu_bias, mean.const_data_ptr<A>(),
                                           invstd.const_data_ptr<A>(), sum_a, sum_b, inv_count,
                                           numel, d.C, d.HW, pdx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Raw per-(n, c) sums into part (shape (2, splits, N, C)); returns splits.
+// Raw per-(n, c) sums into part (shape (2, splits, N, C)); returns splits. relu_bias != nullptr:
+// dy masked by the forward's output, recomputed with gain (contiguous (N, C)) and invstd.
 template <typename T, typename A>
-int64_t launch_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, bool nhwc,
-                      at::Tensor& part, const Launch& L) {
+int64_t launch_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                      const T* gain, const T* relu_bias, const A* invstd, bool nhwc, at::Tensor& part,
+                      const Launch& L) {
   const Dims d = dims(x);
   constexpr int V = vec_width<T>();
   const T* px = x.const_data_ptr<T>();
@@ -746,9 +789,11 @@ int64_t launch_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
     const int grid = static_cast<int>(clamp64((warps * 32 + kThreads - 1) / kThreads, 1, static_cast<int64_t>(L.sms) * 16));
     A* pq = pp + splits * runs;
     if (vec) {
-      nchw_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, splits, pp, pq);
+      nchw_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, gain, relu_bias, invstd, d.N, d.C,
+                                                            d.HW, G, splits, pp, pq);
     } else {
-      nchw_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, G, splits, pp, pq);
+      nchw_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, gain, relu_bias, invstd, d.N, d.C,
+                                                            d.HW, G, splits, pp, pq);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return splits;
@@ -766,9 +811,11 @@ int64_t launch_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   A* pp = part.mutable_data_ptr<A>();
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
   if (vec) {
-    nhwc_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
+    nhwc_reduce<T, A, V><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, gain, relu_bias, invstd, d.N, d.C, d.HW,
+                                                          pp, pp + splits * d.N * d.C);
   } else {
-    nhwc_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, d.N, d.C, d.HW, pp, pp + splits * d.N * d.C);
+    nhwc_reduce<T, A, 1><<<grid, kThreads, 0, L.stream>>>(pdy, px, pm, gain, relu_bias, invstd, d.N, d.C, d.HW,
+                                                          pp, pp + splits * d.N * d.C);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return splits;
@@ -796,7 +843,7 @@ at::Tensor as_acc(const at::Tensor& t, const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& gain_in, const at::Tensor& bias_in,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    bool training, double eps) {
+    bool training, double eps, bool relu) {
   check_forward(x_in, gain_in, bias_in, running_mean, running_var, training);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
@@ -819,7 +866,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cuda(
       if (!nhwc && d.HW % V == 0 && aligned16(px) && aligned16(py) &&
           d.N * (d.HW / V) <= static_cast<int64_t>(kThreads) * kHeld) {
         nchw_forward_held<scalar_t, A, V><<<static_cast<unsigned>(d.C), kThreads, 0, L.stream>>>(
-            px, gain.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), d.N, d.C, d.HW, eps,
+            px, gain.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), d.N, d.C, d.HW, eps, relu,
             py, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(), invstd.mutable_data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;  // from the dispatch lambda: y and the statistics are written
@@ -830,20 +877,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbn_forward_cuda(
       var = as_acc(*running_var, x).clone();
       invstd = var.add(eps).rsqrt();
     }
-    launch_apply<scalar_t, A>(x, gain, bias, mean, invstd, nhwc, y, L);
+    launch_apply<scalar_t, A>(x, gain, bias, mean, invstd, nhwc, relu, y, L);
   });
   return {y, mean, invstd, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& gain_in,
-    const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training) {
+    const at::Tensor& mean_in, const at::Tensor& invstd_in, bool training, bool relu,
+    const std::optional<at::Tensor>& bias_in) {
   check_backward(grad_y, x_in, gain_in, mean_in, invstd_in);
+  check_backward_relu(x_in, relu, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = x_in.contiguous(layout_of(x_in));
   const at::Tensor dy = grad_y.to(x.scalar_type()).contiguous(layout_of(x_in));
   const at::Tensor gain = gain_in.contiguous();
+  const at::Tensor bias = relu ? bias_in->contiguous() : at::Tensor();
   const at::Tensor mean = as_acc(mean_in, x), invstd = as_acc(invstd_in, x);
   const Dims d = dims(x);
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout_of(x_in)));
@@ -854,13 +904,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cbn_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_backward_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     at::Tensor part;
-    const int64_t splits = launch_reduce<scalar_t, A>(dy, x, mean, nhwc, part, L);
+    const scalar_t* pg = gain.const_data_ptr<scalar_t>();
+    const scalar_t* relu_bias = relu ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t splits =
+        launch_reduce<scalar_t, A>(dy, x, mean, pg, relu_bias, invstd.const_data_ptr<A>(), nhwc, part, L);
     A* ps = sums.mutable_data_ptr<A>();
     launch_finalize_backward<scalar_t, A>(gain.const_data_ptr<scalar_t>(), invstd, d, splits, part,
                                           training, nullptr, nullptr,
                                           grad_bias.mutable_data_ptr<scalar_t>(),
                                           grad_gain.mutable_data_ptr<scalar_t>(), ps, ps + d.C, L);
-    launch_elemt<scalar_t, A>(dy, x, gain, mean, invstd, training ? ps : nullptr,
+    launch_elemt<scalar_t, A>(dy, x, gain, relu_bias, mean, invstd, training ? ps : nullptr,
                               training ? ps + d.C : nullptr, 1.0 / static_cast<double>(d.N * d.HW),
                               nhwc, dx, L);
   });
@@ -894,7 +947,7 @@ at::Tensor cbn_apply_cuda(const at::Tensor& x_in, const at::Tensor& gain_in, con
   const Launch L = launch_config();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_apply_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
-    launch_apply<scalar_t, A>(x, gain, bias, mean, invstd, nhwc, y, L);
+    launch_apply<scalar_t, A>(x, gain, bias, mean, invstd, nhwc, /*relu=*/false, y, L);
   });
   return y;
 }
@@ -915,7 +968,7 @@ std::tuple<at::Tensor, at::Tensor> cbn_backward_reduce_cuda(const at::Tensor& gr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_backward_reduce_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     at::Tensor part;
-    const int64_t splits = launch_reduce<scalar_t, A>(dy, x, mean, nhwc, part, L);
+    const int64_t splits = launch_reduce<scalar_t, A>(dy, x, mean, nullptr, nullptr, nullptr, nhwc, part, L);
     launch_finalize_backward<scalar_t, A>(nullptr, invstd, d, splits, part, true,
                                           gb.mutable_data_ptr<A>(), gg.mutable_data_ptr<A>(), nullptr,
                                           nullptr, nullptr, nullptr, L);
@@ -939,7 +992,7 @@ at::Tensor cbn_backward_elemt_cuda(const at::Tensor& grad_y, const at::Tensor& x
   const Launch L = launch_config();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cbn_backward_elemt_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
-    launch_elemt<scalar_t, A>(dy, x, gain, mean, invstd, sa.const_data_ptr<A>(), sb.const_data_ptr<A>(),
+    launch_elemt<scalar_t, A>(dy, x, gain, nullptr, mean, invstd, sa.const_data_ptr<A>(), sb.const_data_ptr<A>(),
                               1.0 / static_cast<double>(count), nhwc, dx, L);
   });
   return dx;

@@ -28,20 +28,22 @@ BOTTOM = 4
 
 
 class GBlock(nn.Module):
-    """CBN -> ReLU -> up -> conv3x3 -> CBN -> ReLU -> conv3x3, plus an upsampled 1x1 shortcut."""
+    """CBN -> ReLU -> up -> conv3x3 -> CBN -> ReLU -> conv3x3, plus an upsampled 1x1 shortcut.
+    Each CBN -> ReLU is one layer (``relu=True``): fastinv fuses the ReLU into the CBN's
+    kernels, torch's layers apply it after the batch norm."""
 
     def __init__(self, in_ch: int, out_ch: int, cond_dim: int, bn_eps: float, sn_eps: float):
         super().__init__()
-        self.bn1 = layers.conditional_bn(in_ch, cond_dim, eps=bn_eps)
+        self.bn1 = layers.conditional_bn(in_ch, cond_dim, eps=bn_eps, relu=True)
         self.conv1 = layers.sn_conv2d(in_ch, out_ch, 3, 1, sn_eps)
-        self.bn2 = layers.conditional_bn(out_ch, cond_dim, eps=bn_eps)
+        self.bn2 = layers.conditional_bn(out_ch, cond_dim, eps=bn_eps, relu=True)
         self.conv2 = layers.sn_conv2d(out_ch, out_ch, 3, 1, sn_eps)
         self.conv_sc = layers.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = layers.upsample2(torch.relu(self.bn1(x, cond)))
+        h = layers.upsample2(self.bn1(x, cond))  # bn1, bn2: CBN then ReLU
         h = self.conv1(h)
-        h = self.conv2(torch.relu(self.bn2(h, cond)))
+        h = self.conv2(self.bn2(h, cond))
         return h + self.conv_sc(layers.upsample2(x))
 
 

@@ -60,12 +60,13 @@ def sn_linear(in_features: int, out_features: int, eps: float, bias: bool = True
 
 class _TorchConditionalBatchNorm2d(nn.Module):
     """BigGAN's ``ccbn`` on torch layers: ``BN(x) * (1 + Linear(cond)) + Linear(cond)``, with
-    the parameter and buffer names of fastinv.nn.ConditionalBatchNorm2d."""
+    the parameter and buffer names of fastinv.nn.ConditionalBatchNorm2d; ``relu``: then
+    ``torch.relu``, as its own op (what the fused kernels' ReLU replaces)."""
 
     def __init__(self, num_features: int, cond_dim: int, eps: float, momentum: float,
-                 spectral_norm: bool = True):
+                 spectral_norm: bool = True, relu: bool = False):
         super().__init__()
-        self.eps, self.momentum = eps, momentum
+        self.eps, self.momentum, self.relu = eps, momentum, relu
         make = (lambda i, o: nn.utils.parametrizations.spectral_norm(nn.Linear(i, o))) if (
             spectral_norm) else nn.Linear
         self.gain = make(cond_dim, num_features)
@@ -81,13 +82,15 @@ class _TorchConditionalBatchNorm2d(nn.Module):
                          momentum=self.momentum, eps=self.eps)
         gain = (1 + self.gain(cond)).to(x.dtype).view(cond.shape[0], -1, 1, 1)
         bias = self.bias(cond).to(x.dtype).view(cond.shape[0], -1, 1, 1)
-        return h * gain + bias
+        h = h * gain + bias
+        return torch.relu(h) if self.relu else h
 
 
 def conditional_bn(num_features: int, cond_dim: int, eps: float = 1e-5,
-                   momentum: float = 0.1) -> nn.Module:
+                   momentum: float = 0.1, relu: bool = False) -> nn.Module:
+    """BigGAN's ccbn; ``relu=True``: followed by a ReLU (fused into fastinv's kernels)."""
     cls = _fastinv_nn("ConditionalBatchNorm2d") or _TorchConditionalBatchNorm2d
-    return cls(num_features, cond_dim, eps=eps, momentum=momentum, spectral_norm=True)
+    return cls(num_features, cond_dim, eps=eps, momentum=momentum, spectral_norm=True, relu=relu)
 
 
 def self_attention(channels: int, sn_eps: float) -> nn.Module:

@@ -1,7 +1,8 @@
 """BigGAN's conditional batch norm layer (``ccbn``) on the fused op.
 
 ``gain = 1 + Linear(cond)``, ``bias = Linear(cond)``, both (N, C), then
-``fastinv.ops.conditional_batch_norm``. The running statistics follow ``nn.BatchNorm2d``
+``fastinv.ops.conditional_batch_norm`` (``relu=True``: with the ReLU that follows every CBN
+in BigGAN's generator fused into its kernels). The running statistics follow ``nn.BatchNorm2d``
 (same buffer names, same state-dict keys, ``momentum=None`` = cumulative moving average).
 ``convert_sync_cbn`` turns on cross-replica statistics for every layer of a model.
 """
@@ -30,6 +31,8 @@ class ConditionalBatchNorm2d(nn.Module):
         cond_dim: the size of ``cond`` (in the inverter: logits, noise chunk and embedding).
         eps, momentum: as ``nn.BatchNorm2d``; ``momentum=None`` is the cumulative average.
         spectral_norm: spectral-normalise the two linear maps (BigGAN does).
+        relu: return ``relu(ccbn(x, cond))``, the ReLU applied inside the fused kernels (one
+            pass over the output instead of two, and no separate ReLU backward).
     """
 
     def __init__(
@@ -39,10 +42,11 @@ class ConditionalBatchNorm2d(nn.Module):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         spectral_norm: bool = True,
+        relu: bool = False,
     ) -> None:
         super().__init__()
         self.num_features, self.cond_dim = num_features, cond_dim
-        self.eps, self.momentum = eps, momentum
+        self.eps, self.momentum, self.relu = eps, momentum, relu
         self.gain = _linear(cond_dim, num_features, spectral_norm)
         self.bias = _linear(cond_dim, num_features, spectral_norm)
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -81,13 +85,14 @@ class ConditionalBatchNorm2d(nn.Module):
             momentum=momentum,
             eps=self.eps,
             process_group=self.process_group,
+            relu=self.relu,
         )
 
     def extra_repr(self) -> str:
         sync = ", sync" if self.process_group is not None else ""
         return (
             f"{self.num_features}, cond_dim={self.cond_dim}, eps={self.eps}, "
-            f"momentum={self.momentum}{sync}"
+            f"momentum={self.momentum}{', relu' if self.relu else ''}{sync}"
         )
 
 

@@ -2,6 +2,7 @@
 
     y[n,c,h,w] = (x[n,c,h,w] - mean[c]) * invstd[c] * gain[n,c] + bias[n,c]
     invstd[c]  = 1 / sqrt(var[c] + eps)
+    relu=True: y = max(y, 0) in the same pass (BigGAN's ReLU after every CBN)
 
 ``x`` is (N, C, H, W), contiguous or channels_last (the output keeps the layout); ``gain`` and
 ``bias`` are (N, C) in ``x``'s dtype. Training: ``mean``/``var`` are the biased batch statistics
@@ -34,6 +35,14 @@ Backward (training), with xhat = (x - mean) * invstd, M = N*H*W summed over all 
     grad_x = invstd * (dy * gain - A[c] / M - xhat * B[c] / M)
     A[c] = sum_n gain[n,c] grad_bias[n,c],   B[c] = sum_n gain[n,c] grad_gain[n,c]
 Eval: grad_x = dy * gain * invstd.
+relu=True: the same with dy replaced by dy * (y > 0), y the stored output (torch's ReLU
+backward), inside the backward kernel. y > 0 is recomputed there from x, mean, invstd, gain
+and bias rather than read from a saved y: both backward passes read x already, so the mask
+costs O(N*C) extra bytes, where a saved y is one more tensor read in each pass (5 -> 7
+tensor-sized transfers) and y kept alive until the backward. The ReLU's second derivative is
+0 almost everywhere, so double backward is the same formula with the mask as a constant.
+
+Cross-replica BN with relu=True applies torch.relu after the synchronised op (unfused).
 
 Implementations: reference (``*_reference`` below, every device), csrc/cpu/conditional_batch_norm.cpp,
 csrc/cuda/conditional_batch_norm.cu.
@@ -181,8 +190,32 @@ def conditional_batch_norm_apply_reference(x, gain, bias, mean, invstd) -> torch
     return y.to(x.dtype).contiguous(memory_format=_layout(x))
 
 
+def _relu_passes(x, gain, bias, mean, invstd) -> torch.Tensor:
+    """relu=True backward: where the forward's stored output y (before the ReLU, rounded to x's
+    dtype) is > 0, recomputed from the saved statistics (csrc: relu_passes, the same rule). A
+    constant to autograd: the ReLU's derivative is piecewise constant."""
+    with torch.no_grad():
+        return conditional_batch_norm_apply_reference(x, gain, bias, mean, invstd) > 0
+
+
+def _relu_mask_grad(grad_y, x, gain, bias, mean, invstd) -> torch.Tensor:
+    # where, not a product: torch's ReLU backward gives 0, not NaN, for a NaN dy it masks
+    passes = _relu_passes(x, gain, bias, mean, invstd)
+    return torch.where(passes, grad_y, grad_y.new_zeros(()))
+
+
+def _check_backward_relu(x, relu: bool, bias) -> None:
+    if relu and bias is None:
+        raise ValueError(
+            f"{_OP}: relu=True masks grad_y where the forward's output is > 0, recomputed from x "
+            "and the statistics, and needs the forward's bias; pass bias"
+        )
+    if bias is not None:
+        _check_nc(bias, x, "bias")
+
+
 def conditional_batch_norm_reference(
-    x, gain, bias, running_mean, running_var, training: bool, eps: float
+    x, gain, bias, running_mean, running_var, training: bool, eps: float, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_forward(x, gain, bias, running_mean, running_var, training)
     acc = _acc(x.dtype)
@@ -192,6 +225,8 @@ def conditional_batch_norm_reference(
         mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
     invstd = torch.rsqrt(var + eps)
     y = conditional_batch_norm_apply_reference(x, gain, bias, mean, invstd)
+    if relu:
+        y = torch.relu(y)
     return y, mean, invstd, var
 
 
@@ -230,8 +265,13 @@ def conditional_batch_norm_backward_elemt_reference(
     return gx.to(x.dtype).contiguous(memory_format=_layout(x))
 
 
-def conditional_batch_norm_backward_reference(grad_y, x, gain, mean, invstd, training: bool):
+def conditional_batch_norm_backward_reference(
+    grad_y, x, gain, mean, invstd, training: bool, relu: bool = False, bias=None
+):
     _check_split(x, grad_y, gain, mean=mean, invstd=invstd)
+    _check_backward_relu(x, relu, bias)
+    if relu:
+        grad_y = _relu_mask_grad(grad_y, x, gain, bias, mean, invstd)
     acc = _acc(x.dtype)
     grad_gain, grad_bias = conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd)
     if training:
@@ -253,7 +293,7 @@ def conditional_batch_norm_backward_reference(grad_y, x, gain, mean, invstd, tra
 # running-stat update is its own small mutating op, fed detached statistics.
 _cbn = define(
     "conditional_batch_norm(Tensor x, Tensor gain, Tensor bias, Tensor? running_mean, "
-    "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? running_var, bool training, float eps, bool relu=False) -> (Tensor, Tensor, Tensor, Tensor)",
     conditional_batch_norm_reference,
 )
 _cbn_update = define(
@@ -263,7 +303,7 @@ _cbn_update = define(
 )
 _cbn_bwd = define(
     "conditional_batch_norm_backward(Tensor grad_y, Tensor x, Tensor gain, Tensor mean, "
-    "Tensor invstd, bool training) -> (Tensor, Tensor, Tensor)",
+    "Tensor invstd, bool training, bool relu=False, Tensor? bias=None) -> (Tensor, Tensor, Tensor)",
     conditional_batch_norm_backward_reference,
 )
 _cbn_stats = define(
@@ -298,7 +338,7 @@ def _per_channel(x: torch.Tensor, *lead: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("fastinv::conditional_batch_norm")
-def _(x, gain, bias, running_mean, running_var, training, eps):
+def _(x, gain, bias, running_mean, running_var, training, eps, relu=False):
     _check_forward(x, gain, bias, running_mean, running_var, training)
     return _like_x(x), _per_channel(x), _per_channel(x), _per_channel(x)
 
@@ -309,7 +349,8 @@ def _(running_mean, running_var, mean, var, count, momentum):
 
 
 @torch.library.register_fake("fastinv::conditional_batch_norm_backward")
-def _(grad_y, x, gain, mean, invstd, training):
+def _(grad_y, x, gain, mean, invstd, training, relu=False, bias=None):
+    _check_backward_relu(x, relu, bias)
     return _like_x(x), torch.empty_like(gain), torch.empty_like(gain)
 
 
@@ -337,11 +378,17 @@ def _(grad_y, x, gain, mean, invstd, sum_dxhat, sum_dxhat_xhat, count):
 # --- autograd of the fused op ---------------------------------------------------------------
 
 
-def conditional_batch_norm_backward_differentiable(grad_y, x, gain, mean, invstd, training: bool, eps: float):
+def conditional_batch_norm_backward_differentiable(
+    grad_y, x, gain, mean, invstd, training: bool, eps: float, relu: bool = False, bias=None
+):
     """The backward written in differentiable PyTorch ops, for ``create_graph=True`` (gradient
     penalties: R1, WGAN-GP, path length). In training the statistics are recomputed from ``x``
     so that their dependence on ``x`` reaches the second derivative; the saved ``mean``/``invstd``
-    are constants to autograd. Eval: the running statistics are constants, as in the forward."""
+    are constants to autograd. Eval: the running statistics are constants, as in the forward.
+    relu: grad_y masked by the forward's output > 0, the mask a constant (the ReLU's second
+    derivative is 0 almost everywhere, as autograd of torch.relu has it)."""
+    if relu:
+        grad_y = _relu_mask_grad(grad_y, x, gain, bias, mean, invstd)
     acc = _acc(x.dtype)
     xa, dy, g = x.to(acc), grad_y.to(acc), gain.to(acc)
     if training:
@@ -363,28 +410,29 @@ def conditional_batch_norm_backward_differentiable(grad_y, x, gain, mean, invstd
 
 
 def _setup(ctx, inputs, output):
-    x, gain, _bias, _rm, _rv, training, eps = inputs
+    x, gain, bias, _rm, _rv, training, eps, relu = inputs  # defaults filled in by torch.library
     _y, mean, invstd, _var = output
     ctx.mark_non_differentiable(mean, invstd, _var)
-    ctx.save_for_backward(x, gain, mean, invstd)
-    ctx.training, ctx.eps = training, eps
+    # relu: bias (N, C) to recompute the output's sign; not the output y (module docstring)
+    ctx.save_for_backward(x, gain, mean, invstd, bias if relu else None)
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_var):
     # The statistics are outputs for saving and the running-stat update only (marked
     # non-differentiable): the public function never exposes them.
-    x, gain, mean, invstd = ctx.saved_tensors
+    x, gain, mean, invstd, bias = ctx.saved_tensors
     if torch.is_grad_enabled():
         # create_graph=True: the fused backward op has no autograd of its own (its second
         # derivative would silently be dropped), so build the graph from differentiable ops.
         # Grad mode is off in an ordinary backward and in torch.compile's traced backward.
         grads = conditional_batch_norm_backward_differentiable(
-            grad_y, x, gain, mean, invstd, ctx.training, ctx.eps
+            grad_y, x, gain, mean, invstd, ctx.training, ctx.eps, ctx.relu, bias
         )
     else:
-        grads = _cbn_bwd.default(grad_y, x, gain, mean, invstd, ctx.training)
+        grads = _cbn_bwd.default(grad_y, x, gain, mean, invstd, ctx.training, ctx.relu, bias)
     grad_x, grad_gain, grad_bias = grads
-    return grad_x, grad_gain, grad_bias, None, None, None, None
+    return grad_x, grad_gain, grad_bias, None, None, None, None, None
 
 
 torch.library.register_autograd("fastinv::conditional_batch_norm", _backward, setup_context=_setup)
@@ -474,8 +522,10 @@ def conditional_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group=None,
+    relu: bool = False,
 ) -> torch.Tensor:
-    """Conditional batch norm ``(x - mean) * invstd * gain[:, :, None, None] + bias[:, :, None, None]``.
+    """Conditional batch norm ``(x - mean) * invstd * gain[:, :, None, None] + bias[:, :, None, None]``,
+    followed by a ReLU fused into the same kernels when ``relu`` (BigGAN's GBlock).
 
     ``momentum`` is the running-stat factor; for PyTorch's ``momentum=None`` (cumulative average)
     pass ``1 / num_batches_tracked`` (``fastinv.nn.ConditionalBatchNorm2d`` does). With a
@@ -488,10 +538,13 @@ def conditional_batch_norm(
         )
     if training and process_group is not None and dist.is_available() and dist.is_initialized():
         if dist.get_world_size(process_group) > 1:
-            return _SyncConditionalBatchNorm.apply(
+            y = _SyncConditionalBatchNorm.apply(
                 x, gain, bias, running_mean, running_var, float(momentum), float(eps), process_group
             )
-    y, mean, _invstd, var = _cbn.default(x, gain, bias, running_mean, running_var, bool(training), float(eps))
+            return torch.relu(y) if relu else y  # unfused: the split ops have no ReLU
+    y, mean, _invstd, var = _cbn.default(
+        x, gain, bias, running_mean, running_var, bool(training), float(eps), bool(relu)
+    )
     if training and running_mean is not None:
         count = x.numel() // x.shape[1]
         _cbn_update.default(running_mean, running_var, mean, var, count, float(momentum))
