@@ -64,9 +64,11 @@ def save_titled_grid(
         if i < n:
             ax.imshow(unit[i].permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_title(titles[i], fontsize=7)
+    top = 1.0
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
+        top = 1 - 0.3 / fig.get_figheight()  # tight_layout ignores the suptitle: leave it 0.3 in
+    fig.tight_layout(rect=(0, 0, 1, top))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
