@@ -51,6 +51,9 @@ def test_batches_have_the_documented_shapes_dtypes_and_ranges(synth, backend, tr
         assert b["image"].shape == (n, 3, RES, RES) and b["image"].dtype == torch.float32
         assert b["classifier_input"].shape == (n, 3, CLS, CLS)
         assert b["classifier_input"].dtype == torch.float32
+        # NCHW-contiguous from every backend (PIL decodes HWC; channels-last batches crash
+        # oneDNN's AVX2 1x1 convolution backward at 4 channels)
+        assert b["image"].is_contiguous() and b["classifier_input"].is_contiguous()
         assert b["label"].dtype == b["index"].dtype == torch.int64
         assert b["image"].min() >= -1 and b["image"].max() <= 1
         assert b["image"].std() > 0.1  # real content, not a constant

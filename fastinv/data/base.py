@@ -102,11 +102,16 @@ class ImageLoader:
         non_blocking = dev.type == "cuda"
         image = image.to(dev, non_blocking=non_blocking)
         classifier = classifier.to(dev, non_blocking=non_blocking)
+        # contiguous NCHW whatever the decoder's strides (PIL's HWC arrays arrive channels-last):
+        # oneDNN's AVX2 1x1 stride-2 convolution backward crashes on channels-last inputs with
+        # 4 channels (torch 2.14.1, AMD EPYC: a segfault with 1 thread, a hang with 2)
+        nchw = torch.contiguous_format
         if image.dtype == torch.uint8:
-            image = image.float().div_(127.5).sub_(1.0)
+            image = image.to(torch.float32, memory_format=nchw).div_(127.5).sub_(1.0)
         if classifier.dtype == torch.uint8:
-            classifier = classifier.float().div_(255.0)
+            classifier = classifier.to(torch.float32, memory_format=nchw).div_(255.0)
             classifier = classifier.sub_(self._mean.to(dev)).div_(self._std.to(dev))
+        image, classifier = image.contiguous(), classifier.contiguous()
         index = index.to(torch.int64)
         label = self._labels[index.cpu()]
         return {"image": image, "classifier_input": classifier,
