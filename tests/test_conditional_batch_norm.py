@@ -72,6 +72,17 @@ def test_cpu_kernels_are_registered():
 # --- forward --------------------------------------------------------------------------------
 
 
+
+def _assert_grads_match(leaves, leaves64, dtype, layout):
+    """Gradients of the op's leaves against the float64 expectation's, in the leaves' dtype
+    (and x's gradient in x's layout)."""
+    for got, want in zip(leaves, leaves64):
+        assert got.grad.dtype == dtype
+        tol = TOL[dtype] if dtype in (torch.float64, torch.float32) else dict(rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+    if layout == torch.channels_last:
+        assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last)
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
@@ -182,12 +193,7 @@ def test_backward_matches_float64_autograd(device, dtype, layout, training):
     leaves64 = [t.double().requires_grad_() for t in (x, gain, bias)]
     stats = {} if training else dict(mean=rm, var=rv)
     _expected(*leaves64, **stats).backward(dy.double())
-    for got, want in zip(leaves, leaves64):
-        assert got.grad.dtype == dtype
-        tol = TOL[dtype] if dtype in (torch.float64, torch.float32) else dict(rtol=5e-2, atol=5e-2)
-        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
-    if layout == torch.channels_last:
-        assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last)
+    _assert_grads_match(leaves, leaves64, dtype, layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -755,12 +761,7 @@ def test_relu_backward_matches_float64_autograd(device, dtype, layout, training)
     out64 = _expected_relu(*leaves64, **stats)
     assert 0.2 < (out64 == 0).double().mean() < 0.8  # the mask matters
     out64.backward(dy.double())
-    for got, want in zip(leaves, leaves64):
-        assert got.grad.dtype == dtype
-        tol = TOL[dtype] if dtype in (torch.float64, torch.float32) else dict(rtol=5e-2, atol=5e-2)
-        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
-    if layout == torch.channels_last:
-        assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last)
+    _assert_grads_match(leaves, leaves64, dtype, layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
