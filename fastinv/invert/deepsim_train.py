@@ -85,7 +85,7 @@ def train_deepsim(
     num_classes, resolution = logits.shape[1], images.shape[-1]
     G = DeepSimDecoder(num_classes, resolution, cfg.width).to(device)
     G.set_statistics(logits)
-    d_logits = (logits.float() - G.logit_shift) / G.logit_scale  # D sees them on G's scale
+    d_logits = G.standardise(logits)  # D sees them on G's scale
     D = DeepSimDiscriminator(num_classes, resolution, cfg.width).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))

@@ -57,9 +57,12 @@ class DeepSimDecoder(nn.Module):
     def sample_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.empty(batch, 0)
 
+    def standardise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits in units of the training-set spread (what the FC stack sees)."""
+        return (logits.float() - self.logit_shift) / self.logit_scale
+
     def forward(self, logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        z = (logits.float() - self.logit_shift) / self.logit_scale
-        h = self.fc(z).view(-1, self._top, 4, 4)
+        h = self.fc(self.standardise(logits)).view(-1, self._top, 4, 4)
         return self.up(h)
 
 
