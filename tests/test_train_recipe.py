@@ -145,3 +145,51 @@ def test_consistency_augmentation_is_named_and_trains(tmp_path, synthetic_data):
                                      "consistency augmentation": "translation,flip"}
     with pytest.raises(ConfigError, match="optim.aux_augment: unknown augmentation"):
         load_config("tiny", ["--aux_augment=rotate"])
+
+
+def test_phi_feature_d_reads_the_classifier_features_and_trains(tmp_path, synthetic_data):
+    """The Φ-feature D option: D gets Φ's tapped map at the matching trunk resolution, both
+    D and (through frozen Φ) G get gradients from it, and the run names the option."""
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=2", "--classifier.spec=fastinv:small_cnn",
+                               "--d_phi_layer=features.7", "--ckpt_every=2"])
+    run_dir = train_inverter(cfg)
+    ck = checkpoint.load(checkpoint.latest_checkpoint(run_dir))
+    D_cfg = ck["model_config"]["D"]
+    # Φ reads G's 16 px images at its own 32 px input; features.7 follows two 2x poolings
+    assert D_cfg["phi_channels"] > 0 and D_cfg["phi_resolution"] == 8
+    assert inverter_options(cfg) == {"Φ-feature D": "features.7"}
+    G, _ = checkpoint.load_inverter(run_dir)  # G alone loads as before: the option is D's
+
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.gan import PhiFeatures
+
+    torch.manual_seed(0)
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4)
+    phi = PhiFeatures(clf, "features.7")
+    assert phi.shape(16, "cpu") == (D_cfg["phi_channels"], 8)
+    D = Discriminator(4, 16, 4, 0, phi_channels=D_cfg["phi_channels"], phi_resolution=8)
+    x = torch.rand(3, 3, 16, 16, requires_grad=True) * 2 - 1
+    x.retain_grad()
+    logits, feat = phi(x)
+    out = D(x, logits, feat)
+    assert out.shape == (3,)
+    out.sum().backward()
+    grads = [p.grad for p in D.phi_in.parameters()]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pass phi="):
+        D(x.detach(), logits.detach())
+
+
+def test_phi_feature_d_errors_name_the_problem():
+    with pytest.raises(ValueError, match="never has that size"):
+        Discriminator(4, 16, 4, 0, phi_channels=8, phi_resolution=3)
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.gan import PhiFeatures
+
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4)
+    with pytest.raises(ValueError, match="not a module"):
+        PhiFeatures(clf, "features.99")
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        PhiFeatures(clf, "fc")(torch.zeros(1, 3, 16, 16))

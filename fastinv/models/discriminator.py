@@ -3,6 +3,12 @@
 ``D(x, logits) = linear(h) + <embed(logits), h>`` where ``h`` is the ReLU'd, spatially summed
 feature of the residual trunk (summed as in BigGAN, or averaged: ``pool``) and ``embed`` is a spectral-normed linear map of the logits
 (Miyato & Koyama 2018's projection, with the logit vector in place of a one-hot class).
+
+Optionally (``phi_channels > 0``, the "Φ-feature D" option) D also reads a feature map of the
+frozen classifier Φ at one of its trunk's resolutions: a spectral-normed 1x1 convolution of it
+is added to the trunk's activation there (the projected-GAN idea, Sauer et al. 2021, with Φ's
+own features). D then sees where in the image Φ finds class evidence, so G cannot meet Φ's
+logits with one small patch: the whole feature map has to look like a real image's.
 """
 
 from __future__ import annotations
@@ -63,16 +69,19 @@ class Discriminator(nn.Module):
     def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96,
                  attention_resolution: int = 64, logit_preprocess: str = "none",
                  logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv",
-                 pool: str = "sum"):
+                 pool: str = "sum", phi_channels: int = 0, phi_resolution: int = 0):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"Discriminator pool must be one of {POOLS}, got {pool!r}")
         with _layers.implementation(layers):
             self._build(num_classes, resolution, ch, attention_resolution, logit_preprocess,
                         logit_temperature, sn_eps)
+            self._build_phi(phi_channels, phi_resolution, sn_eps)
+            _layers.init_orthogonal(self)
+            _layers.attach_spectral_norm_group(self)
         self.pool = pool
-        self.config["layers"] = layers
-        self.config["pool"] = pool
+        self.config.update(layers=layers, pool=pool, phi_channels=phi_channels,
+                           phi_resolution=phi_resolution)
 
     def _build(self, num_classes, resolution, ch, attention_resolution, logit_preprocess,
                logit_temperature, sn_eps):
@@ -95,10 +104,26 @@ class Discriminator(nn.Module):
                 self.attention[str(i)] = layers.self_attention(co * ch, sn_eps)
         self.linear = layers.sn_linear(outs[-1] * ch, 1, sn_eps)
         self.embed = layers.sn_linear(num_classes, outs[-1] * ch, sn_eps, bias=False)
-        layers.init_orthogonal(self)
-        layers.attach_spectral_norm_group(self)
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _build_phi(self, channels: int, resolution: int, sn_eps: float) -> None:
+        self.phi_block = None  # index of the block after which Φ's features join the trunk
+        if channels <= 0:
+            return
+        ins, outs, down = D_ARCH[self.resolution]
+        res = self.resolution
+        for i, d in enumerate(down):
+            res //= 2 if d else 1
+            if res == resolution:
+                self.phi_block = i
+                break
+        if self.phi_block is None:
+            raise ValueError(f"Φ's feature map is {resolution}x{resolution}, but D's trunk at "
+                             f"{self.resolution} px never has that size; tap another Φ layer")
+        self.phi_in = layers.sn_conv2d(channels, outs[self.phi_block] * self.config["ch"], 1, 0,
+                                       sn_eps)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor,
+                phi: torch.Tensor | None = None) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes or logits.shape[0] != x.shape[0]:
             raise ValueError(f"Discriminator expects logits of shape ({x.shape[0]}, "
                              f"{self.num_classes}), got {tuple(logits.shape)}")
@@ -107,6 +132,10 @@ class Discriminator(nn.Module):
             h = block(h)
             if str(i) in self.attention:
                 h = self.attention[str(i)](h)
+            if i == self.phi_block:
+                if phi is None:
+                    raise ValueError("this Discriminator reads Φ's features: pass phi=")
+                h = h + self.phi_in(phi.to(h.dtype))
         h = torch.relu(h)
         h_area = h.shape[2] * h.shape[3]
         h = h.sum(dim=(2, 3))

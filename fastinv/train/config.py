@@ -63,6 +63,9 @@ class ModelConfig:
     # D's pooling of its last feature map: "sum" (BigGAN) grows D's outputs with the map's
     # area (8x8 at 32 px: |D| of 20-45 at init, a saturated hinge); "mean" keeps them O(1).
     d_pool: str = "sum"
+    # "Φ-feature D": the name of a module inside Φ (e.g. "features.13" of the demo's SmallCNN)
+    # whose output D also reads, at the trunk resolution that matches it; "" = off (the paper)
+    d_phi_layer: str = ""
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -167,7 +170,8 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "D augmentation": o.diffaug, "consistency augmentation": o.aux_augment,
              "R1": o.r1_gamma,
              "logit preprocessing": "" if m.logit_preprocess == "none" else m.logit_preprocess,
-             "D pooling": "" if m.d_pool == "sum" else m.d_pool}
+             "D pooling": "" if m.d_pool == "sum" else m.d_pool,
+             "Φ-feature D": m.d_phi_layer}
     return {k: v for k, v in named.items() if v}
 
 

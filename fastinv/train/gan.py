@@ -35,6 +35,10 @@ from fastinv.train.ema import EMA
 from fastinv.train.monitor import Monitor, image_grid
 from fastinv.train.regularizers import r1_due, r1_loss
 
+# named ranges a torch.profiler trace groups the step by (benchmarks/profile_train.py); a few
+# microseconds each when no profiler runs
+_scope = torch.profiler.record_function
+
 
 class BatchStream:
     """Endless batches from an epoch-based loader, resumable at (epoch, position)."""
@@ -64,15 +68,54 @@ class BatchStream:
         return batch
 
 
-def build_models(cfg: TrainConfig, num_classes: int) -> tuple[Generator, Discriminator]:
+def build_models(cfg: TrainConfig, num_classes: int,
+                 phi_shape: tuple[int, int] = (0, 0)) -> tuple[Generator, Discriminator]:
+    """G and D of ``cfg``; ``phi_shape`` = (channels, size) of the Φ feature map D reads (the
+    Φ-feature D option), (0, 0) when off."""
     m, res = cfg.model, cfg.data.resolution
     common = dict(num_classes=num_classes, resolution=res,
                   attention_resolution=m.attention_resolution, logit_preprocess=m.logit_preprocess,
                   logit_temperature=m.logit_temperature, sn_eps=m.sn_eps, layers=m.layers)
     G = Generator(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim, bn_eps=m.bn_eps,
                   **common)
-    D = Discriminator(ch=m.d_ch, pool=m.d_pool, **common)
+    D = Discriminator(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
+                      phi_resolution=phi_shape[1], **common)
     return G, D
+
+
+class PhiFeatures:
+    """Φ's logits and the output of one of its modules (by name) from one forward pass: a
+    forward hook keeps the module's output of the latest call."""
+
+    def __init__(self, classifier: Classifier, layer: str):
+        try:
+            module = classifier.net.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in classifier.net.named_modules() if n][:40]
+            raise ValueError(f"model.d_phi_layer={layer!r} is not a module of classifier "
+                             f"{classifier.name!r}; its modules include {names}") from None
+        self.classifier, self._out = classifier, None
+        module.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self._out = output
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> (Φ's logits, the tapped feature map)."""
+        logits = self.classifier(self.classifier.prepare(images))
+        feat, self._out = self._out, None
+        if not torch.is_tensor(feat) or feat.dim() != 4:
+            raise ValueError("model.d_phi_layer must name a module whose output is a (N, C, H, "
+                             f"W) feature map, got {type(feat).__name__}")
+        return logits, feat
+
+    @torch.no_grad()
+    def shape(self, resolution: int, device) -> tuple[int, int]:
+        """(channels, size) of the tapped map for a ``resolution`` px image."""
+        _, feat = self(torch.zeros(1, 3, resolution, resolution, device=device))
+        if feat.shape[2] != feat.shape[3]:
+            raise ValueError(f"model.d_phi_layer gives a non-square map {tuple(feat.shape)}")
+        return int(feat.shape[1]), int(feat.shape[2])
 
 
 def _prepare_data(cfg: TrainConfig, run_dir: Path, clf: Classifier, info) -> Path:
@@ -145,9 +188,16 @@ class InverterTrainer:
                                      crop_scale=(d.crop_min_scale, 1.0), **common)
         self.batches = BatchStream(loader)
 
+        self.phi = None
+        phi_shape = (0, 0)
+        if cfg.model.d_phi_layer:
+            if cfg.optim.r1_gamma > 0:
+                raise ValueError("optim.r1_gamma with model.d_phi_layer is not supported yet")
+            self.phi = PhiFeatures(self.classifier, cfg.model.d_phi_layer)
+            phi_shape = self.phi.shape(cfg.data.resolution, dev)
         torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
         with dev:  # built on the device: orthogonal init of BigGAN-128's weights is slow on CPU
-            self.G, self.D = build_models(cfg, self.classifier.num_classes)
+            self.G, self.D = build_models(cfg, self.classifier.num_classes, phi_shape)
             self.G_ema = Generator(**self.G.config)
         if cfg.model.cross_replica_bn and info.distributed:
             if dev.type != "cuda":
@@ -236,20 +286,24 @@ class InverterTrainer:
         for _ in range(o.d_steps):
             self.opt_D.zero_grad(set_to_none=True)
             for micro in range(acc):
-                batch = self.batches.next()
-                x = self._input(batch["image"])
+                with _scope("data"):
+                    batch = self.batches.next()
+                    x = self._input(batch["image"])
                 with torch.no_grad(), self._autocast():
-                    z = self.classifier(self._input(batch["classifier_input"])).float()
-                    fake = self.G_fake(z, self._noise(len(z)))
+                    with _scope("classifier"):
+                        z = self.classifier(self._input(batch["classifier_input"])).float()
+                    with _scope("G forward (D step)"):
+                        fake = self.G_fake(z, self._noise(len(z)))
                 logits.append(z)
                 reals.append(x)
-                with self._sync(self.D_train, micro, acc), self._autocast():
+                with self._sync(self.D_train, micro, acc), self._autocast(), _scope("D forward"):
                     # real and fake in one call: DDP sees one forward per backward
                     both = self._augment(torch.cat([x, fake.to(x.dtype)]))
-                    out = self.D_train(both, torch.cat([z, z]))
+                    out = self.D_train(both, torch.cat([z, z]), *self._phi_of(both, grad=False))
                     d_real, d_fake = out[: len(x)], out[len(x):]
                     loss = hinge_loss_d(d_real, d_fake)
-                (loss / acc).backward()
+                with _scope("D backward"):
+                    (loss / acc).backward()
                 if o.r1_gamma > 0 and r1_due(self.d_step, o.r1_every):
                     # its own D forward (on the reals as D sees them), a double backward
                     r1 = r1_loss(lambda xr, zr: self.D(self._augment(xr), zr), x, z,
@@ -260,7 +314,8 @@ class InverterTrainer:
                 stats["loss_d"] += loss.detach() / n
                 stats["d_real"] += d_real.detach().float().mean() / n
                 stats["d_fake"] += d_fake.detach().float().mean() / n
-            self.opt_D.step()
+            with _scope("optimizer"):
+                self.opt_D.step()
             self.d_step += 1
 
         self.D.requires_grad_(False)
@@ -268,9 +323,10 @@ class InverterTrainer:
         stats["loss_g"] = stats["aux_logit"] = 0.0
         for micro in range(acc):
             z, x = logits[len(logits) - acc + micro], reals[len(reals) - acc + micro]
-            with self._sync(self.G_train, micro, acc), self._autocast():
+            with self._sync(self.G_train, micro, acc), self._autocast(), _scope("G forward"):
                 fake = self.G_train(z, self._noise(len(z)))
-                loss = hinge_loss_g(self.D_judge(self._augment(fake), z))
+                seen_d = self._augment(fake)
+                loss = hinge_loss_g(self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True)))
                 stats["loss_g"] += loss.detach() / acc
                 if o.recon_weight > 0:  # x is the image whose logits z are: G(Φ(x), ε) ≈ x
                     rec = (fake.float() - x.float()).abs().mean()
@@ -284,12 +340,23 @@ class InverterTrainer:
                            - pre(z)).pow(2).mean()
                     stats["aux_logit"] += aux.detach() / acc
                     loss = loss + o.aux_logit_weight * aux
-            (loss / acc).backward()
-        self.opt_G.step()
+            with _scope("G backward"):
+                (loss / acc).backward()
+        with _scope("optimizer"):
+            self.opt_G.step()
         self.D.requires_grad_(True)
         self.step += 1
-        self.ema.update(self.step)
+        with _scope("EMA"):
+            self.ema.update(self.step)
         return stats
+
+    def _phi_of(self, images: torch.Tensor, grad: bool) -> tuple[torch.Tensor, ...]:
+        """D's extra argument: Φ's feature map of the images D sees (empty when the option is
+        off). Φ's weights are frozen; with ``grad`` the gradient flows through it to G."""
+        if self.phi is None:
+            return ()
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return (self.phi(images)[1],)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.augment, self.noise_gen) if self.augment else x
@@ -410,23 +477,27 @@ def _run(cfg: TrainConfig, info: distributed.DistInfo) -> Path:
     last_saved = trainer.step if r.resume else -1
     t0, done0 = time.perf_counter(), trainer.step
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, _scope("train loop"):
             while trainer.step < r.steps:
                 stats = trainer.train_step()
                 monitor.advance()
                 step = trainer.step
                 if step % r.log_every == 0 or step == r.steps:
-                    stats = distributed.mean_over_ranks({k: float(v) for k, v in stats.items()}, info)
-                    elapsed = time.perf_counter() - t0
-                    stats["img_per_s"] = images_per_step * (step - done0) / max(elapsed, 1e-9)
-                    stats.update(sigma_stats(trainer.G))
-                    stats.update({f"D_{k}": v for k, v in sigma_stats(trainer.D).items()})
-                    monitor.scalars(step, stats)
+                    with _scope("logging"):  # the one host sync of the loop's losses
+                        stats = distributed.mean_over_ranks(
+                            {k: float(v) for k, v in stats.items()}, info)
+                        elapsed = time.perf_counter() - t0
+                        stats["img_per_s"] = images_per_step * (step - done0) / max(elapsed, 1e-9)
+                        stats.update(sigma_stats(trainer.G))
+                        stats.update({f"D_{k}": v for k, v in sigma_stats(trainer.D).items()})
+                        monitor.scalars(step, stats)
                     t0, done0 = time.perf_counter(), step
                 if info.is_main and (step % r.image_every == 0 or step == r.steps):
-                    monitor.images(step, "reconstructions", trainer.reconstruction_grid(*fixed))
+                    with _scope("image grid"):
+                        monitor.images(step, "reconstructions", trainer.reconstruction_grid(*fixed))
                 if step % r.ckpt_every == 0:
-                    trainer.save()
+                    with _scope("checkpoint"):
+                        trainer.save()
                     last_saved = step
                 if distributed.any_rank(stop.raised, info):
                     break
