@@ -9,6 +9,7 @@ Implementations (each in its own process: FASTINV_BACKEND is read at import):
   torch-eager      torch's own layers (parametrized spectral norm, batch norm + linears)
   torch.compile    torch's layers, G and D under torch.compile
   fastinv          fastinv's layers and compiled kernels (C++ on CPU, CUDA on GPU)
+  fastinv+compile  the same, G and D under torch.compile around fastinv's ops (they trace)
 
 The data are in-memory random batches (decoding is not what this measures); the classifier is
 randomly initialised (its forward pass is part of every step, as in real training). A "step" is
@@ -32,6 +33,7 @@ IMPLS = {
     "torch-eager": ({}, "torch", False),
     "torch.compile": ({}, "torch", True),
     "fastinv": ({}, "fastinv", False),
+    "fastinv+compile": ({}, "fastinv", True),
 }
 CASES = {
     "cpu": ("demo-cpu", ["--random_init=true", "--num_classes=10"]),
