@@ -182,6 +182,20 @@ def test_phi_feature_d_reads_the_classifier_features_and_trains(tmp_path, synthe
         D(x.detach(), logits.detach())
 
 
+def test_phi_feature_d_auto_taps_the_deepest_map_d_can_take():
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.models.discriminator import trunk_sizes
+    from fastinv.train.gan import PhiFeatures
+
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4)  # 1 block/stage
+    assert trunk_sizes(32) == (16, 8)
+    phi = PhiFeatures(clf, "auto", 32, trunk_sizes(32))
+    assert phi.layer == "features.10"  # the last ReLU, 8x8, the map Φ max-pools
+    assert phi.shape(32, "cpu") == (4 * clf.net.width, 8)
+    with pytest.raises(ValueError, match="auto: no module"):
+        PhiFeatures(clf, "auto", 32, (3,))
+
+
 def test_phi_feature_d_errors_name_the_problem():
     with pytest.raises(ValueError, match="never has that size"):
         Discriminator(4, 16, 4, 0, phi_channels=8, phi_resolution=3)

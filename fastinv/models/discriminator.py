@@ -33,6 +33,16 @@ D_ARCH: dict[int, tuple[list[int], list[int], list[bool]]] = {
 }
 
 
+def trunk_sizes(resolution: int) -> tuple[int, ...]:
+    """The feature map sizes after each of D's blocks at ``resolution`` px (where Φ's features
+    can join the trunk)."""
+    sizes, res = [], resolution
+    for d in D_ARCH[resolution][2]:
+        res //= 2 if d else 1
+        sizes.append(res)
+    return tuple(dict.fromkeys(sizes))
+
+
 class DBlock(nn.Module):
     """(ReLU) -> conv3x3 -> ReLU -> conv3x3 -> (avgpool), plus a 1x1 shortcut when needed."""
 

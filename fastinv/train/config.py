@@ -63,8 +63,9 @@ class ModelConfig:
     # D's pooling of its last feature map: "sum" (BigGAN) grows D's outputs with the map's
     # area (8x8 at 32 px: |D| of 20-45 at init, a saturated hinge); "mean" keeps them O(1).
     d_pool: str = "sum"
-    # "Φ-feature D": the name of a module inside Φ (e.g. "features.13" of the demo's SmallCNN)
-    # whose output D also reads, at the trunk resolution that matches it; "" = off (the paper)
+    # "Φ-feature D": the name of a module inside Φ (e.g. "features.19" of the demo's SmallCNN)
+    # whose output D also reads, at the trunk resolution that matches it; "auto" = Φ's deepest
+    # module with a map of one of D's trunk sizes; "" = off (the paper)
     d_phi_layer: str = ""
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6

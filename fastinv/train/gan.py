@@ -87,7 +87,13 @@ class PhiFeatures:
     """Φ's logits and the output of one of its modules (by name) from one forward pass: a
     forward hook keeps the module's output of the latest call."""
 
-    def __init__(self, classifier: Classifier, layer: str):
+    def __init__(self, classifier: Classifier, layer: str, resolution: int = 0,
+                 sizes: tuple[int, ...] = ()):
+        """``layer="auto"``: the last module whose output is a square map of one of ``sizes``
+        (D's trunk sizes) for a ``resolution`` px image, i.e. Φ's deepest usable features."""
+        if layer == "auto":
+            layer = self._auto_layer(classifier, resolution, sizes)
+        self.layer = layer
         try:
             module = classifier.net.get_submodule(layer)
         except AttributeError:
@@ -96,6 +102,33 @@ class PhiFeatures:
                              f"{classifier.name!r}; its modules include {names}") from None
         self.classifier, self._out = classifier, None
         module.register_forward_hook(self._keep)
+
+    @staticmethod
+    @torch.no_grad()
+    def _auto_layer(classifier: Classifier, resolution: int, sizes: tuple[int, ...]) -> str:
+        found: list[str] = []
+
+        def probe(name):
+            def hook(module, args, output):
+                if (torch.is_tensor(output) and output.dim() == 4
+                        and output.shape[2] == output.shape[3] and output.shape[2] in sizes):
+                    found.append(name)
+            return hook
+
+        handles = [m.register_forward_hook(probe(n)) for n, m in classifier.net.named_modules()
+                   if n and not list(m.children())]
+        try:
+            device = next(iter(classifier.buffers()), torch.zeros(())).device
+            classifier(classifier.prepare(torch.zeros(1, 3, resolution, resolution,
+                                                      device=device)))
+        finally:
+            for h in handles:
+                h.remove()
+        if not found:
+            raise ValueError(f"model.d_phi_layer=auto: no module of classifier "
+                             f"{classifier.name!r} gives a square map of size {sizes} at "
+                             f"{resolution} px; name one with --model.d_phi_layer=NAME")
+        return found[-1]
 
     def _keep(self, module, args, output):
         self._out = output
@@ -193,7 +226,10 @@ class InverterTrainer:
         if cfg.model.d_phi_layer:
             if cfg.optim.r1_gamma > 0:
                 raise ValueError("optim.r1_gamma with model.d_phi_layer is not supported yet")
-            self.phi = PhiFeatures(self.classifier, cfg.model.d_phi_layer)
+            from fastinv.models.discriminator import trunk_sizes
+
+            self.phi = PhiFeatures(self.classifier, cfg.model.d_phi_layer, cfg.data.resolution,
+                                   trunk_sizes(cfg.data.resolution))
             phi_shape = self.phi.shape(cfg.data.resolution, dev)
         torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
         with dev:  # built on the device: orthogonal init of BigGAN-128's weights is slow on CPU
