@@ -12,6 +12,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "cbn_math.h"
 #include "common.h"
 
 namespace fastinv {
@@ -69,35 +70,17 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& gain, const at:
   }
 }
 
-// ---- the normalise-and-affine and the fused ReLU (one place for both devices) ---------------
+// ---- the fused ReLU's mask for each dtype (the math: cbn_math.h, shared with the CPU loops) ---
 
-// v = (x - mean) * scale + shift, scale = invstd * gain, shift = bias. The forward's apply and
-// the backward's ReLU mask evaluate this one expression, so the mask sees the very value the
-// forward stored. ((x - mean) first: folding mean into the shift loses digits for a large mean.)
-template <typename A>
-C10_HOST_DEVICE inline A affine(A x, A mean, A scale, A shift) {
-  return (x - mean) * scale + shift;
-}
-
-// relu=True forward: max(v, 0), NaN kept (as torch.relu).
-template <typename A>
-C10_HOST_DEVICE inline A relu_of(A v) {
-  return v < A(0) ? A(0) : v;
-}
-
-// relu=True backward: dy passes where the *stored* output y (v rounded to T) is > 0, as torch's
-// ReLU backward (threshold_backward(dy, y, 0)) and the reference. A tiny positive v rounds to 0
-// in fp16/bf16 (round to nearest even: v <= half the smallest subnormal becomes 0), so v is
-// compared with that largest value that rounds to 0 instead of converting (keeps the CPU loops
-// vectorised). NaN never passes.
+// relu=True backward: dy passes where the stored output (v rounded to T) is > 0; see cbn_math.h.
 template <typename T, typename A>
 C10_HOST_DEVICE inline bool relu_passes(A v) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-    return v > A(0x1p-25f);  // smallest fp16 subnormal 2^-24
+    return relu_passes_fp16(v);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return v > A(0x1p-134f);  // smallest bf16 subnormal 2^-133
+    return relu_passes_bf16(v);
   } else {
-    return v > A(0);  // T == A: y is v
+    return relu_passes_exact(v);  // T == A: y is v
   }
 }
 

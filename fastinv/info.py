@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 
 import torch
@@ -33,6 +34,17 @@ def kernel_image_for(capability: tuple[int, int], archs: list[str]) -> str | Non
     if best_sass is not None:
         return best_sass
     return f"{best_ptx} (PTX, compiled by the driver)" if best_ptx is not None else None
+
+
+def cpu_capability_line(ext: dict) -> str:
+    """Which instruction set the CPU loops use, and why (the widest the CPU runs, or a cap)."""
+    used, best = ext.get("cpu_capability"), ext.get("cpu_capability_max")
+    if used is None:
+        return "instruction set not reported (an older build of fastinv._C)"
+    cap = os.environ.get("FASTINV_CPU_CAPABILITY", "").strip()
+    why = f"FASTINV_CPU_CAPABILITY={cap}" if cap else "the widest this CPU runs"
+    more = f"; this CPU runs up to {best}" if best != used else ""
+    return f"{used} ({why}{more}; FASTINV_CPU_CAPABILITY=default|avx2|avx512 caps it)"
 
 
 def collect() -> dict:
@@ -88,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             if ext["with_cuda"] and ext["cuda_archs"] else name
             for name, image in zip(info["gpus"], info["gpu_kernels"])]
     print(f"GPUs: {', '.join(gpus) if gpus else 'none visible'}; CPU threads: {info['cpu_threads']}")
+    if ext["loaded"]:
+        print(f"CPU kernels: {cpu_capability_line(ext)}")
     width = max(len(name) for name in info["ops"]) + 2
     print(f"{'op':<{width}}{'cpu':<12}{'cuda':<12}")
     for name, where in info["ops"].items():

@@ -28,6 +28,10 @@
 // and nothing cancels catastrophically (unlike E[x^2] - E[x]^2 around a large mean).
 // Every reduction has a fixed order that depends only on the shape: results do not depend
 // on the thread count.
+//
+// The loops over x live in cpu/loops_impl.h, compiled once per instruction set (baseline, AVX2,
+// AVX-512) and chosen at runtime (cpu/capability.cpp); this file holds the checks, allocation,
+// the split into parallel tasks and the O(C) set-up and merges.
 #include <ATen/ATen.h>  // host-only: the whole of ATen (the .cu files include only what they use)
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -42,89 +46,17 @@
 
 #include "common.h"
 #include "conditional_batch_norm.h"
+#include "cpu/dispatch.h"
 
 namespace fastinv {
 namespace {
 
 using namespace cbn;  // checks, layout rule, Dims
 
-// ---- inner loops --------------------------------------------------------------------------
+// ---- the passes: O(C) set-up and merges here, the loops over x in cpu/loops_impl.h --------------
 //
-// Reductions are `omp simd reduction` loops: that licenses the compiler to keep one partial
-// sum per vector lane (a fixed, shape-determined order), which plain C++ forbids without
-// -ffast-math. Runs longer than kChunk are cut so that fp32 partials never sum more than a
-// few thousand values before they are added into double.
-
-constexpr int64_t kChunk = 512;
-
-// Round-to-nearest-even float -> bf16 without the NaN branch c10's conversion has, so the
-// store loops vectorise. NaN stays NaN (quiet).
-inline c10::BFloat16 to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t bits = (f != f) ? 0x7FC0u : rounded;
-  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
-}
-
-template <typename scalar_t, typename acc_t>
-inline scalar_t store(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return to_bf16(static_cast<float>(v));
-  } else {
-    return static_cast<scalar_t>(v);
-  }
-}
-
-// sum(x - k) and sum((x - k)^2) over one contiguous run, added into s, q.
-template <typename scalar_t, typename acc_t>
-inline void shifted_sums(const scalar_t* __restrict p, int64_t n, acc_t k, double& s, double& q) {
-  for (int64_t b = 0; b < n; b += kChunk) {
-    const int64_t e = std::min(n, b + kChunk);
-    acc_t ts = 0, tq = 0;
-#pragma omp simd reduction(+ : ts, tq)
-    for (int64_t i = b; i < e; ++i) {
-      const acc_t d = static_cast<acc_t>(p[i]) - k;
-      ts += d;
-      tq += d * d;
-    }
-    s += ts;
-    q += tq;
-  }
-}
-
-// dy as the backward sees it: with the fused ReLU, 0 where the forward's output was not > 0
-// (recomputed from x: scale, shift are the forward's invstd * gain and bias).
-template <bool Relu, typename scalar_t, typename acc_t>
-inline acc_t masked_dy(scalar_t dy, acc_t x, acc_t mean, acc_t scale, acc_t shift) {
-  const acc_t g = static_cast<acc_t>(dy);
-  if constexpr (Relu) {
-    return relu_passes<scalar_t, acc_t>(affine(x, mean, scale, shift)) ? g : acc_t(0);
-  } else {
-    return g;
-  }
-}
-
-// sum(dy) and sum(dy * (x - mean)) over one contiguous run (dy masked when Relu).
-template <bool Relu, typename scalar_t, typename acc_t>
-inline std::pair<double, double> run_dot(const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                         int64_t n, acc_t mean, acc_t scale, acc_t shift) {
-  double s = 0, q = 0;
-  for (int64_t b = 0; b < n; b += kChunk) {
-    const int64_t e = std::min(n, b + kChunk);
-    acc_t ts = 0, tq = 0;
-#pragma omp simd reduction(+ : ts, tq)
-    for (int64_t i = b; i < e; ++i) {
-      const acc_t xv = static_cast<acc_t>(x[i]);
-      const acc_t g = masked_dy<Relu, scalar_t, acc_t>(dy[i], xv, mean, scale, shift);
-      ts += g;
-      tq += g * (xv - mean);
-    }
-    s += ts;
-    q += tq;
-  }
-  return {s, q};
-}
+// The loops come from the table the CPU and FASTINV_CPU_CAPABILITY chose (csrc/cpu/capability.cpp);
+// each parallel task hands its range of runs, rows or samples to one of them.
 
 // (mean, biased variance) from sums shifted by k over count values
 inline std::pair<double, double> finish_stats(double k, double s, double q, int64_t count) {
@@ -132,313 +64,106 @@ inline std::pair<double, double> finish_stats(double k, double s, double q, int6
   return {k + m, std::max(0.0, q / static_cast<double>(count) - m * m)};
 }
 
-// ---- NCHW: the N*C runs of H*W contiguous values ----------------------------------------------
-
-// Runs per parallel task: about 16K values, so small H*W does not make tiny tasks.
+// Runs per parallel task (NCHW): about 16K values, so small H*W does not make tiny tasks.
 inline int64_t run_grain(Dims d) { return std::max<int64_t>(1, 16384 / d.HW); }
 
-// Per-run shifted partial sums (shift: the channel's first value), merged per channel over
-// samples in order.
+template <typename scalar_t>
+cpu::CbnPass<cpu::raw_t<scalar_t>> pass_of(const scalar_t* x, Dims d) {
+  cpu::CbnPass<cpu::raw_t<scalar_t>> p;
+  p.N = d.N;
+  p.C = d.C;
+  p.HW = d.HW;
+  p.x = cpu::raw(x);
+  return p;
+}
+
+// Runs the loop over all items of its pass: NCHW runs; NHWC samples (stats, reduce) or rows.
+template <typename Pass>
+void run_pass(void (*loop)(const Pass&, int64_t, int64_t), const Pass& p, Dims d, bool nhwc, bool per_sample) {
+  if (!nhwc) {
+    at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t b, int64_t e) { loop(p, b, e); });
+  } else if (per_sample) {
+    at::parallel_for(0, d.N, 1, [&](int64_t b, int64_t e) { loop(p, b, e); });
+  } else {
+    at::parallel_for(0, d.N * d.HW, 256, [&](int64_t b, int64_t e) { loop(p, b, e); });
+  }
+}
+
+// Statistics: per-(n, c) shifted partial sums (shift K: the channel's first value, which is
+// x[0, c] in either layout), merged per channel over samples in order.
 template <typename scalar_t, typename acc_t>
-void nchw_stats(const scalar_t* x, Dims d, double* mean, double* var) {
+void batch_stats(const scalar_t* x, Dims d, bool nhwc, acc_t* mean, acc_t* var) {
   std::vector<double> ps(d.N * d.C), pq(d.N * d.C);
   std::vector<acc_t> k(d.C);
-  for (int64_t c = 0; c < d.C; ++c) k[c] = static_cast<acc_t>(x[c * d.HW]);
-  at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      double s = 0, q = 0;
-      shifted_sums<scalar_t, acc_t>(x + r * d.HW, d.HW, k[r % d.C], s, q);
-      ps[r] = s;
-      pq[r] = q;
-    }
-  });
+  for (int64_t c = 0; c < d.C; ++c) k[c] = static_cast<acc_t>(x[nhwc ? c : c * d.HW]);
+  auto p = pass_of(x, d);
+  p.shift = k.data();
+  p.s = ps.data();
+  p.q = pq.data();
+  run_pass(cpu::loops_for<scalar_t>().cbn.stats[nhwc], p, d, nhwc, /*per_sample=*/true);
   for (int64_t c = 0; c < d.C; ++c) {
     double s = 0, q = 0;
     for (int64_t n = 0; n < d.N; ++n) {
       s += ps[n * d.C + c];
       q += pq[n * d.C + c];
     }
-    std::tie(mean[c], var[c]) = finish_stats(static_cast<double>(k[c]), s, q, d.N * d.HW);
+    const auto [m, v] = finish_stats(static_cast<double>(k[c]), s, q, d.N * d.HW);
+    mean[c] = static_cast<acc_t>(m);
+    var[c] = static_cast<acc_t>(v);
   }
 }
 
-template <bool Relu, typename scalar_t, typename acc_t>
-void nchw_apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, scalar_t* y, Dims d,
-                const acc_t* mean, const acc_t* invstd) {
-  at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {  // r = n * C + c, also the (N, C) index of gain/bias
-      const int64_t c = r % d.C;
-      const acc_t m = mean[c];
-      const acc_t scale = invstd[c] * static_cast<acc_t>(gain[r]);
-      const acc_t b = static_cast<acc_t>(bias[r]);
-      const scalar_t* __restrict xs = x + r * d.HW;
-      scalar_t* __restrict ys = y + r * d.HW;
-#pragma omp simd
-      for (int64_t i = 0; i < d.HW; ++i) {
-        const acc_t v = affine(static_cast<acc_t>(xs[i]), m, scale, b);
-        ys[i] = store<scalar_t, acc_t>(Relu ? relu_of(v) : v);
-      }
-    }
-  });
+// y = (x - mean) * invstd * gain + bias, with the fused ReLU when relu.
+template <typename scalar_t, typename acc_t>
+void apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, scalar_t* y, Dims d,
+           bool nhwc, const acc_t* mean, const acc_t* invstd, bool relu) {
+  auto p = pass_of(x, d);
+  p.gain = cpu::raw(gain);
+  p.bias = cpu::raw(bias);
+  p.out = cpu::raw(y);
+  p.mean = mean;
+  p.invstd = invstd;
+  run_pass(cpu::loops_for<scalar_t>().cbn.apply[nhwc][relu], p, d, nhwc, /*per_sample=*/false);
 }
 
-// Per-(n, c) sums: gb[n,c] = sum dy, gg[n,c] = invstd * sum dy (x - mean). Relu: dy masked
-// by the forward's output (gain, bias: the forward's; unused otherwise).
-template <bool Relu, typename scalar_t, typename acc_t, typename out_t>
-void nchw_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
-                 Dims d, const acc_t* mean, const acc_t* invstd, out_t* gg, out_t* gb) {
-  at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r % d.C;
-      const acc_t scale = Relu ? invstd[c] * static_cast<acc_t>(gain[r]) : acc_t(0);
-      const acc_t shift = Relu ? static_cast<acc_t>(bias[r]) : acc_t(0);
-      const auto [s, q] = run_dot<Relu, scalar_t, acc_t>(dy + r * d.HW, x + r * d.HW, d.HW, mean[c], scale,
-                                                         shift);
-      gb[r] = static_cast<out_t>(s);
-      gg[r] = static_cast<out_t>(q * static_cast<double>(invstd[c]));
-    }
-  });
+// gb[n,c] = sum_hw dy, gg[n,c] = invstd[c] * sum_hw dy (x - mean). relu_bias != nullptr: the
+// fused ReLU's backward, dy masked where the forward's output (recomputed from x, mean, invstd,
+// gain and this bias) was not > 0.
+template <typename scalar_t, typename acc_t>
+void reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* relu_bias,
+            Dims d, bool nhwc, const acc_t* mean, const acc_t* invstd, acc_t* gg, acc_t* gb) {
+  auto p = pass_of(x, d);
+  p.dy = cpu::raw(dy);
+  p.gain = cpu::raw(gain);
+  p.bias = cpu::raw(relu_bias);
+  p.mean = mean;
+  p.invstd = invstd;
+  p.gg = gg;
+  p.gb = gb;
+  run_pass(cpu::loops_for<scalar_t>().cbn.reduce[nhwc][relu_bias != nullptr], p, d, nhwc, /*per_sample=*/true);
 }
 
 // grad_x = invstd*gain*dy - invstd*A/M - (x - mean)*invstd^2*B/M   (A = B = 0 in eval; dy
-// masked by the forward's output when Relu, bias unused otherwise)
-template <bool Relu, typename scalar_t, typename acc_t>
-void nchw_elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
-                scalar_t* dx, Dims d, const acc_t* mean, const acc_t* invstd, const double* A,
-                const double* B, double M) {
-  at::parallel_for(0, d.N * d.C, run_grain(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r % d.C;
-      const acc_t m = mean[c];
-      const acc_t c0 = static_cast<acc_t>(-static_cast<double>(invstd[c]) * A[c] / M);
-      const acc_t c2 = static_cast<acc_t>(-static_cast<double>(invstd[c]) * invstd[c] * B[c] / M);
-      const acc_t c1 = invstd[c] * static_cast<acc_t>(gain[r]);  // also the forward's scale
-      const acc_t shift = Relu ? static_cast<acc_t>(bias[r]) : acc_t(0);
-      const scalar_t* __restrict xs = x + r * d.HW;
-      const scalar_t* __restrict gs = dy + r * d.HW;
-      scalar_t* __restrict out = dx + r * d.HW;
-#pragma omp simd
-      for (int64_t i = 0; i < d.HW; ++i) {
-        const acc_t xv = static_cast<acc_t>(xs[i]);
-        const acc_t g = masked_dy<Relu, scalar_t, acc_t>(gs[i], xv, m, c1, shift);
-        out[i] = store<scalar_t, acc_t>(c1 * g + c2 * (xv - m) + c0);
-      }
-    }
-  });
-}
-
-// ---- NHWC building blocks -------------------------------------------------------------------
-
-// Per-sample shifted partial sums (shift: row 0 of the batch), merged in sample order.
+// masked by the forward's output when relu_bias != nullptr)
 template <typename scalar_t, typename acc_t>
-void nhwc_stats(const scalar_t* x, Dims d, double* mean, double* var) {
-  std::vector<double> ps(d.N * d.C), pq(d.N * d.C);
-  std::vector<acc_t> k(d.C);
-  for (int64_t c = 0; c < d.C; ++c) k[c] = static_cast<acc_t>(x[c]);
-  at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<acc_t> ls(d.C), lq(d.C);
-    for (int64_t n = n0; n < n1; ++n) {
-      double* s = ps.data() + n * d.C;
-      double* q = pq.data() + n * d.C;
-      const scalar_t* xn = x + n * d.HW * d.C;
-      for (int64_t r0 = 0; r0 < d.HW; r0 += 512) {  // fp32 row sums flushed every 512 rows
-        std::fill(ls.begin(), ls.end(), acc_t(0));
-        std::fill(lq.begin(), lq.end(), acc_t(0));
-        const int64_t r1 = std::min(d.HW, r0 + 512);
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = xn + r * d.C;
-#pragma omp simd
-          for (int64_t c = 0; c < d.C; ++c) {
-            const acc_t v = static_cast<acc_t>(row[c]) - k[c];
-            ls[c] += v;
-            lq[c] += v * v;
-          }
-        }
-        for (int64_t c = 0; c < d.C; ++c) {
-          s[c] += ls[c];
-          q[c] += lq[c];
-        }
-      }
-    }
-  });
-  const double count = static_cast<double>(d.N * d.HW);
-  for (int64_t c = 0; c < d.C; ++c) {
-    double s = 0, q = 0;
-    for (int64_t n = 0; n < d.N; ++n) {
-      s += ps[n * d.C + c];
-      q += pq[n * d.C + c];
-    }
-    const double m = s / count;
-    mean[c] = static_cast<double>(k[c]) + m;
-    var[c] = std::max(0.0, q / count - m * m);
-  }
-}
-
-template <bool Relu, typename scalar_t, typename acc_t>
-void nhwc_apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, scalar_t* y, Dims d,
-                const acc_t* mean, const acc_t* invstd) {
-  at::parallel_for(0, d.N * d.HW, 256, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> scale(d.C), shift(d.C);
-    int64_t cur = -1;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / d.HW;
-      if (n != cur) {
-        cur = n;
-        for (int64_t c = 0; c < d.C; ++c) {
-          scale[c] = invstd[c] * static_cast<acc_t>(gain[n * d.C + c]);
-          shift[c] = static_cast<acc_t>(bias[n * d.C + c]);
-        }
-      }
-      const scalar_t* xr = x + r * d.C;
-      scalar_t* yr = y + r * d.C;
-#pragma omp simd
-      for (int64_t c = 0; c < d.C; ++c) {
-        const acc_t v = affine(static_cast<acc_t>(xr[c]), mean[c], scale[c], shift[c]);
-        yr[c] = store<scalar_t, acc_t>(Relu ? relu_of(v) : v);
-      }
-    }
-  });
-}
-
-// gb[n,c] = sum_hw dy, gg[n,c] = invstd[c] * sum_hw dy (x - mean), per sample in parallel
-// (dy masked by the forward's output when Relu; gain, bias unused otherwise).
-template <bool Relu, typename scalar_t, typename acc_t, typename out_t>
-void nhwc_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
-                 Dims d, const acc_t* mean, const acc_t* invstd, out_t* gg, out_t* gb) {
-  at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<acc_t> ls(d.C), lq(d.C), scale(d.C), shift(d.C);
-    std::vector<double> s(d.C), q(d.C);
-    for (int64_t n = n0; n < n1; ++n) {
-      std::fill(s.begin(), s.end(), 0.0);
-      std::fill(q.begin(), q.end(), 0.0);
-      if constexpr (Relu) {
-        for (int64_t c = 0; c < d.C; ++c) {
-          scale[c] = invstd[c] * static_cast<acc_t>(gain[n * d.C + c]);
-          shift[c] = static_cast<acc_t>(bias[n * d.C + c]);
-        }
-      }
-      for (int64_t r0 = 0; r0 < d.HW; r0 += 512) {
-        std::fill(ls.begin(), ls.end(), acc_t(0));
-        std::fill(lq.begin(), lq.end(), acc_t(0));
-        const int64_t r1 = std::min(d.HW, r0 + 512);
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* xr = x + (n * d.HW + r) * d.C;
-          const scalar_t* gr = dy + (n * d.HW + r) * d.C;
-#pragma omp simd
-          for (int64_t c = 0; c < d.C; ++c) {
-            const acc_t xv = static_cast<acc_t>(xr[c]);
-            const acc_t g = masked_dy<Relu, scalar_t, acc_t>(gr[c], xv, mean[c], scale[c], shift[c]);
-            ls[c] += g;
-            lq[c] += g * (xv - mean[c]);
-          }
-        }
-        for (int64_t c = 0; c < d.C; ++c) {
-          s[c] += ls[c];
-          q[c] += lq[c];
-        }
-      }
-      for (int64_t c = 0; c < d.C; ++c) {
-        gb[n * d.C + c] = static_cast<out_t>(s[c]);
-        gg[n * d.C + c] = static_cast<out_t>(q[c] * static_cast<double>(invstd[c]));
-      }
-    }
-  });
-}
-
-template <bool Relu, typename scalar_t, typename acc_t>
-void nhwc_elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* bias,
-                scalar_t* dx, Dims d, const acc_t* mean, const acc_t* invstd, const double* A,
-                const double* B, double M) {
+void elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* relu_bias,
+           scalar_t* dx, Dims d, bool nhwc, const acc_t* mean, const acc_t* invstd, const double* A,
+           const double* B, double M) {
   std::vector<acc_t> c0(d.C), c2(d.C);
   for (int64_t c = 0; c < d.C; ++c) {
     c0[c] = static_cast<acc_t>(-static_cast<double>(invstd[c]) * A[c] / M);
     c2[c] = static_cast<acc_t>(-static_cast<double>(invstd[c]) * invstd[c] * B[c] / M);
   }
-  at::parallel_for(0, d.N * d.HW, 256, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> c1(d.C), shift(d.C);  // c1: also the forward's scale
-    int64_t cur = -1;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / d.HW;
-      if (n != cur) {
-        cur = n;
-        for (int64_t c = 0; c < d.C; ++c) {
-          c1[c] = invstd[c] * static_cast<acc_t>(gain[n * d.C + c]);
-          if constexpr (Relu) shift[c] = static_cast<acc_t>(bias[n * d.C + c]);
-        }
-      }
-      const scalar_t* xr = x + r * d.C;
-      const scalar_t* gr = dy + r * d.C;
-      scalar_t* out = dx + r * d.C;
-#pragma omp simd
-      for (int64_t c = 0; c < d.C; ++c) {
-        const acc_t xv = static_cast<acc_t>(xr[c]);
-        const acc_t g = masked_dy<Relu, scalar_t, acc_t>(gr[c], xv, mean[c], c1[c], shift[c]);
-        out[c] = store<scalar_t, acc_t>(c1[c] * g + c2[c] * (xv - mean[c]) + c0[c]);
-      }
-    }
-  });
-}
-
-// ---- one entry per pass, either layout ------------------------------------------------------
-
-template <typename scalar_t, typename acc_t>
-void batch_stats(const scalar_t* x, Dims d, bool nhwc, acc_t* mean, acc_t* var) {
-  std::vector<double> m(d.C), v(d.C);
-  if (nhwc) {
-    nhwc_stats<scalar_t, acc_t>(x, d, m.data(), v.data());
-  } else {
-    nchw_stats<scalar_t, acc_t>(x, d, m.data(), v.data());
-  }
-  for (int64_t c = 0; c < d.C; ++c) {
-    mean[c] = static_cast<acc_t>(m[c]);
-    var[c] = static_cast<acc_t>(v[c]);
-  }
-}
-
-// The fused ReLU is a template flag (the loops stay branch-free and vectorised), chosen here.
-template <typename scalar_t, typename acc_t>
-void apply(const scalar_t* x, const scalar_t* gain, const scalar_t* bias, scalar_t* y, Dims d,
-           bool nhwc, const acc_t* mean, const acc_t* invstd, bool relu) {
-  auto run = [&](auto relu_flag) {
-    constexpr bool R = decltype(relu_flag)::value;
-    if (nhwc) {
-      nhwc_apply<R, scalar_t, acc_t>(x, gain, bias, y, d, mean, invstd);
-    } else {
-      nchw_apply<R, scalar_t, acc_t>(x, gain, bias, y, d, mean, invstd);
-    }
-  };
-  relu ? run(std::true_type{}) : run(std::false_type{});
-}
-
-// relu_bias != nullptr: the fused ReLU's backward, dy masked where the forward's output
-// (recomputed from x, mean, invstd, gain and this bias) was not > 0.
-template <typename scalar_t, typename acc_t>
-void reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* relu_bias,
-            Dims d, bool nhwc, const acc_t* mean, const acc_t* invstd, acc_t* gg, acc_t* gb) {
-  auto run = [&](auto relu_flag) {
-    constexpr bool R = decltype(relu_flag)::value;
-    if (nhwc) {
-      nhwc_reduce<R, scalar_t, acc_t, acc_t>(dy, x, gain, relu_bias, d, mean, invstd, gg, gb);
-    } else {
-      nchw_reduce<R, scalar_t, acc_t, acc_t>(dy, x, gain, relu_bias, d, mean, invstd, gg, gb);
-    }
-  };
-  relu_bias != nullptr ? run(std::true_type{}) : run(std::false_type{});
-}
-
-template <typename scalar_t, typename acc_t>
-void elemt(const scalar_t* dy, const scalar_t* x, const scalar_t* gain, const scalar_t* relu_bias,
-           scalar_t* dx, Dims d, bool nhwc, const acc_t* mean, const acc_t* invstd, const double* A,
-           const double* B, double M) {
-  auto run = [&](auto relu_flag) {
-    constexpr bool R = decltype(relu_flag)::value;
-    if (nhwc) {
-      nhwc_elemt<R, scalar_t, acc_t>(dy, x, gain, relu_bias, dx, d, mean, invstd, A, B, M);
-    } else {
-      nchw_elemt<R, scalar_t, acc_t>(dy, x, gain, relu_bias, dx, d, mean, invstd, A, B, M);
-    }
-  };
-  relu_bias != nullptr ? run(std::true_type{}) : run(std::false_type{});
+  auto p = pass_of(x, d);
+  p.dy = cpu::raw(dy);
+  p.gain = cpu::raw(gain);
+  p.bias = cpu::raw(relu_bias);
+  p.out = cpu::raw(dx);
+  p.mean = mean;
+  p.invstd = invstd;
+  p.c0 = c0.data();
+  p.c2 = c2.data();
+  run_pass(cpu::loops_for<scalar_t>().cbn.elemt[nhwc][relu_bias != nullptr], p, d, nhwc, /*per_sample=*/false);
 }
 
 at::Tensor per_channel(const at::Tensor& x, at::IntArrayRef shape) {

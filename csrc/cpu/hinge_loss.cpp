@@ -6,7 +6,8 @@
 // Forward: one pass over each input. The data is cut into chunks of a fixed size (not one per
 // thread), each chunk summed with 16 independent accumulators (vectorised by the compiler),
 // and the chunk sums added in chunk order: the result does not depend on the thread count.
-// Backward: one fused elementwise pass writing both gradients.
+// Backward: one fused elementwise pass writing both gradients. The loops themselves are in
+// cpu/loops_impl.h, compiled per instruction set and chosen at runtime (cpu/capability.cpp).
 #include <ATen/ATen.h>  // host-only: the whole of ATen (the .cu files include only what they use)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,45 +18,27 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/dispatch.h"
 #include "hinge_loss.h"
 
 namespace fastinv {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
-constexpr int kLanes = 16;
 
-// relu(t) that lets NaN through, as torch.relu does (NaN < 0 is false). Written so that the
-// compiler emits a select (maxps), not a branch: on random data a branch mispredicts half
-// the time.
-template <typename T>
-inline T relu_nan(T t) { return std::max(t, T(0)); }  // (t < 0) ? 0 : t
-
-// sum over x of relu(1 + sign * x) (HINGE) or of x (linear), accumulated in acc_t.
+// sum over x of relu(1 + sign * x) (HINGE) or of x (linear): each chunk summed by the chosen
+// table's loop (16 lanes, cpu/loops_impl.h), the chunk sums added in chunk order.
 template <typename scalar_t, typename acc_t, bool HINGE>
 double chunked_sum(const scalar_t* x, int64_t n, acc_t sign) {
+  const auto sum = cpu::loops_for<scalar_t>().hinge.sum[HINGE];
+  const auto* rx = cpu::raw(x);
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(nchunks, 0.0);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * kChunk;
       const int64_t end = std::min(n, begin + kChunk);
-      acc_t lane[kLanes] = {};
-      int64_t i = begin;
-      for (; i + kLanes <= end; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-          const acc_t v = static_cast<acc_t>(x[i + j]);
-          lane[j] += HINGE ? relu_nan<acc_t>(acc_t(1) + sign * v) : v;
-        }
-      }
-      acc_t tail = 0;
-      for (; i < end; ++i) {
-        const acc_t v = static_cast<acc_t>(x[i]);
-        tail += HINGE ? relu_nan<acc_t>(acc_t(1) + sign * v) : v;
-      }
-      acc_t s = tail;
-      for (int j = 0; j < kLanes; ++j) s += lane[j];
-      partial[c] = static_cast<double>(s);
+      partial[c] = sum(rx + begin, end - begin, sign);
     }
   });
   double total = 0.0;
@@ -106,23 +89,17 @@ std::tuple<at::Tensor, at::Tensor> hinge_loss_d_backward_cpu(const at::Tensor& g
     const acc_t scale_f = static_cast<acc_t>(g / static_cast<double>(f.numel()));
     const int64_t nr = r.numel();
     const int64_t n = nr + f.numel();
-    const scalar_t* pr = r.const_data_ptr<scalar_t>();
-    const scalar_t* pf = f.const_data_ptr<scalar_t>();
-    scalar_t* qr = gr.mutable_data_ptr<scalar_t>();
-    scalar_t* qf = gf.mutable_data_ptr<scalar_t>();
+    const auto grad_of = cpu::loops_for<scalar_t>().hinge.grad;
+    const auto* pr = cpu::raw(r.const_data_ptr<scalar_t>());
+    const auto* pf = cpu::raw(f.const_data_ptr<scalar_t>());
+    auto* qr = cpu::raw(gr.mutable_data_ptr<scalar_t>());
+    auto* qf = cpu::raw(gf.mutable_data_ptr<scalar_t>());
     at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) {
       // One index space over both tensors, so a small d_real and a large d_fake share threads.
       const int64_t r_end = std::min(e, nr);
-      for (int64_t i = b; i < r_end; ++i) {
-        const acc_t t = acc_t(1) - static_cast<acc_t>(pr[i]);
-        qr[i] = static_cast<scalar_t>(scale_r * static_cast<acc_t>(!(t <= acc_t(0))));
-      }
-      const scalar_t* pf_shift = pf - nr;
-      scalar_t* qf_shift = qf - nr;
-      for (int64_t i = std::max(b, nr); i < e; ++i) {
-        const acc_t t = acc_t(1) + static_cast<acc_t>(pf_shift[i]);
-        qf_shift[i] = static_cast<scalar_t>(scale_f * static_cast<acc_t>(!(t <= acc_t(0))));
-      }
+      if (b < r_end) grad_of(pr + b, qr + b, r_end - b, acc_t(-1), scale_r);  // 1 - d_real
+      const int64_t f_begin = std::max(b, nr);
+      if (f_begin < e) grad_of(pf + (f_begin - nr), qf + (f_begin - nr), e - f_begin, acc_t(1), scale_f);
     });
   });
   return {gr.view(d_real.sizes()), gf.view(d_fake.sizes())};

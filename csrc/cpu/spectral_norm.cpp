@@ -11,6 +11,9 @@
 // the thread count. Accumulation in float (double for double weights).
 //
 // Backward: c = (Σ g∘W) / σ² per weight (chunked partial dots), then dW = g / σ - c u vᵀ.
+//
+// The loops over W and its gradient (cpu/loops_impl.h) are compiled per instruction set and
+// chosen at runtime (cpu/capability.cpp); the O(rows + cols) vector work stays here.
 #include <ATen/ATen.h>  // host-only: the whole of ATen (the .cu files include only what they use)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,6 +25,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/dispatch.h"
 #include "spectral_norm.h"
 
 namespace fastinv {
@@ -34,7 +38,8 @@ constexpr int64_t kMinRowsPerItem = 8;   // partial Wᵀt sums cost at most 1/8 
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// sum_c a[c] * b[c] with kLanes independent accumulators (vectorised without -ffast-math).
+// sum_c a[c] * b[c] with kLanes independent accumulators (vectorised without -ffast-math), for
+// the acc_t vectors here; the loops over W: cpu/loops_impl.h.
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const scalar_t* a, const acc_t* b, int64_t n) {
   acc_t lane[kLanes] = {};
@@ -44,19 +49,6 @@ inline acc_t dot(const scalar_t* a, const acc_t* b, int64_t n) {
   }
   acc_t s = 0;
   for (; c < n; ++c) s += static_cast<acc_t>(a[c]) * b[c];
-  for (int j = 0; j < kLanes; ++j) s += lane[j];
-  return s;
-}
-
-template <typename scalar_t, typename acc_t>
-inline acc_t dot_same(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(a[c + j]) * static_cast<acc_t>(b[c + j]);
-  }
-  acc_t s = 0;
-  for (; c < n; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
   for (int j = 0; j < kLanes; ++j) s += lane[j];
   return s;
 }
@@ -128,19 +120,10 @@ spectral_norm_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, 
     acc_t* sig = sigma.mutable_data_ptr<acc_t>();
     const acc_t e = static_cast<acc_t>(eps);
 
+    const cpu::SnLoops<cpu::raw_t<scalar_t>>& L = cpu::loops_for<scalar_t>().sn;
     // t_r = W_r · v for rows [r0, r1); with s, also s += t_r W_r (the row is still in L1)
     auto row_pass = [&](int64_t k, int64_t r0, int64_t r1, acc_t* s) {
-      const int64_t C = cols[k];
-      const acc_t* v = vp[k];
-      if (s != nullptr) std::fill(s, s + C, acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = wp[k] + r * C;
-        const acc_t tr = dot<scalar_t, acc_t>(row, v, C);
-        t[t_off[k] + r] = tr;
-        if (s != nullptr) {
-          for (int64_t c = 0; c < C; ++c) s[c] += tr * static_cast<acc_t>(row[c]);
-        }
-      }
+      L.rows(cpu::raw(wp[k]), r0, r1, cols[k], vp[k], t.data() + t_off[k], s);
     };
     // after the row passes of one iteration: Wᵀt = Σ partials (chunk order), then u, v, σ
     auto finish_iteration = [&](int64_t k) {
@@ -164,10 +147,7 @@ spectral_norm_cpu(at::TensorList weights, at::TensorList us, at::TensorList vs, 
     // |σ| < eps becomes eps, so that an all-zero weight gives 0, not 0/0 (torch gives NaN)
     auto guard = [&](int64_t k) { sig[k] = std::abs(sig[k]) < e ? e : sig[k]; };
     auto scale = [&](int64_t k, int64_t e0, int64_t e1) {
-      const scalar_t* w = wp[k];
-      scalar_t* o = out[k].mutable_data_ptr<scalar_t>();
-      const acc_t s = sig[k];
-      for (int64_t j = e0; j < e1; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(w[j]) / s);
+      L.scale(cpu::raw(wp[k]) + e0, cpu::raw(out[k].mutable_data_ptr<scalar_t>()) + e0, e1 - e0, sig[k]);
     };
 
     // Small weights: everything in one item while the weight is in cache (one read from memory).
@@ -237,6 +217,7 @@ std::vector<at::Tensor> spectral_norm_backward_cpu(at::TensorList grads, at::Ten
   const at::Tensor sig_t = sigma.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W[0].scalar_type(), "spectral_norm_backward_cpu", [&] {
     using acc_t = acc_type_t<scalar_t>;
+    const cpu::SnLoops<cpu::raw_t<scalar_t>>& L = cpu::loops_for<scalar_t>().sn;
     const acc_t* sig = sig_t.const_data_ptr<acc_t>();
     const std::vector<ElemItem> items = elem_items(W);
     const int64_t n_items = static_cast<int64_t>(items.size());
@@ -255,20 +236,15 @@ std::vector<at::Tensor> spectral_norm_backward_cpu(at::TensorList grads, at::Ten
       // walk the item's elements row by row so the inner loop has no division
       for (int64_t e = it.e0; e < it.e1;) {
         const int64_t r = e / C, c0 = e - r * C, c1 = std::min(C, c0 + (it.e1 - e));
-        const acc_t a = c * u[r];
-        const scalar_t* gr = g + r * C;
-        scalar_t* dr = d + r * C;
-        for (int64_t col = c0; col < c1; ++col) {
-          dr[col] = static_cast<scalar_t>(static_cast<acc_t>(gr[col]) / s - a * v[col]);
-        }
+        L.grad(cpu::raw(g) + r * C + c0, v + c0, cpu::raw(d) + r * C + c0, c1 - c0, s, c * u[r]);
         e += c1 - c0;
       }
     };
     at::parallel_for(0, n_items, 1, [&](int64_t b, int64_t end) {
       for (int64_t i = b; i < end; ++i) {
         const ElemItem& it = items[i];
-        pdot[i] = dot_same<scalar_t, acc_t>(G[it.k].const_data_ptr<scalar_t>() + it.e0,
-                                            W[it.k].const_data_ptr<scalar_t>() + it.e0, it.e1 - it.e0);
+        pdot[i] = L.dot(cpu::raw(G[it.k].const_data_ptr<scalar_t>()) + it.e0,
+                        cpu::raw(W[it.k].const_data_ptr<scalar_t>()) + it.e0, it.e1 - it.e0);
         if (whole[i]) {
           coef[it.k] = pdot[i] / (sig[it.k] * sig[it.k]);
           write(it);

@@ -44,6 +44,10 @@ def load_extension() -> bool:
         return False
     try:
         from fastinv import _C  # noqa: F401  (import registers the kernels)
+    except ValueError:
+        # A bad setting, not a broken build (an unknown FASTINV_CPU_CAPABILITY, say): the user
+        # asked for something specific, so running the reference instead would hide the typo.
+        raise
     except Exception as exc:  # ImportError, undefined symbols, a torch ABI mismatch ...
         _extension_state["error"] = f"{type(exc).__name__}: {exc}"
         warnings.warn(
@@ -66,6 +70,10 @@ def extension_status() -> dict[str, object]:
         "with_cuda": bool(getattr(module, "with_cuda", 0)) if module is not None else False,
         # GPU targets compiled in: "sm_90" machine code, "compute_120" PTX (setup.py records them)
         "cuda_archs": str(getattr(module, "cuda_archs", "")).split() if module is not None else [],
+        # the instruction set of the CPU loops (csrc/cpu/capability.cpp): "default", "avx2" or
+        # "avx512"; FASTINV_CPU_CAPABILITY caps it. cpu_capability_max: the widest this CPU runs.
+        "cpu_capability": getattr(module, "cpu_capability", None) if module is not None else None,
+        "cpu_capability_max": getattr(module, "cpu_capability_max", None) if module is not None else None,
         "reason": _extension_state["error"],
     }
 
