@@ -43,7 +43,7 @@ def _check(capability: str, tmp_path_factory) -> tuple[dict, dict]:
         run = _python(["-m", "tests.cpu_capability_check", str(path)], capability)
         assert run.returncode == 0, run.stderr[-3000:]
         report = json.loads(run.stdout.strip().splitlines()[-1])
-        _CHECKS[capability] = report, torch.load(path)
+        _CHECKS[capability] = report, torch.load(path, weights_only=True)
     return _CHECKS[capability]
 
 
