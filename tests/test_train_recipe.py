@@ -207,3 +207,68 @@ def test_phi_feature_d_errors_name_the_problem():
         PhiFeatures(clf, "features.99")
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         PhiFeatures(clf, "fc")(torch.zeros(1, 3, 16, 16))
+
+
+def test_phi_feature_statistics_auto_taps_one_map_per_size():
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.feature_stats import PhiStats
+
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4)  # 1 block/stage
+    stats = PhiStats(clf, "auto", 32)
+    # the last module of each size: the 32, 16 and 8 px ReLUs (the max pools open new sizes)
+    assert stats.layers == ["features.2", "features.6", "features.10"]
+    w = clf.net.width
+    out = stats(torch.rand(5, 3, 32, 32) * 2 - 1)
+    assert [tuple(s.shape) for s in out] == [(5, 2 * w), (5, 4 * w), (5, 8 * w)]
+
+
+def test_channel_stats_are_each_channels_mean_and_std_and_ignore_position():
+    from fastinv.train.feature_stats import channel_stats, stats_loss
+
+    feat = torch.zeros(2, 3, 4, 4)
+    feat[0, 1, 0, 0] = 4.0  # one hot pixel: mean 4/16, std sqrt(16/16 - 1/16)
+    s = channel_stats(feat)
+    assert s.shape == (2, 6)
+    assert s[0, 1].item() == pytest.approx(0.25)
+    assert s[0, 3 + 1].item() == pytest.approx(math.sqrt(1 - 1 / 16), rel=1e-4)
+    assert s[1].abs().max().item() < 1e-2  # all-zero map: mean 0, std sqrt(eps)
+    moved = torch.roll(feat, shifts=(2, 3), dims=(2, 3))  # the same content elsewhere
+    assert torch.allclose(channel_stats(moved), s)
+    a, b = [torch.rand(4, 6)], [torch.rand(4, 6)]
+    assert stats_loss(a, a).item() == 0.0
+    assert stats_loss(a, b).item() > 0
+    # relative: scaling both sides by 100 leaves the loss as it was
+    assert stats_loss([100 * a[0]], [100 * b[0]]).item() == pytest.approx(stats_loss(a, b).item())
+    with pytest.raises(ValueError, match="same, non-zero"):
+        stats_loss(a, [])
+
+
+def test_phi_feature_statistics_hooks_only_record_their_own_calls():
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.feature_stats import PhiStats
+
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4)
+    stats = PhiStats(clf, "features.2,features.10", 16)
+    clf(clf.prepare(torch.zeros(2, 3, 16, 16)))  # Φ's other uses (the logits, D) leave no state
+    assert stats._out == {}
+    x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_()
+    sum(s.sum() for s in stats(x)).backward()
+    assert x.grad.abs().sum() > 0  # G's gradient flows through frozen Φ
+    with pytest.raises(ValueError, match="not a module"):
+        PhiStats(clf, "features.99", 16)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        PhiStats(clf, "fc", 16)(torch.zeros(1, 3, 16, 16))
+
+
+def test_phi_feature_statistics_trains_and_is_named(tmp_path, synthetic_data):
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=2", "--classifier.spec=fastinv:small_cnn",
+                               "--phi_stats_weight=2"])
+    run_dir = train_inverter(cfg)
+    values = _scalars(run_dir, "phi_stats")
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    assert inverter_options(cfg) == {"Φ feature statistics": 2.0}
+    with pytest.raises(ConfigError, match="phi_stats_weight"):
+        load_config("tiny", ["--phi_stats_weight=-1"])
+    with pytest.raises(ConfigError, match="phi_stats_layers"):
+        load_config("tiny", ["--phi_stats_layers= "])

@@ -93,6 +93,11 @@ class OptimConfig:
     # transforms (same policy names as diffaug), so G cannot satisfy Φ with a pattern that only
     # works at one alignment
     aux_augment: str = ""
+    # "Φ feature statistics" (fastinv/train/feature_stats.py): λ of the relative squared error
+    # between the per-channel spatial mean and std of Φ's feature maps on G(Φ(x), ε) and on x,
+    # at the layers named (comma-separated) or "auto" (the last map of each size in Φ)
+    phi_stats_weight: float = 0.0
+    phi_stats_layers: str = "auto"
     # R1 penalty on D at real images (fastinv/train/regularizers.py), lazy: γ·k every k-th D
     # step (StyleGAN2). 0 = off; single process only for now (not under torchrun)
     r1_gamma: float = 0.0
@@ -174,7 +179,7 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "R1": o.r1_gamma,
              "logit preprocessing": "" if m.logit_preprocess == "none" else m.logit_preprocess,
              "D pooling": "" if m.d_pool == "sum" else m.d_pool,
-             "Φ-feature D": m.d_phi_layer}
+             "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight}
     return {k: v for k, v in named.items() if v}
 
 
@@ -343,6 +348,8 @@ def validate(cfg: TrainConfig) -> None:
         except ValueError as exc:
             raise ConfigError(f"optim.{name}: {exc}") from None
     _require(o.recon_weight >= 0, "optim.recon_weight must be >= 0")
+    _require(o.phi_stats_weight >= 0, "optim.phi_stats_weight must be >= 0")
+    _require(bool(o.phi_stats_layers.strip()), "optim.phi_stats_layers must name layers or be auto")
     _require(o.r1_gamma >= 0 and o.r1_every >= 1, "optim.r1_gamma must be >= 0 and "
              "optim.r1_every >= 1")
     _require(o.g_lr > 0 and o.d_lr > 0, "optim.g_lr and optim.d_lr must be > 0")

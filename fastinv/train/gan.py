@@ -231,6 +231,12 @@ class InverterTrainer:
             self.phi = PhiFeatures(self.classifier, cfg.model.d_phi_layer, cfg.data.resolution,
                                    trunk_sizes(cfg.data.resolution))
             phi_shape = self.phi.shape(cfg.data.resolution, dev)
+        self.phi_stats = None
+        if cfg.optim.phi_stats_weight > 0:
+            from fastinv.train.feature_stats import PhiStats
+
+            self.phi_stats = PhiStats(self.classifier, cfg.optim.phi_stats_layers,
+                                      cfg.data.resolution)
         torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
         with dev:  # built on the device: orthogonal init of BigGAN-128's weights is slow on CPU
             self.G, self.D = build_models(cfg, self.classifier.num_classes, phi_shape)
@@ -368,6 +374,14 @@ class InverterTrainer:
                     rec = (fake.float() - x.float()).abs().mean()
                     stats["recon"] = stats.get("recon", 0.0) + rec.detach() / acc
                     loss = loss + o.recon_weight * rec
+                if self.phi_stats is not None:  # x is the image whose logits z are
+                    from fastinv.train.feature_stats import stats_loss
+
+                    with torch.no_grad():
+                        target = self.phi_stats(x)
+                    fs = stats_loss(self.phi_stats(fake), target)
+                    stats["phi_stats"] = stats.get("phi_stats", 0.0) + fs.detach() / acc
+                    loss = loss + o.phi_stats_weight * fs
                 if o.aux_logit_weight > 0:
                     # on the scale G and D see the logits on (affine: unit variance per logit)
                     pre = self.G.preprocess
