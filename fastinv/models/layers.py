@@ -178,7 +178,8 @@ class LogitPreprocess(nn.Module):
         self.scale.copy_(std.float().clamp_min(1e-3))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.float()
+        # 16-bit logits (autocast) are widened; a float64 model keeps float64
+        z = z if z.dtype == torch.float64 else z.float()
         if self.mode == "standardise":
             return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-6)
         if self.mode == "temperature":
