@@ -178,7 +178,7 @@ def test_phi_feature_d_reads_the_classifier_features_and_trains(tmp_path, synthe
     grads = [p.grad for p in D.phi_in.parameters()]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert x.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="pass phi="):
+    with pytest.raises(ValueError, match="pass them after the logits"):
         D(x.detach(), logits.detach())
 
 
@@ -272,3 +272,35 @@ def test_phi_feature_statistics_trains_and_is_named(tmp_path, synthetic_data):
         load_config("tiny", ["--phi_stats_weight=-1"])
     with pytest.raises(ConfigError, match="phi_stats_layers"):
         load_config("tiny", ["--phi_stats_layers= "])
+
+
+def test_phi_feature_d_reads_several_maps_and_loads_single_map_state():
+    """``d_phi_layer="a,b"``: one SN 1x1 conv per map, each joining after the trunk block of
+    its size; a D saved with one map (key ``phi_in.weight_orig``) still loads."""
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.gan import PhiFeatures
+
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4)  # 1 block/stage
+    phi = PhiFeatures(clf, "features.6,features.10")
+    shapes = phi.shapes(32, "cpu")
+    assert [s for _, s in shapes] == [16, 8] and phi.layer == "features.6"
+    chans, sizes = map(list, zip(*shapes))
+    torch.manual_seed(0)
+    D = Discriminator(4, 32, 4, 0, phi_channels=chans, phi_resolution=sizes)
+    assert len(D.phi_in) == 2 and D.phi_blocks == [0, 1]
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
+    logits, f16, f8 = phi(x)
+    out = D(x, logits, f16, f8)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in D.phi_in.parameters()
+               if p.requires_grad)
+    with pytest.raises(ValueError, match="reads 2 Φ feature map"):
+        D(x, logits, f16)
+    # the one-map layout from before several maps: phi_in.* -> phi_in.0.*
+    one = Discriminator(4, 32, 4, 0, phi_channels=chans[1], phi_resolution=sizes[1])
+    old = {k.replace("phi_in.0.", "phi_in."): v for k, v in one.state_dict().items()}
+    assert any(k.startswith("phi_in.weight") for k in old)
+    fresh = Discriminator(4, 32, 4, 0, phi_channels=chans[1], phi_resolution=sizes[1])
+    fresh.load_state_dict(old)
+    for k, v in one.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)

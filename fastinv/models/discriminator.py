@@ -115,37 +115,54 @@ class Discriminator(nn.Module):
         self.linear = layers.sn_linear(outs[-1] * ch, 1, sn_eps)
         self.embed = layers.sn_linear(num_classes, outs[-1] * ch, sn_eps, bias=False)
 
-    def _build_phi(self, channels: int, resolution: int, sn_eps: float) -> None:
-        self.phi_block = None  # index of the block after which Φ's features join the trunk
-        if channels <= 0:
+    def _build_phi(self, channels, resolution, sn_eps: float) -> None:
+        """One spectral-normed 1x1 conv per Φ map (``channels``/``resolution``: an int each for
+        one map, equal-length sequences for several), added after the block of that size."""
+        chans = [channels] if isinstance(channels, int) else list(channels)
+        sizes = [resolution] if isinstance(resolution, int) else list(resolution)
+        if len(chans) != len(sizes):
+            raise ValueError(f"phi_channels {chans} and phi_resolution {sizes} differ in length")
+        self.phi_blocks: list[int] = []  # index of the block after which each map joins
+        self.phi_in = nn.ModuleList()
+        if chans == [0]:
             return
         ins, outs, down = D_ARCH[self.resolution]
-        res = self.resolution
-        for i, d in enumerate(down):
-            res //= 2 if d else 1
-            if res == resolution:
-                self.phi_block = i
-                break
-        if self.phi_block is None:
-            raise ValueError(f"Φ's feature map is {resolution}x{resolution}, but D's trunk at "
-                             f"{self.resolution} px never has that size; tap another Φ layer")
-        self.phi_in = layers.sn_conv2d(channels, outs[self.phi_block] * self.config["ch"], 1, 0,
-                                       sn_eps)
+        for c, size in zip(chans, sizes):
+            block, res = None, self.resolution
+            for i, d in enumerate(down):
+                res //= 2 if d else 1
+                if res == size:
+                    block = i
+                    break
+            if block is None or c <= 0:
+                raise ValueError(f"Φ's feature map is {c} x {size}x{size}, but D's trunk at "
+                                 f"{self.resolution} px never has that size; tap another Φ layer")
+            self.phi_blocks.append(block)
+            self.phi_in.append(layers.sn_conv2d(c, outs[block] * self.config["ch"], 1, 0, sn_eps))
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor,
-                phi: torch.Tensor | None = None) -> torch.Tensor:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before several Φ maps held one conv at "phi_in." (now "phi_in.0.")
+        old = prefix + "phi_in."
+        for key in [k for k in state_dict if k.startswith(old) and not k[len(old)].isdigit()]:
+            state_dict[old + "0." + key[len(old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, *phi: torch.Tensor) -> torch.Tensor:
+        """``phi``: Φ's feature maps, one per map D was built to read, in that order."""
         if logits.dim() != 2 or logits.shape[1] != self.num_classes or logits.shape[0] != x.shape[0]:
             raise ValueError(f"Discriminator expects logits of shape ({x.shape[0]}, "
                              f"{self.num_classes}), got {tuple(logits.shape)}")
+        if len(phi) != len(self.phi_in):
+            raise ValueError(f"this Discriminator reads {len(self.phi_in)} Φ feature map(s): "
+                             f"pass them after the logits (got {len(phi)})")
         h = x
         for i, block in enumerate(self.blocks):
             h = block(h)
             if str(i) in self.attention:
                 h = self.attention[str(i)](h)
-            if i == self.phi_block:
-                if phi is None:
-                    raise ValueError("this Discriminator reads Φ's features: pass phi=")
-                h = h + self.phi_in(phi.to(h.dtype))
+            for k, b in enumerate(self.phi_blocks):
+                if b == i:
+                    h = h + self.phi_in[k](phi[k].to(h.dtype))
         h = torch.relu(h)
         h_area = h.shape[2] * h.shape[3]
         h = h.sum(dim=(2, 3))

@@ -71,7 +71,7 @@ class BatchStream:
 def build_models(cfg: TrainConfig, num_classes: int,
                  phi_shape: tuple[int, int] = (0, 0)) -> tuple[Generator, Discriminator]:
     """G and D of ``cfg``; ``phi_shape`` = (channels, size) of the Φ feature map D reads (the
-    Φ-feature D option), (0, 0) when off."""
+    Φ-feature D option; two equal-length lists for several maps), (0, 0) when off."""
     m, res = cfg.model, cfg.data.resolution
     common = dict(num_classes=num_classes, resolution=res,
                   attention_resolution=m.attention_resolution, logit_preprocess=m.logit_preprocess,
@@ -84,24 +84,29 @@ def build_models(cfg: TrainConfig, num_classes: int,
 
 
 class PhiFeatures:
-    """Φ's logits and the output of one of its modules (by name) from one forward pass: a
-    forward hook keeps the module's output of the latest call."""
+    """Φ's logits and the outputs of some of its modules (by name) from one forward pass:
+    forward hooks keep each module's output of the latest call."""
 
     def __init__(self, classifier: Classifier, layer: str, resolution: int = 0,
                  sizes: tuple[int, ...] = ()):
-        """``layer="auto"``: the last module whose output is a square map of one of ``sizes``
-        (D's trunk sizes) for a ``resolution`` px image, i.e. Φ's deepest usable features."""
+        """``layer``: a module name, several comma-separated, or ``"auto"``: the last module
+        whose output is a square map of one of ``sizes`` (D's trunk sizes) for a
+        ``resolution`` px image, i.e. Φ's deepest usable features."""
         if layer == "auto":
             layer = self._auto_layer(classifier, resolution, sizes)
-        self.layer = layer
-        try:
-            module = classifier.net.get_submodule(layer)
-        except AttributeError:
-            names = [n for n, _ in classifier.net.named_modules() if n][:40]
-            raise ValueError(f"model.d_phi_layer={layer!r} is not a module of classifier "
-                             f"{classifier.name!r}; its modules include {names}") from None
-        self.classifier, self._out = classifier, None
-        module.register_forward_hook(self._keep)
+        self.layers = [n.strip() for n in layer.split(",") if n.strip()]
+        if not self.layers:
+            raise ValueError("model.d_phi_layer names no module")
+        self.layer = self.layers[0]
+        self.classifier, self._out = classifier, {}
+        for name in self.layers:
+            try:
+                module = classifier.net.get_submodule(name)
+            except AttributeError:
+                names = [n for n, _ in classifier.net.named_modules() if n][:40]
+                raise ValueError(f"model.d_phi_layer={name!r} is not a module of classifier "
+                                 f"{classifier.name!r}; its modules include {names}") from None
+            module.register_forward_hook(self._keeper(name))
 
     @staticmethod
     @torch.no_grad()
@@ -130,25 +135,35 @@ class PhiFeatures:
                              f"{resolution} px; name one with --model.d_phi_layer=NAME")
         return found[-1]
 
-    def _keep(self, module, args, output):
-        self._out = output
+    def _keeper(self, name: str):
+        def hook(module, args, output):
+            self._out[name] = output
+        return hook
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] -> (Φ's logits, the tapped feature map)."""
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Images in [-1, 1] -> (Φ's logits, then each tapped feature map in order)."""
+        self._out = {}
         logits = self.classifier(self.classifier.prepare(images))
-        feat, self._out = self._out, None
-        if not torch.is_tensor(feat) or feat.dim() != 4:
-            raise ValueError("model.d_phi_layer must name a module whose output is a (N, C, H, "
-                             f"W) feature map, got {type(feat).__name__}")
-        return logits, feat
+        feats, self._out = [self._out.get(n) for n in self.layers], {}
+        for name, feat in zip(self.layers, feats):
+            if not torch.is_tensor(feat) or feat.dim() != 4:
+                raise ValueError(f"model.d_phi_layer {name!r} must name a module whose output "
+                                 f"is a (N, C, H, W) feature map, got {type(feat).__name__}")
+        return (logits, *feats)
 
     @torch.no_grad()
+    def shapes(self, resolution: int, device) -> list[tuple[int, int]]:
+        """(channels, size) of each tapped map for a ``resolution`` px image."""
+        feats = self(torch.zeros(1, 3, resolution, resolution, device=device))[1:]
+        for name, feat in zip(self.layers, feats):
+            if feat.shape[2] != feat.shape[3]:
+                raise ValueError(f"model.d_phi_layer {name!r} gives a non-square map "
+                                 f"{tuple(feat.shape)}")
+        return [(int(f.shape[1]), int(f.shape[2])) for f in feats]
+
     def shape(self, resolution: int, device) -> tuple[int, int]:
-        """(channels, size) of the tapped map for a ``resolution`` px image."""
-        _, feat = self(torch.zeros(1, 3, resolution, resolution, device=device))
-        if feat.shape[2] != feat.shape[3]:
-            raise ValueError(f"model.d_phi_layer gives a non-square map {tuple(feat.shape)}")
-        return int(feat.shape[1]), int(feat.shape[2])
+        """(channels, size) of the first tapped map."""
+        return self.shapes(resolution, device)[0]
 
 
 def _prepare_data(cfg: TrainConfig, run_dir: Path, clf: Classifier, info) -> Path:
@@ -230,7 +245,9 @@ class InverterTrainer:
 
             self.phi = PhiFeatures(self.classifier, cfg.model.d_phi_layer, cfg.data.resolution,
                                    trunk_sizes(cfg.data.resolution))
-            phi_shape = self.phi.shape(cfg.data.resolution, dev)
+            shapes = self.phi.shapes(cfg.data.resolution, dev)
+            # one map: plain ints, as checkpoints from before several maps store them
+            phi_shape = shapes[0] if len(shapes) == 1 else tuple(map(list, zip(*shapes)))
         self.phi_stats = None
         if cfg.optim.phi_stats_weight > 0:
             from fastinv.train.feature_stats import PhiStats
@@ -406,7 +423,7 @@ class InverterTrainer:
         if self.phi is None:
             return ()
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return (self.phi(images)[1],)
+            return self.phi(images)[1:]
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.augment, self.noise_gen) if self.augment else x
