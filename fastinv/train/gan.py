@@ -32,6 +32,7 @@ from fastinv.train import checkpoint, distributed
 from fastinv.train.augment import diff_augment, parse_policy
 from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA
+from fastinv.train.feature_stats import PhiStats, stats_loss
 from fastinv.train.monitor import Monitor, image_grid
 from fastinv.train.regularizers import r1_due, r1_loss
 
@@ -250,8 +251,6 @@ class InverterTrainer:
             phi_shape = shapes[0] if len(shapes) == 1 else tuple(map(list, zip(*shapes)))
         self.phi_stats = None
         if cfg.optim.phi_stats_weight > 0:
-            from fastinv.train.feature_stats import PhiStats
-
             self.phi_stats = PhiStats(self.classifier, cfg.optim.phi_stats_layers,
                                       cfg.data.resolution)
         torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
@@ -392,8 +391,6 @@ class InverterTrainer:
                     stats["recon"] = stats.get("recon", 0.0) + rec.detach() / acc
                     loss = loss + o.recon_weight * rec
                 if self.phi_stats is not None:  # x is the image whose logits z are
-                    from fastinv.train.feature_stats import stats_loss
-
                     with torch.no_grad():
                         target = self.phi_stats(x)
                     fs = stats_loss(self.phi_stats(fake), target)
