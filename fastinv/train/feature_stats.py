@@ -15,31 +15,8 @@ demo's SmallCNN: ``features.5`` at 32 px, ``features.12`` at 16, ``features.19``
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-
-def auto_layers(net: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the last leaf module of each spatial size in one forward of ``example``."""
-    last_of_size: dict[int, str] = {}
-
-    def probe(name):
-        def hook(module, args, output):
-            if torch.is_tensor(output) and output.dim() == 4:
-                last_of_size[int(output.shape[2])] = name
-        return hook
-
-    handles = [m.register_forward_hook(probe(n)) for n, m in net.named_modules()
-               if n and not list(m.children())]
-    try:
-        with torch.no_grad():
-            net(example)
-    finally:
-        for h in handles:
-            h.remove()
-    if not last_of_size:
-        raise ValueError("optim.phi_stats_layers=auto: the classifier has no module with a "
-                         "(N, C, H, W) output; name its layers with --optim.phi_stats_layers")
-    return list(dict.fromkeys(last_of_size[s] for s in sorted(last_of_size, reverse=True)))
+from fastinv.train.phi_taps import PhiFeatures, leaf_maps
 
 
 def channel_stats(feat: torch.Tensor) -> torch.Tensor:
@@ -58,46 +35,26 @@ def stats_loss(fake: list[torch.Tensor], real: list[torch.Tensor]) -> torch.Tens
 
 
 class PhiStats:
-    """Forward hooks on named modules of a classifier's ``net``; ``classifier(images)`` through
-    :meth:`__call__` returns each tapped layer's :func:`channel_stats`."""
+    """:class:`PhiFeatures` taps on named modules of Φ; a call returns each tapped layer's
+    :func:`channel_stats`."""
 
     def __init__(self, classifier, layers: str, resolution: int):
-        net = classifier.net
         if layers == "auto":
-            device = next(iter(classifier.buffers()), torch.zeros(())).device
-            names = auto_layers(net, classifier.prepare(
-                torch.zeros(1, 3, resolution, resolution, device=device)))
-        else:
-            names = [n.strip() for n in layers.split(",") if n.strip()]
-        if not names:
-            raise ValueError("optim.phi_stats_layers names no layer")
-        self.layers, self.classifier = names, classifier
-        self._out: dict[str, torch.Tensor] = {}
-        for n in names:
-            try:
-                module = net.get_submodule(n)
-            except AttributeError:
-                raise ValueError(f"optim.phi_stats_layers: {n!r} is not a module of classifier "
-                                 f"{classifier.name!r}") from None
-            module.register_forward_hook(self._keeper(n))
-        self._armed = False
+            last_of_size: dict[int, str] = {}
+            for name, h, _ in leaf_maps(classifier, resolution):
+                last_of_size[h] = name  # forward order: the last module of each size wins
+            if not last_of_size:
+                raise ValueError("optim.phi_stats_layers=auto: the classifier has no module "
+                                 "with a (N, C, H, W) output; name its layers")
+            layers = ",".join(dict.fromkeys(last_of_size[s]
+                                            for s in sorted(last_of_size, reverse=True)))
+        self.taps = PhiFeatures(classifier, layers, option="optim.phi_stats_layers")
+        self.layers = self.taps.layers
 
-    def _keeper(self, name: str):
-        def hook(module, args, output):
-            if self._armed:  # only this object's own calls: Φ also runs for logits and D
-                self._out[name] = output
-        return hook
+    @property
+    def _out(self) -> dict:  # what the hooks hold between calls (nothing)
+        return self.taps._out
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images in [-1, 1] -> one (N, 2C) statistics tensor per tapped layer."""
-        self._armed, self._out = True, {}
-        try:
-            self.classifier(self.classifier.prepare(images))
-        finally:
-            self._armed = False
-        out, self._out = self._out, {}
-        missing = [n for n in self.layers if n not in out]
-        if missing or any(not torch.is_tensor(out[n]) or out[n].dim() != 4 for n in self.layers):
-            raise ValueError(f"optim.phi_stats_layers {self.layers}: each must output a "
-                             f"(N, C, H, W) map in Φ's forward (missing or not 4-D: {missing})")
-        return [channel_stats(out[n]) for n in self.layers]
+        return [channel_stats(f) for f in self.taps(images)[1:]]

@@ -34,6 +34,7 @@ from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA
 from fastinv.train.feature_stats import PhiStats, stats_loss
 from fastinv.train.monitor import Monitor, image_grid
+from fastinv.train.phi_taps import PhiFeatures
 from fastinv.train.regularizers import r1_due, r1_loss
 
 # named ranges a torch.profiler trace groups the step by (benchmarks/profile_train.py); a few
@@ -82,89 +83,6 @@ def build_models(cfg: TrainConfig, num_classes: int,
     D = Discriminator(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
                       phi_resolution=phi_shape[1], **common)
     return G, D
-
-
-class PhiFeatures:
-    """Φ's logits and the outputs of some of its modules (by name) from one forward pass:
-    forward hooks keep each module's output of the latest call."""
-
-    def __init__(self, classifier: Classifier, layer: str, resolution: int = 0,
-                 sizes: tuple[int, ...] = ()):
-        """``layer``: a module name, several comma-separated, or ``"auto"``: the last module
-        whose output is a square map of one of ``sizes`` (D's trunk sizes) for a
-        ``resolution`` px image, i.e. Φ's deepest usable features."""
-        if layer == "auto":
-            layer = self._auto_layer(classifier, resolution, sizes)
-        self.layers = [n.strip() for n in layer.split(",") if n.strip()]
-        if not self.layers:
-            raise ValueError("model.d_phi_layer names no module")
-        self.layer = self.layers[0]
-        self.classifier, self._out = classifier, {}
-        for name in self.layers:
-            try:
-                module = classifier.net.get_submodule(name)
-            except AttributeError:
-                names = [n for n, _ in classifier.net.named_modules() if n][:40]
-                raise ValueError(f"model.d_phi_layer={name!r} is not a module of classifier "
-                                 f"{classifier.name!r}; its modules include {names}") from None
-            module.register_forward_hook(self._keeper(name))
-
-    @staticmethod
-    @torch.no_grad()
-    def _auto_layer(classifier: Classifier, resolution: int, sizes: tuple[int, ...]) -> str:
-        found: list[str] = []
-
-        def probe(name):
-            def hook(module, args, output):
-                if (torch.is_tensor(output) and output.dim() == 4
-                        and output.shape[2] == output.shape[3] and output.shape[2] in sizes):
-                    found.append(name)
-            return hook
-
-        handles = [m.register_forward_hook(probe(n)) for n, m in classifier.net.named_modules()
-                   if n and not list(m.children())]
-        try:
-            device = next(iter(classifier.buffers()), torch.zeros(())).device
-            classifier(classifier.prepare(torch.zeros(1, 3, resolution, resolution,
-                                                      device=device)))
-        finally:
-            for h in handles:
-                h.remove()
-        if not found:
-            raise ValueError(f"model.d_phi_layer=auto: no module of classifier "
-                             f"{classifier.name!r} gives a square map of size {sizes} at "
-                             f"{resolution} px; name one with --model.d_phi_layer=NAME")
-        return found[-1]
-
-    def _keeper(self, name: str):
-        def hook(module, args, output):
-            self._out[name] = output
-        return hook
-
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Images in [-1, 1] -> (Φ's logits, then each tapped feature map in order)."""
-        self._out = {}
-        logits = self.classifier(self.classifier.prepare(images))
-        feats, self._out = [self._out.get(n) for n in self.layers], {}
-        for name, feat in zip(self.layers, feats):
-            if not torch.is_tensor(feat) or feat.dim() != 4:
-                raise ValueError(f"model.d_phi_layer {name!r} must name a module whose output "
-                                 f"is a (N, C, H, W) feature map, got {type(feat).__name__}")
-        return (logits, *feats)
-
-    @torch.no_grad()
-    def shapes(self, resolution: int, device) -> list[tuple[int, int]]:
-        """(channels, size) of each tapped map for a ``resolution`` px image."""
-        feats = self(torch.zeros(1, 3, resolution, resolution, device=device))[1:]
-        for name, feat in zip(self.layers, feats):
-            if feat.shape[2] != feat.shape[3]:
-                raise ValueError(f"model.d_phi_layer {name!r} gives a non-square map "
-                                 f"{tuple(feat.shape)}")
-        return [(int(f.shape[1]), int(f.shape[2])) for f in feats]
-
-    def shape(self, resolution: int, device) -> tuple[int, int]:
-        """(channels, size) of the first tapped map."""
-        return self.shapes(resolution, device)[0]
 
 
 def _prepare_data(cfg: TrainConfig, run_dir: Path, clf: Classifier, info) -> Path:
