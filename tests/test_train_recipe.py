@@ -304,3 +304,44 @@ def test_phi_feature_d_reads_several_maps_and_loads_single_map_state():
     fresh.load_state_dict(old)
     for k, v in one.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_mismatched_logits_pairs_other_classes_only():
+    from fastinv.train.gan import mismatched_logits
+
+    z = torch.eye(4).repeat(8, 1) * 5  # 32 rows, 4 classes
+    other, keep = mismatched_logits(z, torch.Generator().manual_seed(0))
+    assert sorted(other.argmax(1).tolist()) == sorted(z.argmax(1).tolist())  # a permutation
+    assert torch.equal(keep.bool(), other.argmax(1) != z.argmax(1))
+    assert 0 < keep.sum() < len(z)
+    _, keep1 = mismatched_logits(z[:1], torch.Generator().manual_seed(0))
+    assert keep1.sum() == 0  # a batch of one has no other image
+
+
+def test_mismatched_logit_d_trains_and_is_named(tmp_path, synthetic_data):
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=2", "--mismatch_weight=1"])
+    run_dir = train_inverter(cfg)
+    values = _scalars(run_dir, "d_mismatch")
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)
+    assert inverter_options(cfg) == {"mismatched-logit D": 1.0}
+    with pytest.raises(ConfigError, match="mismatch_weight"):
+        load_config("tiny", ["--mismatch_weight=-1"])
+
+
+def test_d_logit_head_trains_and_is_named(tmp_path, synthetic_data):
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=2", "--d_head_weight=1"])
+    run_dir = train_inverter(cfg)
+    for tag in ("d_head", "g_head"):
+        values = _scalars(run_dir, tag)
+        assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    assert inverter_options(cfg) == {"D logit head": 1.0}
+    with pytest.raises(ConfigError, match="d_head_weight"):
+        load_config("tiny", ["--d_head_weight=-1"])
+    D = Discriminator(num_classes=4, resolution=16, ch=4)
+    with pytest.raises(ValueError, match="no logit head"):
+        D(torch.zeros(2, 3, 16, 16), torch.zeros(2, 4), head=True)
+    D = Discriminator(num_classes=4, resolution=16, ch=4, logit_head=True)
+    score, pred = D(torch.zeros(2, 3, 16, 16), torch.zeros(2, 4), head=True)
+    assert score.shape == (2,) and pred.shape == (2, 4)

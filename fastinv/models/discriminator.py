@@ -79,7 +79,8 @@ class Discriminator(nn.Module):
     def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96,
                  attention_resolution: int = 64, logit_preprocess: str = "none",
                  logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv",
-                 pool: str = "sum", phi_channels: int = 0, phi_resolution: int = 0):
+                 pool: str = "sum", phi_channels: int = 0, phi_resolution: int = 0,
+                 logit_head: bool = False):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"Discriminator pool must be one of {POOLS}, got {pool!r}")
@@ -87,11 +88,15 @@ class Discriminator(nn.Module):
             self._build(num_classes, resolution, ch, attention_resolution, logit_preprocess,
                         logit_temperature, sn_eps)
             self._build_phi(phi_channels, phi_resolution, sn_eps)
+            # "D logit head" (ACGAN-style, Odena et al. 2017, regressing logits): predicts
+            # the (preprocessed) logits from the pooled feature, trained on real images
+            self.head = (_layers.sn_linear(D_ARCH[resolution][1][-1] * ch, num_classes, sn_eps)
+                         if logit_head else None)
             _layers.init_orthogonal(self)
             _layers.attach_spectral_norm_group(self)
         self.pool = pool
         self.config.update(layers=layers, pool=pool, phi_channels=phi_channels,
-                           phi_resolution=phi_resolution)
+                           phi_resolution=phi_resolution, logit_head=logit_head)
 
     def _build(self, num_classes, resolution, ch, attention_resolution, logit_preprocess,
                logit_temperature, sn_eps):
@@ -147,8 +152,11 @@ class Discriminator(nn.Module):
             state_dict[old + "0." + key[len(old):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor, *phi: torch.Tensor) -> torch.Tensor:
-        """``phi``: Φ's feature maps, one per map D was built to read, in that order."""
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, *phi: torch.Tensor,
+                head: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``phi``: Φ's feature maps, one per map D was built to read, in that order. With
+        ``head`` (a D built with ``logit_head``) also the head's (N, num_classes) prediction of
+        the preprocessed logits."""
         if logits.dim() != 2 or logits.shape[1] != self.num_classes or logits.shape[0] != x.shape[0]:
             raise ValueError(f"Discriminator expects logits of shape ({x.shape[0]}, "
                              f"{self.num_classes}), got {tuple(logits.shape)}")
@@ -169,4 +177,9 @@ class Discriminator(nn.Module):
         if self.pool != "sum":  # mean: / HW; sqrt: / sqrt(HW), between the two
             h = h / (h_area if self.pool == "mean" else math.sqrt(h_area))
         proj = (self.embed(self.preprocess(logits)).to(h.dtype) * h).sum(dim=1)
-        return self.linear(h).squeeze(1) + proj
+        score = self.linear(h).squeeze(1) + proj
+        if not head:
+            return score
+        if self.head is None:
+            raise ValueError("this Discriminator has no logit head (build it with logit_head=True)")
+        return score, self.head(h)

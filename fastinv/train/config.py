@@ -99,6 +99,14 @@ class OptimConfig:
     # at the layers named (comma-separated) or "auto" (the last map of each size in Φ)
     phi_stats_weight: float = 0.0
     phi_stats_layers: str = "auto"
+    # "mismatched-logit D" (GAN-CLS, Reed et al. 2016): D also sees each real image paired with
+    # the logits of a real image of another Φ class and must score it fake (hinge, weight λ),
+    # so D's score depends on whether image and logits belong together, not only on realism
+    mismatch_weight: float = 0.0
+    # "D logit head" (ACGAN-style): D gets a linear head on its pooled feature that regresses
+    # the preprocessed logits of real images (weight λ in D's loss); G is asked (weight λ) that
+    # the head reads z's logits in G(z, ε)
+    d_head_weight: float = 0.0
     # R1 penalty on D at real images (fastinv/train/regularizers.py), lazy: γ·k every k-th D
     # step (StyleGAN2). 0 = off; single process only for now (not under torchrun)
     r1_gamma: float = 0.0
@@ -180,7 +188,8 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "R1": o.r1_gamma,
              "logit preprocessing": "" if m.logit_preprocess == "none" else m.logit_preprocess,
              "D pooling": "" if m.d_pool == "sum" else m.d_pool,
-             "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight}
+             "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight,
+             "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight}
     return {k: v for k, v in named.items() if v}
 
 
@@ -350,6 +359,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"optim.{name}: {exc}") from None
     _require(o.recon_weight >= 0, "optim.recon_weight must be >= 0")
     _require(o.phi_stats_weight >= 0, "optim.phi_stats_weight must be >= 0")
+    _require(o.mismatch_weight >= 0, "optim.mismatch_weight must be >= 0")
+    _require(o.d_head_weight >= 0, "optim.d_head_weight must be >= 0")
     _require(bool(o.phi_stats_layers.strip()), "optim.phi_stats_layers must name layers or be auto")
     _require(o.r1_gamma >= 0 and o.r1_every >= 1, "optim.r1_gamma must be >= 0 and "
              "optim.r1_every >= 1")

@@ -81,7 +81,8 @@ def build_models(cfg: TrainConfig, num_classes: int,
     G = Generator(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim, bn_eps=m.bn_eps,
                   **common)
     D = Discriminator(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
-                      phi_resolution=phi_shape[1], **common)
+                      phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
+                      **common)
     return G, D
 
 
@@ -121,6 +122,15 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def mismatched_logits(z: torch.Tensor, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "mismatched-logit D" pairs: each row's partner logits from a random row of the
+    batch, and a 0/1 mask of the pairs whose Φ classes differ (a same-class partner is a true
+    pair, so it is left out of the loss)."""
+    perm = torch.randperm(len(z), generator=generator, device=z.device)
+    return z[perm], (z.argmax(1) != z[perm].argmax(1)).float()
 
 
 class InverterTrainer:
@@ -275,9 +285,28 @@ class InverterTrainer:
                 with self._sync(self.D_train, micro, acc), self._autocast(), _scope("D forward"):
                     # real and fake in one call: DDP sees one forward per backward
                     both = self._augment(torch.cat([x, fake.to(x.dtype)]))
-                    out = self.D_train(both, torch.cat([z, z]), *self._phi_of(both, grad=False))
-                    d_real, d_fake = out[: len(x)], out[len(x):]
+                    zs = torch.cat([z, z])
+                    if o.mismatch_weight > 0:  # the same augmented reals, other images' logits
+                        z_other, keep = mismatched_logits(z, self.noise_gen)
+                        both, zs = torch.cat([both, both[: len(x)]]), torch.cat([zs, z_other])
+                    out = self.D_train(both, zs, *self._phi_of(both, grad=False),
+                                       head=o.d_head_weight > 0)
+                    if o.d_head_weight > 0:  # the head learns Φ's logits of real images only
+                        out, pred = out
+                        head = (pred[: len(x)].float() - self.D.preprocess(z)).pow(2).mean()
+                        stats["d_head"] = (stats.get("d_head", 0.0)
+                                           + head.detach() / (o.d_steps * acc))
+                    d_real, d_fake = out[: len(x)], out[len(x): 2 * len(x)]
                     loss = hinge_loss_d(d_real, d_fake)
+                    if o.mismatch_weight > 0:
+                        d_mis = out[2 * len(x):].float()
+                        mis = (torch.relu(1 + d_mis) * keep).sum() / keep.sum().clamp_min(1)
+                        stats["d_mismatch"] = (stats.get("d_mismatch", 0.0)
+                                               + (d_mis * keep).sum().detach()
+                                               / keep.sum().clamp_min(1) / (o.d_steps * acc))
+                        loss = loss + o.mismatch_weight * mis
+                    if o.d_head_weight > 0:
+                        loss = loss + o.d_head_weight * head
                 with _scope("D backward"):
                     (loss / acc).backward()
                 if o.r1_gamma > 0 and r1_due(self.d_step, o.r1_every):
@@ -302,8 +331,16 @@ class InverterTrainer:
             with self._sync(self.G_train, micro, acc), self._autocast(), _scope("G forward"):
                 fake = self.G_train(z, self._noise(len(z)))
                 seen_d = self._augment(fake)
-                loss = hinge_loss_g(self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True)))
+                out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True),
+                                   head=o.d_head_weight > 0)
+                if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
+                    out, pred = out
+                    g_head = (pred.float() - self.D.preprocess(z)).pow(2).mean()
+                    stats["g_head"] = stats.get("g_head", 0.0) + g_head.detach() / acc
+                loss = hinge_loss_g(out)
                 stats["loss_g"] += loss.detach() / acc
+                if o.d_head_weight > 0:
+                    loss = loss + o.d_head_weight * g_head
                 if o.recon_weight > 0:  # x is the image whose logits z are: G(Φ(x), ε) ≈ x
                     rec = (fake.float() - x.float()).abs().mean()
                     stats["recon"] = stats.get("recon", 0.0) + rec.detach() / acc
