@@ -284,6 +284,12 @@ def test_phi_feature_d_reads_several_maps_and_loads_single_map_state():
     phi = PhiFeatures(clf, "features.6,features.10")
     shapes = phi.shapes(32, "cpu")
     assert [s for _, s in shapes] == [16, 8] and phi.layer == "features.6"
+    # auto: the deepest map of D's trunk sizes; auto:each: the deepest of each size
+    assert PhiFeatures(clf, "auto", 32, (16, 8)).layers == ["features.10"]
+    assert PhiFeatures(clf, "auto:each", 32, (16, 8)).layers == ["features.6", "features.10"]
+    assert PhiFeatures(clf, "auto:each", 32, (8,)).layers == ["features.10"]
+    with pytest.raises(ValueError, match="auto:each: no module"):
+        PhiFeatures(clf, "auto:each", 32, (4,))
     chans, sizes = map(list, zip(*shapes))
     torch.manual_seed(0)
     D = Discriminator(4, 32, 4, 0, phi_channels=chans, phi_resolution=sizes)

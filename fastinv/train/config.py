@@ -65,8 +65,10 @@ class ModelConfig:
     d_pool: str = "sum"
     # "Φ-feature D": the name of a module inside Φ (e.g. "features.19" of the demo's SmallCNN)
     # whose output D also reads, at the trunk resolution that matches it; "auto" = Φ's deepest
-    # module with a map of one of D's trunk sizes; several comma-separated names: one map each
-    # (e.g. "features.12,features.19"); "" = off (the paper)
+    # module with a map of one of D's trunk sizes; "auto:each" = the deepest module of each
+    # trunk size (for the demo's SmallCNN at 32 px: features.12 at 16 px, features.19 at 8 px);
+    # several comma-separated names: one map each (e.g. "features.12,features.19"); "" = off
+    # (the paper)
     d_phi_layer: str = ""
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6

@@ -38,18 +38,24 @@ class PhiFeatures:
 
     def __init__(self, classifier: Classifier, layer: str, resolution: int = 0,
                  sizes: tuple[int, ...] = (), option: str = "model.d_phi_layer"):
-        """``layer``: a module name, several comma-separated, or ``"auto"``: the last module
+        """``layer``: a module name, several comma-separated, ``"auto"``: the last module
         whose output is a square map of one of ``sizes`` (D's trunk sizes) for a
-        ``resolution`` px image, i.e. Φ's deepest usable features. ``option`` names the
+        ``resolution`` px image, i.e. Φ's deepest usable features, or ``"auto:each"``: the
+        last such module of each size (one map per trunk size Φ has). ``option`` names the
         setting in error messages."""
         self.option = option
-        if layer == "auto":
-            found = [n for n, h, w in leaf_maps(classifier, resolution) if h == w and h in sizes]
+        if layer in ("auto", "auto:each"):
+            found = [(n, h) for n, h, w in leaf_maps(classifier, resolution)
+                     if h == w and h in sizes]
             if not found:
-                raise ValueError(f"{option}=auto: no module of classifier {classifier.name!r} "
-                                 f"gives a square map of size {sizes} at {resolution} px; name "
-                                 f"one with --{option}=NAME")
-            layer = found[-1]
+                raise ValueError(f"{option}={layer}: no module of classifier "
+                                 f"{classifier.name!r} gives a square map of size {sizes} at "
+                                 f"{resolution} px; name one with --{option}=NAME")
+            if layer == "auto":
+                layer = found[-1][0]
+            else:  # forward order; a later module of a size replaces an earlier one
+                last = {h: n for n, h in found}
+                layer = ",".join(n for n, h in found if last[h] == n)
         self.layers = [n.strip() for n in layer.split(",") if n.strip()]
         if not self.layers:
             raise ValueError(f"{option} names no module")
