@@ -44,13 +44,17 @@ import torch
 # the GAN alone on raw logits with BigGAN's sum pooling (every option off)
 ABLATIONS = {
     "recipe": (),
-    # D also reads Φ's deepest feature map (for the demo's SmallCNN its final ReLU, the map Φ
-    # max-pools): off
+    # D also reads Φ's deepest feature map of each of its trunk sizes (for the demo's SmallCNN
+    # at 32 px: the last 16 px map and the final ReLU, the 8 px map Φ max-pools): off, or only
+    # the deepest map
     "no Φ-feature D": ("--model.d_phi_layer=",),
+    "one Φ map": ("--model.d_phi_layer=auto",),
     "no D augmentation": ("--optim.diffaug=",),
     "raw logits": ("--model.logit_preprocess=none",),
     # an option the recipe does not use, measured on top of it (λ 1)
     "+ logit consistency": ("--optim.aux_logit_weight=1",),
+    "+ mismatched-logit D": ("--optim.mismatch_weight=1",),
+    "+ D logit head": ("--optim.d_head_weight=1",),
     "paper": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0", "--model.d_phi_layer=",
               "--optim.diffaug=", "--model.logit_preprocess=none", "--model.d_pool=sum"),
 }

@@ -164,7 +164,7 @@ PRESETS: dict[str, dict] = {
         "data": dict(resolution=32, batch_size=16, synthetic_n=2000, crop_min_scale=1.0,
                      in_memory=True),
         "model": dict(g_ch=8, d_ch=8, noise_dim=64, shared_dim=64, attention_resolution=0,
-                      logit_preprocess="affine", d_pool="mean", d_phi_layer="auto"),
+                      logit_preprocess="affine", d_pool="mean", d_phi_layer="auto:each"),
         "optim": dict(g_lr=1e-3, d_lr=1e-3, beta1=0.5, d_steps=1, ema_start=300,
                       ema_decay=0.99, diffaug="translation,cutout"),
         "run": dict(steps=1000, device="cpu", log_every=25, image_every=250, ckpt_every=250,
