@@ -291,21 +291,19 @@ class InverterTrainer:
                         both, zs = torch.cat([both, both[: len(x)]]), torch.cat([zs, z_other])
                     out = self.D_train(both, zs, *self._phi_of(both, grad=False),
                                        head=o.d_head_weight > 0)
-                    if o.d_head_weight > 0:  # the head learns Φ's logits of real images only
-                        out, pred = out
-                        head = (pred[: len(x)].float() - self.D.preprocess(z)).pow(2).mean()
-                        stats["d_head"] = (stats.get("d_head", 0.0)
-                                           + head.detach() / (o.d_steps * acc))
+                    out, pred = out if o.d_head_weight > 0 else (out, None)
                     d_real, d_fake = out[: len(x)], out[len(x): 2 * len(x)]
                     loss = hinge_loss_d(d_real, d_fake)
+                    n = o.d_steps * acc  # micro-batches averaged into the step's statistics
                     if o.mismatch_weight > 0:
-                        d_mis = out[2 * len(x):].float()
-                        mis = (torch.relu(1 + d_mis) * keep).sum() / keep.sum().clamp_min(1)
+                        d_mis, n_keep = out[2 * len(x):].float(), keep.sum().clamp_min(1)
+                        mis = (torch.relu(1 + d_mis) * keep).sum() / n_keep
                         stats["d_mismatch"] = (stats.get("d_mismatch", 0.0)
-                                               + (d_mis * keep).sum().detach()
-                                               / keep.sum().clamp_min(1) / (o.d_steps * acc))
+                                               + (d_mis * keep).sum().detach() / n_keep / n)
                         loss = loss + o.mismatch_weight * mis
-                    if o.d_head_weight > 0:
+                    if pred is not None:  # the head learns Φ's logits of real images only
+                        head = (pred[: len(x)].float() - self.D.preprocess(z)).pow(2).mean()
+                        stats["d_head"] = stats.get("d_head", 0.0) + head.detach() / n
                         loss = loss + o.d_head_weight * head
                 with _scope("D backward"):
                     (loss / acc).backward()
@@ -315,7 +313,7 @@ class InverterTrainer:
                                  o.r1_gamma, o.r1_every)
                     (r1 / acc).backward()
                     stats["r1"] = stats.get("r1", 0.0) + r1.detach() / (o.d_steps * acc)
-                n = o.d_steps * acc  # statistics stay on the device: no sync per micro-batch
+                # statistics stay on the device: no sync per micro-batch
                 stats["loss_d"] += loss.detach() / n
                 stats["d_real"] += d_real.detach().float().mean() / n
                 stats["d_fake"] += d_fake.detach().float().mean() / n
