@@ -11,7 +11,7 @@ from fastinv.models.discriminator import Discriminator
 from fastinv.train import checkpoint
 from fastinv.train.augment import diff_augment, parse_policy
 from fastinv.train.config import ConfigError, inverter_options, load_config
-from fastinv.train.gan import train_inverter
+from fastinv.train.gan import head_loss, train_inverter
 from tests.train_tiny import tiny_dataset
 
 RECIPE = ["--logit_preprocess=affine", "--d_pool=mean", "--diffaug=translation,cutout",
@@ -345,9 +345,27 @@ def test_d_logit_head_trains_and_is_named(tmp_path, synthetic_data):
     assert inverter_options(cfg) == {"D logit head": 1.0}
     with pytest.raises(ConfigError, match="d_head_weight"):
         load_config("tiny", ["--d_head_weight=-1"])
+    with pytest.raises(ConfigError, match="d_head_loss"):
+        load_config("tiny", ["--d_head_weight=1", "--d_head_loss=l1"])
     D = Discriminator(num_classes=4, resolution=16, ch=4)
     with pytest.raises(ValueError, match="no logit head"):
         D(torch.zeros(2, 3, 16, 16), torch.zeros(2, 4), head=True)
     D = Discriminator(num_classes=4, resolution=16, ch=4, logit_head=True)
     score, pred = D(torch.zeros(2, 3, 16, 16), torch.zeros(2, 4), head=True)
     assert score.shape == (2,) and pred.shape == (2, 4)
+
+
+def test_d_logit_head_cross_entropy_form(tmp_path, synthetic_data):
+    # ACGAN's own loss: the head's outputs are class scores, the target Φ's top-1 class
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=2", "--d_head_weight=0.5",
+                               "--d_head_loss=ce", "--d_pool=mean"])
+    run_dir = train_inverter(cfg)
+    values = _scalars(run_dir, "d_head")
+    # with mean pooling (the demo-cpu recipe) a 4-class head starts near log(4) = 1.39
+    assert len(values) == 2 and all(0.5 < v < 5 for v in values)
+    assert inverter_options(cfg)["D logit head"] == "0.5 (ce)"
+    pred = torch.tensor([[2.0, 0.0, -1.0, 0.0], [0.0, 0.0, 0.0, 3.0]])
+    z = torch.tensor([[5.0, 1.0, 0.0, 0.0], [0.0, 9.0, 0.0, 1.0]])
+    expected = torch.nn.functional.cross_entropy(pred, torch.tensor([0, 1]))
+    torch.testing.assert_close(head_loss(pred, z, "ce", None), expected)

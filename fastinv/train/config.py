@@ -109,6 +109,9 @@ class OptimConfig:
     # the preprocessed logits of real images (weight λ in D's loss); G is asked (weight λ) that
     # the head reads z's logits in G(z, ε)
     d_head_weight: float = 0.0
+    # the head's loss: "mse" regresses the preprocessed logits; "ce" is ACGAN's own form, a
+    # softmax cross-entropy against Φ's top-1 class (the head's outputs are class scores)
+    d_head_loss: str = "mse"
     # R1 penalty on D at real images (fastinv/train/regularizers.py), lazy: γ·k every k-th D
     # step (StyleGAN2). 0 = off; single process only for now (not under torchrun)
     r1_gamma: float = 0.0
@@ -192,6 +195,8 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "D pooling": "" if m.d_pool == "sum" else m.d_pool,
              "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight,
              "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight}
+    if o.d_head_weight and o.d_head_loss != "mse":  # the head's loss form, when not the default
+        named["D logit head"] = f"{o.d_head_weight:g} ({o.d_head_loss})"
     return {k: v for k, v in named.items() if v}
 
 
@@ -363,6 +368,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.phi_stats_weight >= 0, "optim.phi_stats_weight must be >= 0")
     _require(o.mismatch_weight >= 0, "optim.mismatch_weight must be >= 0")
     _require(o.d_head_weight >= 0, "optim.d_head_weight must be >= 0")
+    _require(o.d_head_loss in ("mse", "ce"), f"optim.d_head_loss must be mse or ce, "
+             f"got {o.d_head_loss!r}")
     _require(bool(o.phi_stats_layers.strip()), "optim.phi_stats_layers must name layers or be auto")
     _require(o.r1_gamma >= 0 and o.r1_every >= 1, "optim.r1_gamma must be >= 0 and "
              "optim.r1_every >= 1")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastinv.models.classifiers import Classifier, load_classifier
@@ -131,6 +132,15 @@ def mismatched_logits(z: torch.Tensor, generator: torch.Generator
     pair, so it is left out of the loss)."""
     perm = torch.randperm(len(z), generator=generator, device=z.device)
     return z[perm], (z.argmax(1) != z[perm].argmax(1)).float()
+
+
+def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess) -> torch.Tensor:
+    """The D logit head's loss for its prediction ``pred`` on images whose logits are ``z``:
+    "mse" regresses ``preprocess(z)`` (D's view of the logits), "ce" (ACGAN) is the softmax
+    cross-entropy against Φ's top-1 class."""
+    if form == "ce":
+        return F.cross_entropy(pred.float(), z.argmax(1))
+    return (pred.float() - preprocess(z)).pow(2).mean()
 
 
 class InverterTrainer:
@@ -302,7 +312,7 @@ class InverterTrainer:
                                                + (d_mis * keep).sum().detach() / n_keep / n)
                         loss = loss + o.mismatch_weight * mis
                     if pred is not None:  # the head learns Φ's logits of real images only
-                        head = (pred[: len(x)].float() - self.D.preprocess(z)).pow(2).mean()
+                        head = self._head_loss(pred[: len(x)], z)
                         stats["d_head"] = stats.get("d_head", 0.0) + head.detach() / n
                         loss = loss + o.d_head_weight * head
                 with _scope("D backward"):
@@ -333,7 +343,7 @@ class InverterTrainer:
                                    head=o.d_head_weight > 0)
                 if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
                     out, pred = out
-                    g_head = (pred.float() - self.D.preprocess(z)).pow(2).mean()
+                    g_head = self._head_loss(pred, z)
                     stats["g_head"] = stats.get("g_head", 0.0) + g_head.detach() / acc
                 loss = hinge_loss_g(out)
                 stats["loss_g"] += loss.detach() / acc
@@ -366,6 +376,9 @@ class InverterTrainer:
         with _scope("EMA"):
             self.ema.update(self.step)
         return stats
+
+    def _head_loss(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return head_loss(pred, z, self.cfg.optim.d_head_loss, self.D.preprocess)
 
     def _phi_of(self, images: torch.Tensor, grad: bool) -> tuple[torch.Tensor, ...]:
         """D's extra argument: Φ's feature map of the images D sees (empty when the option is
