@@ -54,8 +54,11 @@ ABLATIONS = {
     # an option the recipe does not use, measured on top of it (λ 1)
     "+ logit consistency": ("--optim.aux_logit_weight=1",),
     "+ mismatched-logit D": ("--optim.mismatch_weight=1",),
-    "+ D logit head": ("--optim.d_head_weight=1",),
+    # the D logit head (ACGAN-style): off, and in ACGAN's cross-entropy form instead of MSE
+    "no D logit head": ("--optim.d_head_weight=0",),
+    "D logit head as cross-entropy": ("--optim.d_head_loss=ce",),
     "paper": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0", "--model.d_phi_layer=",
+              "--optim.d_head_weight=0",
               "--optim.diffaug=", "--model.logit_preprocess=none", "--model.d_pool=sum"),
 }
 

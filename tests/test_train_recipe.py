@@ -59,6 +59,22 @@ def test_paper_recipe_names_no_option():
     assert inverter_options(load_config("tiny")) == {}
 
 
+def test_quality_benchmark_paper_row_turns_every_demo_cpu_option_off():
+    # bench_quality's "paper" row must be the GAN alone whatever demo-cpu switches on
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    bq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bq)
+    base = ["--classifier.random_init=true"]
+    assert inverter_options(load_config("demo-cpu", base)).get("D logit head") == 1.0
+    assert inverter_options(load_config("demo-cpu", base + list(bq.ABLATIONS["paper"]))) == {}
+    for name, overrides in bq.ABLATIONS.items():  # every row is a valid config
+        load_config("demo-cpu", base + list(overrides))
+
+
 def test_in_memory_needs_whole_image_crops():
     with pytest.raises(ConfigError, match="crop_min_scale=1"):
         load_config("tiny", ["--in_memory=true", "--crop_min_scale=0.5"])
