@@ -11,7 +11,7 @@ from fastinv.models.discriminator import Discriminator
 from fastinv.train import checkpoint
 from fastinv.train.augment import diff_augment, parse_policy
 from fastinv.train.config import ConfigError, inverter_options, load_config
-from fastinv.train.gan import head_loss, train_inverter
+from fastinv.train.gan import head_loss, lr_scale, mode_seeking_loss, train_inverter
 from tests.train_tiny import tiny_dataset
 
 RECIPE = ["--logit_preprocess=affine", "--d_pool=mean", "--diffaug=translation,cutout",
@@ -385,3 +385,51 @@ def test_d_logit_head_cross_entropy_form(tmp_path, synthetic_data):
     z = torch.tensor([[5.0, 1.0, 0.0, 0.0], [0.0, 9.0, 0.0, 1.0]])
     expected = torch.nn.functional.cross_entropy(pred, torch.tensor([0, 1]))
     torch.testing.assert_close(head_loss(pred, z, "ce", None), expected)
+
+
+def test_lr_decay_schedule_and_option():
+    assert [lr_scale(s, 10, 1.0) for s in (0, 9)] == [1.0, 1.0]
+    # from step 5 of 10: 1 before, then 5/5, 4/5, ... 1/5 at the last step
+    assert [lr_scale(s, 10, 0.5) for s in range(10)] == pytest.approx(
+        [1, 1, 1, 1, 1, 1.0, 0.8, 0.6, 0.4, 0.2])
+    assert lr_scale(0, 10, 0.0) == 1.0 and lr_scale(9, 10, 0.0) == pytest.approx(0.1)
+    cfg = load_config("tiny", ["--lr_decay_from=0.5", "--classifier.random_init=true"])
+    assert inverter_options(cfg) == {"lr decay": "linear from 0.5 of the run"}
+    with pytest.raises(ConfigError, match="lr_decay_from"):
+        load_config("tiny", ["--lr_decay_from=1.5"])
+
+
+def test_lr_decay_reaches_the_optimizers(tmp_path, synthetic_data):
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--lr_decay_from=0.5", "--g_lr=1e-3",
+                               "--d_lr=2e-3"])
+    trainer = InverterTrainer(cfg, DistInfo())
+    seen = []
+    for _ in range(4):
+        trainer.train_step()
+        seen += [trainer.opt_G.param_groups[0]["lr"], trainer.opt_D.param_groups[0]["lr"]]
+    assert seen == pytest.approx([1e-3, 2e-3, 1e-3, 2e-3, 1e-3, 2e-3, 5e-4, 1e-3])
+
+
+def test_mode_seeking_loss_and_option(tmp_path, synthetic_data):
+    a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    ea, eb = torch.zeros(2, 8), torch.full((2, 8), 2.0)
+    # image distance 1, noise distance 2: ratio 0.5, loss 1 / 0.5
+    assert mode_seeking_loss(a, b, ea, eb).item() == pytest.approx(2.0, rel=1e-4)
+    # the same image for both noises: the largest loss, with a gradient that pulls them apart
+    a2 = b.clone().requires_grad_(True)
+    loss = mode_seeking_loss(a2, b, ea, eb)
+    assert loss.item() > 1e4
+    loss.backward()
+    assert torch.isfinite(a2.grad).all()
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=2", "--mode_seeking_weight=0.1"])
+    run_dir = train_inverter(cfg)
+    values = _scalars(run_dir, "mode_seeking")
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    assert inverter_options(cfg) == {"mode seeking": 0.1}
+    with pytest.raises(ConfigError, match="mode_seeking_weight"):
+        load_config("tiny", ["--mode_seeking_weight=-1"])

@@ -85,6 +85,10 @@ class OptimConfig:
     accumulate: int = 1  # micro-batches per update
     ema_decay: float = 0.9999
     ema_start: int = 1000  # before this G step the EMA copies G
+    # "lr decay": from this fraction of run.steps on, both learning rates fall linearly to 0 at
+    # the last step (a pure function of the step, so a resumed run follows the same schedule);
+    # 1 = constant learning rates (the paper's schedule)
+    lr_decay_from: float = 1.0
     # Options beyond the paper's GAN-only inverter (0 / "" = off, the paper's recipe); a run's
     # report names the ones it used and bench_quality measures each one's effect.
     # "logit consistency": λ of mean over logits of (pre(Φ(G(z, ε))) - pre(z))², pre = the
@@ -112,6 +116,10 @@ class OptimConfig:
     # the head's loss: "mse" regresses the preprocessed logits; "ce" is ACGAN's own form, a
     # softmax cross-entropy against Φ's top-1 class (the head's outputs are class scores)
     d_head_loss: str = "mse"
+    # "mode seeking" (MSGAN, Mao et al. 2019): λ of 1 / (image distance / noise distance) for
+    # two noise draws of the same logits (half the batch once more through G), against G
+    # drawing one image per class whatever the noise
+    mode_seeking_weight: float = 0.0
     # R1 penalty on D at real images (fastinv/train/regularizers.py), lazy: γ·k every k-th D
     # step (StyleGAN2). 0 = off; single process only for now (not under torchrun)
     r1_gamma: float = 0.0
@@ -196,7 +204,10 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "logit preprocessing": "" if m.logit_preprocess == "none" else m.logit_preprocess,
              "D pooling": "" if m.d_pool == "sum" else m.d_pool,
              "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight,
-             "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight}
+             "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight,
+             "mode seeking": o.mode_seeking_weight,
+             "lr decay": f"linear from {o.lr_decay_from:g} of the run" if o.lr_decay_from < 1
+             else ""}
     if o.d_head_weight and o.d_head_loss != "mse":  # the head's loss form, when not the default
         named["D logit head"] = f"{o.d_head_weight:g} ({o.d_head_loss})"
     return {k: v for k, v in named.items() if v}
@@ -370,12 +381,14 @@ def validate(cfg: TrainConfig) -> None:
     _require(o.phi_stats_weight >= 0, "optim.phi_stats_weight must be >= 0")
     _require(o.mismatch_weight >= 0, "optim.mismatch_weight must be >= 0")
     _require(o.d_head_weight >= 0, "optim.d_head_weight must be >= 0")
+    _require(o.mode_seeking_weight >= 0, "optim.mode_seeking_weight must be >= 0")
     _require(o.d_head_loss in ("mse", "ce"), f"optim.d_head_loss must be mse or ce, "
              f"got {o.d_head_loss!r}")
     _require(bool(o.phi_stats_layers.strip()), "optim.phi_stats_layers must name layers or be auto")
     _require(o.r1_gamma >= 0 and o.r1_every >= 1, "optim.r1_gamma must be >= 0 and "
              "optim.r1_every >= 1")
     _require(o.g_lr > 0 and o.d_lr > 0, "optim.g_lr and optim.d_lr must be > 0")
+    _require(0 <= o.lr_decay_from <= 1, "optim.lr_decay_from must be in [0, 1] (1 = no decay)")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and beta2 must be in [0, 1)")
     _require(o.d_steps >= 1 and o.accumulate >= 1, "optim.d_steps and optim.accumulate must be >= 1")
     _require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")

@@ -134,6 +134,25 @@ def mismatched_logits(z: torch.Tensor, generator: torch.Generator
     return z[perm], (z.argmax(1) != z[perm].argmax(1)).float()
 
 
+def lr_scale(step: int, total: int, decay_from: float) -> float:
+    """The learning-rate factor of G step ``step`` (0-based) of ``total``: 1 until
+    ``decay_from * total``, then linear to 0 at ``total`` (the last step still moves)."""
+    start = decay_from * total
+    if decay_from >= 1 or step < start:
+        return 1.0
+    return max(0.0, (total - step) / (total - start))
+
+
+def mode_seeking_loss(a: torch.Tensor, b: torch.Tensor, eps_a: torch.Tensor,
+                      eps_b: torch.Tensor) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al. 2019) for images ``a``, ``b`` drawn from the same
+    logits with noises ``eps_a``, ``eps_b``: 1 / (mean |a - b| / mean |eps_a - eps_b|), so G
+    lowers it by making different noise give different images."""
+    ratio = ((a.float() - b.float()).abs().flatten(1).mean(1)
+             / (eps_a.float() - eps_b.float()).abs().flatten(1).mean(1).clamp_min(1e-8))
+    return 1.0 / (ratio.mean() + 1e-5)
+
+
 def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess) -> torch.Tensor:
     """The D logit head's loss for its prediction ``pred`` on images whose logits are ``z``:
     "mse" regresses ``preprocess(z)`` (D's view of the logits), "ce" (ACGAN) is the softmax
@@ -277,6 +296,10 @@ class InverterTrainer:
         """One G update after ``d_steps`` D updates; returns the step's losses and D outputs
         (0-dim tensors on the device, averaged over micro-batches)."""
         o, acc = self.cfg.optim, self.cfg.optim.accumulate
+        scale = lr_scale(self.step, self.cfg.run.steps, o.lr_decay_from)
+        for opt, lr in ((self.opt_G, o.g_lr), (self.opt_D, o.d_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
         stats = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
         logits, reals = [], []
         for _ in range(o.d_steps):
@@ -337,7 +360,18 @@ class InverterTrainer:
         for micro in range(acc):
             z, x = logits[len(logits) - acc + micro], reals[len(reals) - acc + micro]
             with self._sync(self.G_train, micro, acc), self._autocast(), _scope("G forward"):
-                fake = self.G_train(z, self._noise(len(z)))
+                noise = self._noise(len(z))
+                if o.mode_seeking_weight > 0:
+                    # a second noise draw for the first half of the logits, in the same G call
+                    # (one forward per backward under DDP); only the first len(z) go on to D
+                    half = max(1, len(z) // 2)
+                    noise2 = self._noise(half)
+                    both = self.G_train(torch.cat([z, z[:half]]), torch.cat([noise, noise2]))
+                    fake, fake2 = both[: len(z)], both[len(z):]
+                    ms = mode_seeking_loss(fake[:half], fake2, noise[:half], noise2)
+                    stats["mode_seeking"] = stats.get("mode_seeking", 0.0) + ms.detach() / acc
+                else:
+                    fake = self.G_train(z, noise)
                 seen_d = self._augment(fake)
                 out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True),
                                    head=o.d_head_weight > 0)
@@ -349,6 +383,8 @@ class InverterTrainer:
                 stats["loss_g"] += loss.detach() / acc
                 if o.d_head_weight > 0:
                     loss = loss + o.d_head_weight * g_head
+                if o.mode_seeking_weight > 0:
+                    loss = loss + o.mode_seeking_weight * ms
                 if o.recon_weight > 0:  # x is the image whose logits z are: G(Φ(x), ε) ≈ x
                     rec = (fake.float() - x.float()).abs().mean()
                     stats["recon"] = stats.get("recon", 0.0) + rec.detach() / acc
