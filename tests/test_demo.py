@@ -84,3 +84,37 @@ def test_invert_and_report_commands_on_the_demo_inverter(demo_dir, tmp_path, cap
     assert (out / "report.html").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _job(x):
+    import os
+
+    import torch
+    return x, torch.get_num_threads(), os.getpid()
+
+
+def _bad_job():
+    raise ValueError("bad job")
+
+
+def test_demo_runs_independent_trainings_side_by_side_on_a_cpu():
+    # the demo's two inverters (and standard Φ + judge) train in two spawned processes with
+    # half the threads each when the CPU has >= 2 threads; one after the other otherwise
+    import os
+
+    import torch
+
+    from fastinv.demo import _run_jobs
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        results = _run_jobs([(_job, "a"), (_job, "b")], "cpu")
+        assert [r[0] for r in results] == ["a", "b"]
+        assert all(r[1] == 1 and r[2] != os.getpid() for r in results)
+        with pytest.raises(ValueError, match="bad job"):
+            _run_jobs([(_job, "a"), (_bad_job,)], "cpu")
+        torch.set_num_threads(1)
+        assert [r[2] for r in _run_jobs([(_job, "a"), (_job, "b")], "cpu")] == [os.getpid()] * 2
+    finally:
+        torch.set_num_threads(before)
