@@ -150,8 +150,9 @@ def _classifier_config(p: DemoPreset, out: Path, name: str, device: str, init: s
 def _split_threads(device: str) -> int:
     """Threads per job when two independent trainings can run at once, 0 when they cannot.
 
-    At the demo's CPU sizes one training step does not keep two threads busy (two 1-thread
-    inverter runs made 77 img/s each where one 2-thread run makes 107, benchmarks/RESULTS.md),
+    At the demo's CPU sizes one inverter step does not keep two threads busy (two 1-thread
+    runs made 77 img/s each where one 2-thread run makes 107; the demo's inverter stage took
+    452 s side by side against 597 s in a row, benchmarks/RESULTS.md),
     so on a CPU with >= 2 threads two jobs side by side, each in its own process with half
     the threads, finish sooner than one after the other. On CUDA (one GPU): one after the
     other."""
@@ -180,20 +181,18 @@ def _run_jobs(jobs: list[tuple], device: str) -> list:
         return [f.result() for f in futures]
 
 
-def _train_one_classifier(p: DemoPreset, out: Path, name: str, device: str, init: str = ""):
+def _train_classifiers(p: DemoPreset, out: Path, device: str) -> dict[str, Path]:
+    """Φ standard, Φ robust (PGD, fine-tuned from the standard one) and the judge, one after
+    the other in this process: with batch 64 a classifier step keeps both threads busy (side
+    by side, standard + judge took 252 s against 256 s in a row: no gain), and in-process
+    training gives the same classifiers as bench_quality's ``prepare``."""
     from fastinv.train.classifier import train_classifier
 
-    return train_classifier(_classifier_config(p, out, name, device, init))
-
-
-def _train_classifiers(p: DemoPreset, out: Path, device: str) -> dict[str, Path]:
-    """Φ standard and the judge (independent: side by side where that is faster), then Φ
-    robust (PGD, fine-tuned from the standard one)."""
-    standard, judge = _run_jobs([(_train_one_classifier, p, out, "standard", device),
-                                 (_train_one_classifier, p, out, "judge", device)], device)
-    init = str(standard) if p.robust_from_standard else ""
-    robust = _train_one_classifier(p, out, "robust", device, init)
-    return {"standard": standard, "robust": robust, "judge": judge}
+    paths = {}
+    for name in (*CLASSIFIERS, "judge"):
+        init = str(paths["standard"]) if name == "robust" and p.robust_from_standard else ""
+        paths[name] = train_classifier(_classifier_config(p, out, name, device, init))
+    return paths
 
 
 def _train_inverters(p: DemoPreset, out: Path, weights: dict[str, Path], device: str) -> None:

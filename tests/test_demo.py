@@ -98,7 +98,7 @@ def _bad_job():
 
 
 def test_demo_runs_independent_trainings_side_by_side_on_a_cpu():
-    # the demo's two inverters (and standard Φ + judge) train in two spawned processes with
+    # the demo's two inverters train in two spawned processes with
     # half the threads each when the CPU has >= 2 threads; one after the other otherwise
     import os
 
