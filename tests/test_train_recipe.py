@@ -31,6 +31,13 @@ def _scalars(run_dir, tag):
     return [e.value for e in acc.Scalars(tag)]
 
 
+def _train_option(tmp_path, data, *flags):
+    """A 4-step tiny run with ``flags``, logging every 2 steps: (config, run directory)."""
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={data}", "--steps=4",
+                               "--log_every=2", *flags])
+    return cfg, train_inverter(cfg)
+
+
 def test_recipe_run_trains_with_standardised_logits_and_logit_consistency(tmp_path, synthetic_data):
     cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
                                "--steps=6", "--log_every=2", *RECIPE])
@@ -152,10 +159,8 @@ def test_flip_mirrors_about_half_the_images_and_passes_gradients():
 
 
 def test_consistency_augmentation_is_named_and_trains(tmp_path, synthetic_data):
-    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
-                               "--steps=4", "--log_every=2", "--aux_logit_weight=1",
-                               "--aux_augment=translation,flip"])
-    run_dir = train_inverter(cfg)
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--aux_logit_weight=1",
+                                 "--aux_augment=translation,flip")
     assert all(math.isfinite(v) and v > 0 for v in _scalars(run_dir, "aux_logit"))
     assert inverter_options(cfg) == {"logit consistency": 1.0,
                                      "consistency augmentation": "translation,flip"}
@@ -277,10 +282,8 @@ def test_phi_feature_statistics_hooks_only_record_their_own_calls():
 
 
 def test_phi_feature_statistics_trains_and_is_named(tmp_path, synthetic_data):
-    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
-                               "--steps=4", "--log_every=2", "--classifier.spec=fastinv:small_cnn",
-                               "--phi_stats_weight=2"])
-    run_dir = train_inverter(cfg)
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--classifier.spec=fastinv:small_cnn",
+                                 "--phi_stats_weight=2")
     values = _scalars(run_dir, "phi_stats")
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
     assert inverter_options(cfg) == {"Φ feature statistics": 2.0}
@@ -341,9 +344,7 @@ def test_mismatched_logits_pairs_other_classes_only():
 
 
 def test_mismatched_logit_d_trains_and_is_named(tmp_path, synthetic_data):
-    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
-                               "--steps=4", "--log_every=2", "--mismatch_weight=1"])
-    run_dir = train_inverter(cfg)
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--mismatch_weight=1")
     values = _scalars(run_dir, "d_mismatch")
     assert len(values) == 2 and all(math.isfinite(v) for v in values)
     assert inverter_options(cfg) == {"mismatched-logit D": 1.0}
@@ -352,9 +353,7 @@ def test_mismatched_logit_d_trains_and_is_named(tmp_path, synthetic_data):
 
 
 def test_d_logit_head_trains_and_is_named(tmp_path, synthetic_data):
-    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
-                               "--steps=4", "--log_every=2", "--d_head_weight=1"])
-    run_dir = train_inverter(cfg)
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--d_head_weight=1")
     for tag in ("d_head", "g_head"):
         values = _scalars(run_dir, tag)
         assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
@@ -373,10 +372,8 @@ def test_d_logit_head_trains_and_is_named(tmp_path, synthetic_data):
 
 def test_d_logit_head_cross_entropy_form(tmp_path, synthetic_data):
     # ACGAN's own loss: the head's outputs are class scores, the target Φ's top-1 class
-    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
-                               "--steps=4", "--log_every=2", "--d_head_weight=0.5",
-                               "--d_head_loss=ce", "--d_pool=mean"])
-    run_dir = train_inverter(cfg)
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--d_head_weight=0.5",
+                                 "--d_head_loss=ce", "--d_pool=mean")
     values = _scalars(run_dir, "d_head")
     # with mean pooling (the demo-cpu recipe) a 4-class head starts near log(4) = 1.39
     assert len(values) == 2 and all(0.5 < v < 5 for v in values)
@@ -425,9 +422,7 @@ def test_mode_seeking_loss_and_option(tmp_path, synthetic_data):
     assert loss.item() > 1e4
     loss.backward()
     assert torch.isfinite(a2.grad).all()
-    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
-                               "--steps=4", "--log_every=2", "--mode_seeking_weight=0.1"])
-    run_dir = train_inverter(cfg)
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--mode_seeking_weight=0.1")
     values = _scalars(run_dir, "mode_seeking")
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
     assert inverter_options(cfg) == {"mode seeking": 0.1}

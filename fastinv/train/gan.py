@@ -296,10 +296,11 @@ class InverterTrainer:
         """One G update after ``d_steps`` D updates; returns the step's losses and D outputs
         (0-dim tensors on the device, averaged over micro-batches)."""
         o, acc = self.cfg.optim, self.cfg.optim.accumulate
-        scale = lr_scale(self.step, self.cfg.run.steps, o.lr_decay_from)
-        for opt, lr in ((self.opt_G, o.g_lr), (self.opt_D, o.d_lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr * scale
+        if o.lr_decay_from < 1:  # constant rates (the default) leave the optimizers alone
+            scale = lr_scale(self.step, self.cfg.run.steps, o.lr_decay_from)
+            for opt, lr in ((self.opt_G, o.g_lr), (self.opt_D, o.d_lr)):
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
         stats = {"loss_d": 0.0, "d_real": 0.0, "d_fake": 0.0}
         logits, reals = [], []
         for _ in range(o.d_steps):
