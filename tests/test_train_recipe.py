@@ -428,3 +428,36 @@ def test_mode_seeking_loss_and_option(tmp_path, synthetic_data):
     assert inverter_options(cfg) == {"mode seeking": 0.1}
     with pytest.raises(ConfigError, match="mode_seeking_weight"):
         load_config("tiny", ["--mode_seeking_weight=-1"])
+
+
+def test_minibatch_std_sees_a_collapsed_group():
+    from fastinv.models.discriminator import minibatch_std
+
+    h = torch.randn(8, 3, 2, 2)
+    out = minibatch_std(h, 4)
+    assert out.shape == (8, 4, 2, 2) and torch.equal(out[:, :3], h)
+    # groups of 4 consecutive images: the first four are one group, the rest another
+    first = h[:4].var(dim=0, unbiased=False).add(1e-8).sqrt().mean()
+    torch.testing.assert_close(out[:4, 3], first.expand(4, 2, 2))
+    # a collapsed group (every image the same) reads ~0, a varied one does not
+    same = torch.cat([h[:1].expand(4, 3, 2, 2), h[4:]])
+    std = minibatch_std(same, 4)[:, 3, 0, 0]
+    assert std[:4].max() < 1e-3 and std[4:].min() > 0.1
+    # a batch that is not a multiple of the group: groups of gcd(N, group)
+    assert minibatch_std(torch.randn(6, 3, 2, 2), 4)[:, 3].unique().numel() == 3
+    assert minibatch_std(torch.randn(1, 3, 2, 2), 4)[:, 3].abs().max() == 0
+
+
+def test_minibatch_std_option_trains_and_is_named(tmp_path, synthetic_data):
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--d_mbstd=4")
+    values = _scalars(run_dir, "loss_d")
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)
+    assert inverter_options(cfg) == {"minibatch std": 4}
+    for bad in ("--d_mbstd=1", "--d_mbstd=3", "--d_mbstd=-2"):  # tiny's batch is 8
+        with pytest.raises(ConfigError, match="d_mbstd"):
+            load_config("tiny", [bad])
+    with pytest.raises(ValueError, match="mbstd_group"):
+        Discriminator(num_classes=4, resolution=16, ch=4, mbstd_group=1)
+    D = Discriminator(num_classes=4, resolution=16, ch=4, mbstd_group=2)
+    assert D.blocks[-1].conv1.weight.shape[1] == 4 * 4 + 1  # the last block reads the std
+    assert D(torch.randn(4, 3, 16, 16), torch.randn(4, 4)).shape == (4,)

@@ -9,6 +9,12 @@ frozen classifier Φ at one of its trunk's resolutions: a spectral-normed 1x1 co
 is added to the trunk's activation there (the projected-GAN idea, Sauer et al. 2021, with Φ's
 own features). D then sees where in the image Φ finds class evidence, so G cannot meet Φ's
 logits with one small patch: the whole feature map has to look like a real image's.
+
+Optionally (``mbstd_group > 0``, the "minibatch std" option, Karras et al. 2018) the last
+block's input gets one more channel: the standard deviation of the features over groups of
+``mbstd_group`` consecutive images, averaged to one number per group. A G that draws the same
+image for every noise (mode collapse) gives groups of fakes a std near 0 that no group of
+reals has, so D can score the collapse itself.
 """
 
 from __future__ import annotations
@@ -41,6 +47,21 @@ def trunk_sizes(resolution: int) -> tuple[int, ...]:
         res //= 2 if d else 1
         sizes.append(res)
     return tuple(dict.fromkeys(sizes))
+
+
+def minibatch_std(h: torch.Tensor, group: int) -> torch.Tensor:
+    """``h`` (N, C, H, W) with one channel more: per group of ``group`` consecutive images
+    (``gcd(N, group)`` when N is not a multiple), the std over the group of each feature,
+    averaged over C, H, W. Groups are consecutive so that D's one call on
+    ``cat([reals, fakes])`` never mixes the two when the batch is a multiple of the group."""
+    n, c, hh, ww = h.shape
+    g = math.gcd(n, group)
+    if g < 2:  # a single image: no spread to measure
+        return torch.cat([h, h.new_zeros(n, 1, hh, ww)], dim=1)
+    y = h.float().view(n // g, g, c, hh, ww)
+    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N / g,)
+    std = std.repeat_interleave(g).to(h.dtype).view(n, 1, 1, 1).expand(n, 1, hh, ww)
+    return torch.cat([h, std], dim=1)
 
 
 class DBlock(nn.Module):
@@ -80,10 +101,13 @@ class Discriminator(nn.Module):
                  attention_resolution: int = 64, logit_preprocess: str = "none",
                  logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv",
                  pool: str = "sum", phi_channels: int = 0, phi_resolution: int = 0,
-                 logit_head: bool = False):
+                 logit_head: bool = False, mbstd_group: int = 0):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"Discriminator pool must be one of {POOLS}, got {pool!r}")
+        if mbstd_group < 0 or mbstd_group == 1:
+            raise ValueError(f"Discriminator mbstd_group must be 0 (off) or >= 2, got {mbstd_group}")
+        self.mbstd_group = mbstd_group
         with _layers.implementation(layers):
             self._build(num_classes, resolution, ch, attention_resolution, logit_preprocess,
                         logit_temperature, sn_eps)
@@ -96,7 +120,8 @@ class Discriminator(nn.Module):
             _layers.attach_spectral_norm_group(self)
         self.pool = pool
         self.config.update(layers=layers, pool=pool, phi_channels=phi_channels,
-                           phi_resolution=phi_resolution, logit_head=logit_head)
+                           phi_resolution=phi_resolution, logit_head=logit_head,
+                           mbstd_group=mbstd_group)
 
     def _build(self, num_classes, resolution, ch, attention_resolution, logit_preprocess,
                logit_temperature, sn_eps):
@@ -113,7 +138,10 @@ class Discriminator(nn.Module):
         self.attention = nn.ModuleDict()
         res = resolution
         for i, (ci, co, d) in enumerate(zip(ins, outs, down)):
-            self.blocks.append(DBlock(3 if i == 0 else ci * ch, co * ch, d, i > 0, sn_eps))
+            cin = 3 if i == 0 else ci * ch
+            if i == len(ins) - 1 and self.mbstd_group:
+                cin += 1  # the minibatch-std channel
+            self.blocks.append(DBlock(cin, co * ch, d, i > 0, sn_eps))
             res //= 2 if d else 1
             if res == attention_resolution and str(i) not in self.attention and d:
                 self.attention[str(i)] = layers.self_attention(co * ch, sn_eps)
@@ -165,6 +193,8 @@ class Discriminator(nn.Module):
                              f"pass them after the logits (got {len(phi)})")
         h = x
         for i, block in enumerate(self.blocks):
+            if i == len(self.blocks) - 1 and self.mbstd_group:
+                h = minibatch_std(h, self.mbstd_group)
             h = block(h)
             if str(i) in self.attention:
                 h = self.attention[str(i)](h)

@@ -70,6 +70,9 @@ class ModelConfig:
     # several comma-separated names: one map each (e.g. "features.12,features.19"); "" = off
     # (the paper)
     d_phi_layer: str = ""
+    # "minibatch std": D's last block also reads the std of its features over groups of this
+    # many images (StyleGAN's layer), so a G that ignores its noise is visible to D; 0 = off
+    d_mbstd: int = 0
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -205,7 +208,7 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "D pooling": "" if m.d_pool == "sum" else m.d_pool,
              "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight,
              "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight,
-             "mode seeking": o.mode_seeking_weight,
+             "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
              "lr decay": f"linear from {o.lr_decay_from:g} of the run" if o.lr_decay_from < 1
              else ""}
     if o.d_head_weight and o.d_head_loss != "mse":  # the head's loss form, when not the default
@@ -370,6 +373,9 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.logit_temperature > 0, "model.logit_temperature must be > 0")
     _require(m.layers in ("fastinv", "torch"), f"model.layers must be fastinv or torch, "
              f"got {m.layers!r}")
+    _require(m.d_mbstd == 0 or (m.d_mbstd >= 2 and d.batch_size % m.d_mbstd == 0),
+             f"model.d_mbstd must be 0 (off) or a group size >= 2 that divides data.batch_size "
+             f"({d.batch_size}), got {m.d_mbstd}")
     _require(m.d_pool in ("sum", "mean", "sqrt"), f"model.d_pool must be sum, mean or sqrt, "
              f"got {m.d_pool!r}")
     for name in ("diffaug", "aux_augment"):

@@ -83,7 +83,7 @@ def build_models(cfg: TrainConfig, num_classes: int,
                   **common)
     D = Discriminator(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
                       phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
-                      **common)
+                      mbstd_group=m.d_mbstd, **common)
     return G, D
 
 
