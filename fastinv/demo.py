@@ -234,6 +234,8 @@ def _train_deepsim(p: DemoPreset, out: Path, name: str, weights: Path, device: s
     from fastinv.models.classifiers import load_classifier
 
     clf = load_classifier(f"fastinv:{p.clf_arch}", weights=weights).to(device)
+    # the worker is its own process: it reads the training images itself (a few seconds, in
+    # parallel) rather than receiving ~150 MB of tensors pickled from the parent
     train = _images(out / "data" / "train", clf, p, p.n_images, device)
     dcfg = DeepSimConfig(steps=p.deepsim_steps, width=p.deepsim_width,
                          batch_size=p.deepsim_batch, seed=seed)
