@@ -461,3 +461,24 @@ def test_minibatch_std_option_trains_and_is_named(tmp_path, synthetic_data):
     D = Discriminator(num_classes=4, resolution=16, ch=4, mbstd_group=2)
     assert D.blocks[-1].conv1.weight.shape[1] == 4 * 4 + 1  # the last block reads the std
     assert D(torch.randn(4, 3, 16, 16), torch.randn(4, 4)).shape == (4,)
+
+
+def test_conditioned_g_input_makes_the_first_map_depend_on_the_logits(tmp_path, synthetic_data):
+    from fastinv.models.generator import BOTTOM, Generator
+
+    torch.manual_seed(0)
+    G = Generator(num_classes=4, resolution=16, ch=4, noise_dim=12, shared_dim=8,
+                  attention_resolution=0, cond_input=True).eval()
+    noise = G.sample_noise(2).expand(2, -1).contiguous()  # one noise, two logit vectors
+    logits = torch.randn(2, 4)
+    first = G.linear(torch.cat([noise.split(G.chunk, 1)[0], G.shared(G.preprocess(logits))], 1))
+    assert not torch.allclose(first[0], first[1])  # BigGAN's input (noise only) would be equal
+    assert first.shape == (2, 4 * 4 * BOTTOM * BOTTOM)
+    plain = Generator(num_classes=4, resolution=16, ch=4, noise_dim=12, shared_dim=8,
+                      attention_resolution=0)
+    assert G.linear.weight.shape[1] == plain.linear.weight.shape[1] + 8
+    # the option trains, is named, and a checkpoint rebuilds the same G
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--g_cond_input=true")
+    assert inverter_options(cfg) == {"conditioned G input": True}
+    loaded, _ = checkpoint.load_inverter(checkpoint.list_checkpoints(run_dir)[-1], device="cpu")
+    assert loaded.cond_input and loaded.config["cond_input"]

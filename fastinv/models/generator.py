@@ -60,20 +60,25 @@ class Generator(nn.Module):
         logit_preprocess / logit_temperature: see ``layers.LogitPreprocess``.
         layers: ``fastinv`` (fused spectral norm / conditional batch norm) or ``torch``
             (torch's own layers, same numerics; the benchmark baseline).
+        cond_input: the "conditioned G input" option: the input linear layer reads
+            ``cat(noise chunk, shared(logits))`` (BigGAN-deep's input) so the 4x4 map the
+            blocks start from already depends on the logits; False is BigGAN (noise only,
+            the logits reach G only through the batch norms' gains and biases).
     """
 
     def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96, noise_dim: int = 120,
                  shared_dim: int = 128, attention_resolution: int = 64,
                  logit_preprocess: str = "none", logit_temperature: float = 1.0,
-                 bn_eps: float = 1e-5, sn_eps: float = 1e-6, layers: str = "fastinv"):
+                 bn_eps: float = 1e-5, sn_eps: float = 1e-6, layers: str = "fastinv",
+                 cond_input: bool = False):
         super().__init__()
         with _layers.implementation(layers):
             self._build(num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
-                        logit_preprocess, logit_temperature, bn_eps, sn_eps)
+                        logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input)
         self.config["layers"] = layers
 
     def _build(self, num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
-               logit_preprocess, logit_temperature, bn_eps, sn_eps):
+               logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input):
         if resolution not in G_ARCH:
             raise ValueError(f"Generator resolution must be one of {sorted(G_ARCH)}, got {resolution}")
         if num_classes < 1 or ch < 1 or shared_dim < 1:
@@ -87,7 +92,8 @@ class Generator(nn.Module):
                            noise_dim=noise_dim, shared_dim=shared_dim,
                            attention_resolution=attention_resolution,
                            logit_preprocess=logit_preprocess, logit_temperature=logit_temperature,
-                           bn_eps=bn_eps, sn_eps=sn_eps)
+                           bn_eps=bn_eps, sn_eps=sn_eps, cond_input=cond_input)
+        self.cond_input = cond_input
         self.num_classes, self.resolution = num_classes, resolution
         self.chunk = noise_dim // slots
         self.noise_dim = self.chunk * slots
@@ -95,7 +101,7 @@ class Generator(nn.Module):
 
         self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
         self.shared = layers.sn_linear(num_classes, shared_dim, sn_eps)
-        self.linear = layers.sn_linear(self.chunk, ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
+        self.linear = layers.sn_linear(self.chunk + (shared_dim if cond_input else 0), ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
         res = BOTTOM
@@ -125,7 +131,8 @@ class Generator(nn.Module):
                              f"{self.noise_dim}), got {tuple(noise.shape)}; use G.sample_noise")
         shared = self.shared(self.preprocess(logits))
         zs = noise.split(self.chunk, dim=1)
-        h = self.linear(zs[0]).view(logits.shape[0], -1, BOTTOM, BOTTOM)
+        first = torch.cat([zs[0], shared], dim=1) if self.cond_input else zs[0]
+        h = self.linear(first).view(logits.shape[0], -1, BOTTOM, BOTTOM)
         for i, block in enumerate(self.blocks):
             h = block(h, torch.cat([shared, zs[i + 1]], dim=1))
             if str(i) in self.attention:

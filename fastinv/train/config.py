@@ -73,6 +73,9 @@ class ModelConfig:
     # "minibatch std": D's last block also reads the std of its features over groups of this
     # many images (StyleGAN's layer), so a G that ignores its noise is visible to D; 0 = off
     d_mbstd: int = 0
+    # "conditioned G input": G's input linear layer reads the logit embedding beside the noise
+    # (BigGAN-deep), not only the batch norms; False = BigGAN
+    g_cond_input: bool = False
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -209,6 +212,7 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight,
              "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight,
              "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
+             "conditioned G input": m.g_cond_input,
              "lr decay": f"linear from {o.lr_decay_from:g} of the run" if o.lr_decay_from < 1
              else ""}
     if o.d_head_weight and o.d_head_loss != "mse":  # the head's loss form, when not the default

@@ -80,7 +80,7 @@ def build_models(cfg: TrainConfig, num_classes: int,
                   attention_resolution=m.attention_resolution, logit_preprocess=m.logit_preprocess,
                   logit_temperature=m.logit_temperature, sn_eps=m.sn_eps, layers=m.layers)
     G = Generator(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim, bn_eps=m.bn_eps,
-                  **common)
+                  cond_input=m.g_cond_input, **common)
     D = Discriminator(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
                       phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
                       mbstd_group=m.d_mbstd, **common)
