@@ -1,8 +1,8 @@
 """The ``fastinv`` command: a thin layer over functions that tests call directly.
 
 Each subcommand lives in the package that does the work, as a module with
-``register(parser)`` (adds its arguments) and ``run(args) -> int``. Subcommands whose
-module is not there yet say so plainly instead of failing with a traceback.
+``register(parser)`` (adds its arguments) and ``run(args) -> int``. Only the module of the
+command being run is imported (``fastinv info`` does not pay for matplotlib or DALI).
 
 One error policy for every subcommand: a :class:`fastinv.errors.FastinvError` (bad input: a
 value, a path, a file), a configuration error or the OS error of a bad path is printed as
@@ -23,7 +23,7 @@ from fastinv.errors import FastinvError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fastinv.info", "versions, devices and which kernel serves each op"),
     "data": ("fastinv.data.cli", "make the synthetic factor dataset; inspect a dataset"),
-    "classifier": ("fastinv.models.cli", "train the small standard / PGD-robust classifiers"),
+    "classifier": ("fastinv.train.classifier_cli", "train the small standard / PGD-robust classifiers"),
     "train": ("fastinv.train.cli", "train an inverter G(logits, noise) (torchrun for DDP)"),
     "invert": ("fastinv.invert.cli", "analyses: reconstruct, resample, misclassified, shift, scale, perturb"),
     "report": ("fastinv.invert.report_cli", "render report.md / report.html for a run directory"),
@@ -33,16 +33,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _load(name: str):
-    module, _ = COMMANDS[name]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
-            return None  # not built yet
-        raise
+    return importlib.import_module(COMMANDS[name][0])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (its first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported and registers its arguments (the
+    others appear in the help by their one-line description)."""
     parser = argparse.ArgumentParser(
         prog="fastinv",
         description="Invert an image classifier's logits with a feedforward BigGAN inverter.",
@@ -51,11 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, print the traceback as well as the message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        mod = _load(name)
-        p = sub.add_parser(name, help=help_text if mod else f"{help_text} [not built yet]",
-                           description=help_text)
-        if mod is not None:
-            mod.register(p)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _load(name).register(p)
         p.set_defaults(_command=name)
     return parser
 
@@ -82,17 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     # --debug is accepted anywhere: subcommands (train) pass the rest of the line through
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 0
     mod = _load(args._command)
-    if mod is None:
-        sys.stderr.write(
-            f"fastinv {args._command}: this subcommand is planned but not built in this version.\n"
-        )
-        return 2
     try:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:

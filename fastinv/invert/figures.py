@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
 
 from fastinv.io import atomic_savefig, atomic_write  # noqa: E402
 
@@ -25,17 +25,6 @@ def _save_image(images, path, **kwargs) -> None:
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped, on the CPU."""
     return ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-
-
-def save_rows(rows: Sequence[torch.Tensor], path: Path, upscale: int = 1) -> Path:
-    """Save a grid whose i-th row is ``rows[i]`` (each (N, C, H, W) in [-1, 1], same N)."""
-    n = rows[0].shape[0]
-    images = torch.cat([to_unit(r) for r in rows])
-    if upscale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_image(images, path, nrow=n, padding=2, pad_value=1.0)
-    return path
 
 
 def save_columns(columns: Sequence[torch.Tensor], path: Path, upscale: int = 1) -> Path:
@@ -110,10 +99,4 @@ def save_curves(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def save_grid_tensor(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save_image(make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0), path)
     return path

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastinv.nn as fnn
+
 LOGIT_PREPROCESS = ("none", "standardise", "temperature", "affine")
 IMPLEMENTATIONS = ("fastinv", "torch")
 _impl = ["fastinv"]
@@ -33,11 +35,8 @@ def implementation(name: str):
 
 
 def _fastinv_nn(name: str):
-    if _impl[-1] == "torch":
-        return None
-    import fastinv.nn as fnn
-
-    return getattr(fnn, name, None)
+    """fastinv's layer class ``name``, or None inside ``implementation("torch")``."""
+    return None if _impl[-1] == "torch" else getattr(fnn, name)
 
 
 def _torch_sn(module: nn.Module, eps: float) -> nn.Module:

@@ -15,17 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastinv.nn.spectral_norm import SNConv2d
+
 
 def _sn_conv1x1(in_ch: int, out_ch: int, eps: float) -> nn.Module:
-    import fastinv.nn as fnn
-
-    cls = getattr(fnn, "SNConv2d", None)
-    if cls is not None:
-        return cls(in_ch, out_ch, kernel_size=1, padding=0, bias=False, eps=eps)
-    # fastinv's SN layers not built: torch's spectral norm has the same numerics.
-    return nn.utils.parametrizations.spectral_norm(
-        nn.Conv2d(in_ch, out_ch, kernel_size=1, padding=0, bias=False), eps=eps
-    )
+    return SNConv2d(in_ch, out_ch, kernel_size=1, padding=0, bias=False, eps=eps)
 
 
 class SelfAttention(nn.Module):

@@ -41,6 +41,34 @@ def _from_matrix_output(out: torch.Tensor, dim: int) -> torch.Tensor:
     return out if dim == 0 else out.movedim(0, dim)
 
 
+def convert_keys_for_loading(state_dict: dict, prefix: str, name: str, dim: int, eps: float) -> None:
+    """Rewrite, in place, torch-parametrization or BigGAN keys of one layer to fastinv's."""
+    ours = prefix + name + "_orig"
+    if ours in state_dict:
+        return
+    torch_keys = (
+        f"{prefix}parametrizations.{name}.original",
+        f"{prefix}parametrizations.{name}.0._u",
+        f"{prefix}parametrizations.{name}.0._v",
+    )
+    if torch_keys[0] in state_dict:
+        for old, new in zip(torch_keys, ("_orig", "_u", "_v")):
+            if old in state_dict:
+                state_dict[prefix + name + new] = state_dict.pop(old)
+        return
+    if prefix + name in state_dict and prefix + "u0" in state_dict:
+        weight = state_dict.pop(prefix + name)
+        u = state_dict.pop(prefix + "u0").reshape(-1)
+        state_dict.pop(prefix + "sv0", None)
+        mat = _as_matrix_input(weight, dim)
+        mat = mat.reshape(mat.shape[0], -1).to(torch.float64)
+        u = F.normalize(u.to(torch.float64), dim=0, eps=eps)
+        v = F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps)
+        state_dict[ours] = weight
+        state_dict[prefix + name + "_u"] = u
+        state_dict[prefix + name + "_v"] = v
+
+
 class SpectralNormMixin:
     """What every fastinv spectral-normed module has (mixed in front of its torch class)."""
 
@@ -79,8 +107,6 @@ class SpectralNormMixin:
         return result
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        from fastinv.nn.spectral_norm_state import convert_keys_for_loading
-
         for name, spec in self._sn_specs.items():
             convert_keys_for_loading(state_dict, prefix, name, spec.dim, spec.eps)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -13,8 +13,9 @@ BigGAN-PyTorch (``layers.SN`` with ``num_svs=1``): the raw weight under its own 
 
     weight, u0, sv0
 
-Loading: a fastinv layer's ``load_state_dict`` accepts all three (``convert_keys_for_loading``
-rewrites the keys as it loads). For BigGAN, v is rebuilt as ``normalize(Wᵀ u)``, which is what
+Loading: a fastinv layer's ``load_state_dict`` accepts all three
+(``fastinv.nn.spectral_norm.convert_keys_for_loading`` rewrites the keys as it loads, so the
+layers do not depend on this module). For BigGAN, v is rebuilt as ``normalize(Wᵀ u)``, which is what
 BigGAN's next power iteration would compute, and ``sv0`` is dropped (σ is recomputed from u, v).
 Saving: ``state_dict_as_torch(model)`` / ``state_dict_as_biggan(model)`` return ``model``'s
 state dict in those layouts (u, v in the weight's dtype for torch, as torch keeps them).
@@ -23,38 +24,9 @@ state dict in those layouts (u, v in the weight's dtype for torch, as torch keep
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastinv.nn.spectral_norm import _as_matrix_input, is_spectral_norm
-
-
-def convert_keys_for_loading(state_dict: dict, prefix: str, name: str, dim: int, eps: float) -> None:
-    """Rewrite, in place, torch-parametrization or BigGAN keys of one layer to fastinv's."""
-    ours = prefix + name + "_orig"
-    if ours in state_dict:
-        return
-    torch_keys = (
-        f"{prefix}parametrizations.{name}.original",
-        f"{prefix}parametrizations.{name}.0._u",
-        f"{prefix}parametrizations.{name}.0._v",
-    )
-    if torch_keys[0] in state_dict:
-        for old, new in zip(torch_keys, ("_orig", "_u", "_v")):
-            if old in state_dict:
-                state_dict[prefix + name + new] = state_dict.pop(old)
-        return
-    if prefix + name in state_dict and prefix + "u0" in state_dict:
-        weight = state_dict.pop(prefix + name)
-        u = state_dict.pop(prefix + "u0").reshape(-1)
-        state_dict.pop(prefix + "sv0", None)
-        mat = _as_matrix_input(weight, dim)
-        mat = mat.reshape(mat.shape[0], -1).to(torch.float64)
-        u = F.normalize(u.to(torch.float64), dim=0, eps=eps)
-        v = F.normalize(torch.mv(mat.t(), u), dim=0, eps=eps)
-        state_dict[ours] = weight
-        state_dict[prefix + name + "_u"] = u
-        state_dict[prefix + name + "_v"] = v
 
 
 def _layers(model: nn.Module):
