@@ -196,7 +196,7 @@ def test_symmetry_augment_only_rotates_flips_and_reorders_channels():
 def test_classifier_cli_show_and_errors(capsys):
     import argparse
 
-    from fastinv.models import cli
+    from fastinv.train import classifier_cli as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser)

@@ -22,18 +22,17 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from fastinv.models.classifiers import classifier_input
+
 NOT_COMPUTED = "not computed"
 
 
 def to_classifier_input(images: torch.Tensor, classifier: torch.nn.Module) -> torch.Tensor:
-    """Map images in [-1, 1] to the classifier's normalised input at its input size."""
+    """Map images in [-1, 1] to the classifier's normalised input at its input size: the same
+    mapping as ``Classifier.prepare`` (one function, ``classifier_input``), for any module with
+    ``mean`` / ``std`` (and ``input_size``, else the images' own size)."""
     size = int(getattr(classifier, "input_size", images.shape[-1]))
-    x = (images.float() + 1.0) / 2.0
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.as_tensor(classifier.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(classifier.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return classifier_input(images, size, classifier.mean, classifier.std)
 
 
 def classifier_logits(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

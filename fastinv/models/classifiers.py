@@ -39,6 +39,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SPEC_KINDS = ("torchvision", "timm", "robust", "torchscript", "fastinv")
 
 
+def classifier_input(images: torch.Tensor, input_size: int, mean, std) -> torch.Tensor:
+    """The one mapping from images in [-1, 1] (G's range) to a classifier's input: [0, 1],
+    resized to ``input_size`` (bilinear, antialiased) when needed, normalised by ``mean`` /
+    ``std`` (per channel; sequences or tensors). Differentiable in ``images``."""
+    x = (images.float() + 1) / 2
+    if x.shape[-1] != input_size or x.shape[-2] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear",
+                          align_corners=False, antialias=True)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
 class Classifier(nn.Module):
     """A frozen classifier: normalised images ``(N, 3, input_size, input_size)`` -> logits.
 
@@ -63,11 +76,7 @@ class Classifier(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> normalised classifier input at ``input_size`` (differentiable)."""
-        x = (images.float() + 1) / 2
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
-                              align_corners=False, antialias=True)
-        return (x - self._mean) / self._std
+        return classifier_input(images, self.input_size, self._mean, self._std)
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, input_size={self.input_size}, "

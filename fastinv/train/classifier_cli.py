@@ -52,12 +52,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.classifier_command == "train":
+        from fastinv.models.classifiers import sidecar_path
         from fastinv.train.classifier import ClassifierConfig, train_classifier
 
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClassifierConfig)}
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
         path = train_classifier(ClassifierConfig(**values))
-        meta = json.loads(path.with_suffix(".json").read_text())
+        meta = json.loads(sidecar_path(path).read_text())
         acc = {k: meta[k] for k in ("val_accuracy", "val_robust_accuracy") if k in meta}
         print(f"classifier weights: {path} {acc}")
         return 0
