@@ -218,31 +218,6 @@ def _train_inverter(p: DemoPreset, out: Path, name: str, weights: Path, device: 
     return train_inverter(load_config(p.gan_preset, overrides))
 
 
-def _train_deepsims(p: DemoPreset, out: Path, weights: dict[str, Path], device: str,
-                    seed: int) -> dict[str, Path]:
-    """A DeePSiM decoder for each Φ, side by side where that is faster (``_run_jobs``; the
-    progress bar is the first one's); the decoders' paths."""
-    paths = _run_jobs([(_train_deepsim, p, out, name, weights[name], device, seed,
-                        i == 0 or not _split_threads(device))
-                       for i, name in enumerate(CLASSIFIERS)], device)
-    return dict(zip(CLASSIFIERS, paths))
-
-
-def _train_deepsim(p: DemoPreset, out: Path, name: str, weights: Path, device: str, seed: int,
-                   progress: bool) -> Path:
-    from fastinv.invert.deepsim_train import DeepSimConfig, train_deepsim
-    from fastinv.models.classifiers import load_classifier
-
-    clf = load_classifier(f"fastinv:{p.clf_arch}", weights=weights).to(device)
-    # the worker is its own process: it reads the training images itself (a few seconds, in
-    # parallel) rather than receiving ~150 MB of tensors pickled from the parent
-    train = _images(out / "data" / "train", clf, p, p.n_images, device)
-    dcfg = DeepSimConfig(steps=p.deepsim_steps, width=p.deepsim_width,
-                         batch_size=p.deepsim_batch, seed=seed)
-    return train_deepsim(clf, train.images, train.logits, out / name / "deepsim", dcfg,
-                         progress=progress)[1]
-
-
 def _images(root: Path, classifier, p: DemoPreset, n: int, device: str):
     from fastinv.data import make_loader
     from fastinv.invert.analyses import collect_images
@@ -259,7 +234,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     from fastinv.data import CLASS_NAMES, load_factors, make_synthetic_dataset
     from fastinv.invert import factors as fac
     from fastinv.invert.baselines import OptimizationConfig
-    from fastinv.invert.deepsim_train import load_deepsim
+    from fastinv.invert.deepsim_train import DeepSimConfig, train_deepsim
     from fastinv.invert.evaluate import (
         compare_methods,
         optimization_subset,
@@ -298,8 +273,6 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     factor_table: dict[str, dict] = {}
     methods_table: dict[str, dict] = {}
     _stage("inverters (standard + robust)", timings, _train_inverters, p, out, weights, device)
-    deepsims = _stage("DeePSiM decoders (standard + robust)", timings, _train_deepsims, p, out,
-                      weights, device, seed)
     for name in CLASSIFIERS:
         clf = load_classifier(f"fastinv:{p.clf_arch}", weights=weights[name]).to(device)
         meta = json.loads(sidecar_path(weights[name]).read_text())
@@ -319,7 +292,10 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
         train = _images(out / "data" / "train", clf, p, p.n_images, device)
         _stage(f"analyses for {name}", timings, run_analyses, G, clf, val, out / name / "analyses",
                class_names=class_names, k=p.k_resample, seed=seed, progress=True)
-        deepsim = load_deepsim(deepsims[name], device=device)
+        dcfg = DeepSimConfig(steps=p.deepsim_steps, width=p.deepsim_width,
+                             batch_size=p.deepsim_batch, seed=seed)
+        deepsim, _ = _stage(f"DeePSiM decoder for {name}", timings, train_deepsim, clf,
+                            train.images, train.logits, out / name / "deepsim", dcfg)
         ocfg = OptimizationConfig(steps=p.opt_steps, restarts=p.opt_restarts, seed=seed)
         nn_baseline = NearestNeighbour(train.logits, train.images)
         methods, recs = _stage(f"method comparison for {name}", timings, compare_methods, clf, val,
