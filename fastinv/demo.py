@@ -380,9 +380,9 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastinv demo: --device cuda but no CUDA GPU is visible; use --device cpu")
+    from fastinv.train.distributed import resolve_device
+
+    device = resolve_device(args.device).type
     preset = args.preset or ("quick" if args.quick else ("gpu" if device == "cuda" else "default"))
     if args.threads:
         torch.set_num_threads(args.threads)

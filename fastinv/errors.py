@@ -25,3 +25,7 @@ class CheckpointError(BadFileError):
 
 class MissingFileError(FastinvError, FileNotFoundError):
     """A file or directory the command needs is not there."""
+
+
+class DeviceError(FastinvError, RuntimeError):
+    """The requested device is not available on this machine (``cuda`` without a GPU)."""

@@ -90,3 +90,16 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         register=lambda p: None, run=run))
     with pytest.raises(KeyError):
         cli.main(["bench"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--preset", "tiny", "--out", "unused", "--device", "cuda"],
+    ["invert", "reconstruct", "--inverter", "unused", "--data", "unused", "--out", "unused",
+     "--device", "cuda"],
+])
+def test_cuda_without_a_gpu_is_a_message_not_a_traceback(capsys, monkeypatch, argv):
+    # every command resolves its device in one place (train.distributed.resolve_device)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rc, err = _run(capsys, argv)
+    assert rc == 2 and err.startswith(f"fastinv {argv[0]}: ") and "no CUDA GPU" in err
+    assert "Traceback" not in err

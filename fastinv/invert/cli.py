@@ -50,8 +50,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from fastinv.data import dataset_classes, make_loader
     from fastinv.invert.analyses import collect_images
     from fastinv.invert.baselines import OptimizationConfig
@@ -60,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from fastinv.io import atomic_write_text
     from fastinv.models.classifiers import load_classifier
     from fastinv.train.checkpoint import load_inverter
+    from fastinv.train.distributed import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device).type
     G, cfg = load_inverter(args.inverter, device=device)
     spec = args.classifier or cfg.classifier.spec
     weights = args.weights if (args.classifier or args.weights) else cfg.classifier.weights

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastinv.errors import DeviceError
+
 
 @dataclass
 class DistInfo:
@@ -31,12 +33,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
+def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """``auto`` (or None): CUDA when a GPU is visible, else the CPU; ``cuda``: this rank's GPU
+    (``local_rank`` modulo the visible count), a clear error without one. The one place every
+    command resolves its device."""
+    if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but no CUDA GPU is visible; use --device=cpu")
+            raise DeviceError("device 'cuda' requested but no CUDA GPU is visible; use cpu")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
