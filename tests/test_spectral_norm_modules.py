@@ -288,3 +288,19 @@ def test_whole_model_checkpoints_convert_with_nested_names():
     # BigGAN keeps no v and u is renormalised on load: equal up to the fp32 init of u
     torch.testing.assert_close(again[0].weight_u, ours[0].weight_u, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(again[2].weight_orig, ours[2].weight_orig, **F64)
+
+
+def test_reset_power_iteration_finds_sigma_after_reinit_and_state_is_the_matrix_view():
+    # what BigGAN's orthogonal re-init needs: stale (u, v) give σ = uᵀWv far below the true
+    # largest singular value; 15 iterations from the new weight recover it
+    torch.manual_seed(0)
+    conv = fnn.SNConv2d(6, 8, 3, padding=1)
+    assert conv.spectral_norm_names == ("weight",)
+    with torch.no_grad():
+        conv.weight_orig.copy_(torch.randn_like(conv.weight_orig) * 3)
+    w, u, v = conv.spectral_norm_state()
+    assert w.shape == (8, 6 * 9) and w.data_ptr() == conv.weight_orig.data_ptr()
+    true_sigma = torch.linalg.matrix_norm(w.detach(), ord=2)
+    assert torch.dot(u, w.detach() @ v) < 0.9 * true_sigma
+    conv.reset_power_iteration(100)
+    torch.testing.assert_close(torch.dot(u, w.detach() @ v), true_sigma, rtol=1e-4, atol=0)

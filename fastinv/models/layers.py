@@ -107,8 +107,7 @@ def attach_spectral_norm_group(model: nn.Module) -> object | None:
     Returns None when fastinv.nn has no SpectralNormGroup or the model has no fastinv SN layer
     (torch's fallback layers refresh themselves)."""
     cls = _fastinv_nn("SpectralNormGroup")
-    if cls is None or not any(type(m).__module__.startswith("fastinv.") and "SN" in type(m).__name__
-                              for m in model.modules()):
+    if cls is None or not any(fnn.is_spectral_norm(m) for m in model.modules()):
         return None
     group = cls(model)
     model.__dict__["_sn_group"] = group
@@ -122,8 +121,8 @@ def init_orthogonal(model: nn.Module) -> None:
             continue
         if nn.utils.parametrize.is_parametrized(m, "weight"):
             w = m.parametrizations.weight.original
-        elif "weight_orig" in m._parameters:  # fastinv.nn spectral norm
-            w = m._parameters["weight_orig"]
+        elif fnn.is_spectral_norm(m):  # the raw weight, documented as what to initialise
+            w = m.weight_orig
         else:
             w = m.weight
         if isinstance(w, nn.Parameter) and w.dim() >= 2:
@@ -135,12 +134,18 @@ def init_orthogonal(model: nn.Module) -> None:
 def retune_spectral_norms(model: nn.Module, iterations: int = 15) -> None:
     """Run power iterations on every SN weight's (u, v), as torch does when SN is attached:
     after re-initialising the weights, stale (u, v) would make σ = uᵀWv far too small and an
-    eval-mode forward (no power iteration) blow up."""
-    for w, u, v in _sn_triples(model):
-        w = w.detach().to(u.dtype)
-        for _ in range(iterations):
-            v.copy_(F.normalize(w.T @ u, dim=0, eps=1e-12))
-            u.copy_(F.normalize(w @ v, dim=0, eps=1e-12))
+    eval-mode forward (no power iteration) blow up. fastinv's layers do it themselves
+    (``reset_power_iteration``); torch's parametrizations the same way with their own eps."""
+    for m in model.modules():
+        if fnn.is_spectral_norm(m):
+            m.reset_power_iteration(iterations)
+        elif nn.utils.parametrize.is_parametrized(m, "weight"):
+            p = m.parametrizations.weight
+            w, u, v, eps = p.original.detach(), p[0]._u, p[0]._v, p[0].eps
+            w = w.reshape(w.shape[0], -1).to(u.dtype)
+            for _ in range(iterations):
+                v.copy_(F.normalize(w.T @ u, dim=0, eps=eps))
+                u.copy_(F.normalize(w @ v, dim=0, eps=eps))
 
 
 class LogitPreprocess(nn.Module):
@@ -202,14 +207,12 @@ def downsample2(x: torch.Tensor) -> torch.Tensor:
 def _sn_triples(model: nn.Module):
     """(W as a matrix, u, v) of every spectral-normed weight (fastinv's or torch's)."""
     for m in model.modules():
-        if "weight_orig" in m._parameters and "weight_u" in m._buffers:
-            w, u, v = m._parameters["weight_orig"], m._buffers["weight_u"], m._buffers["weight_v"]
+        if fnn.is_spectral_norm(m):
+            yield from (m.spectral_norm_state(name) for name in m.spectral_norm_names)
         elif nn.utils.parametrize.is_parametrized(m, "weight"):
+            # torch's parametrization keeps (u, v) under private names: there is no public API
             p = m.parametrizations.weight
-            w, u, v = p.original, p[0]._u, p[0]._v
-        else:
-            continue
-        yield w.reshape(w.shape[0], -1), u, v
+            yield p.original.reshape(p.original.shape[0], -1), p[0]._u, p[0]._v
 
 
 @torch.no_grad()

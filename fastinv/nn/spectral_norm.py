@@ -93,6 +93,32 @@ class SpectralNormMixin:
         )
         return _from_matrix_output(out, spec.dim)
 
+    @property
+    def spectral_norm_names(self) -> tuple[str, ...]:
+        """Names of the spectral-normed parameters (``("weight",)`` for the SN layers)."""
+        return tuple(self._sn_specs)
+
+    def spectral_norm_state(self, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W, u, v)`` of parameter ``name``: the raw weight as the (rows, cols) matrix the
+        power iteration sees, and its singular-vector estimates (updated in place)."""
+        spec = self._sn_specs[name]
+        w = _as_matrix_input(self._parameters[name + "_orig"], spec.dim)
+        return w.reshape(w.shape[0], -1), self._buffers[name + "_u"], self._buffers[name + "_v"]
+
+    @torch.no_grad()
+    def reset_power_iteration(self, iterations: int = 15) -> None:
+        """Run ``iterations`` power iterations on every (u, v) from the current weights, as
+        conversion does: after the weights are re-initialised (BigGAN's orthogonal init), stale
+        (u, v) make σ = uᵀWv far too small and an eval-mode forward (no iteration) blow up.
+        Plain matrix-vector products, not the op's kernel: initial states stay bit for bit
+        what models built before this method got (same seed, same pictures)."""
+        for name, spec in self._sn_specs.items():
+            w, u, v = self.spectral_norm_state(name)
+            w = w.detach().to(u.dtype)
+            for _ in range(iterations):
+                v.copy_(F.normalize(w.T @ u, dim=0, eps=spec.eps))
+                u.copy_(F.normalize(w @ v, dim=0, eps=spec.eps))
+
     def _apply(self, fn, recurse=True):
         # nn.Module.half()/.to(dtype) would round u, v to the weight's dtype: keep them in the
         # accumulation dtype (converted from their values before the call, not after).
