@@ -38,9 +38,11 @@ inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const cha
               " but ", name_b, " is ", b.scalar_type(), "; cast them to one dtype");
 }
 
-// The dtype a loss is returned in: float64 stays float64, everything else is float32 (the
-// accumulation type), so a bf16 discriminator never rounds its loss to 8 bits of mantissa.
-inline at::ScalarType loss_dtype(at::ScalarType in) {
+// THE precision rule of every op (the one C++ statement of it; fastinv/ops/_validate.py
+// acc_dtype is the Python one): float64 stays float64, float32 / bfloat16 / float16 accumulate
+// in float32. Losses, batch statistics, u, v and σ are returned in this dtype, so a bf16
+// model never rounds its loss or its statistics to 8 bits of mantissa.
+inline at::ScalarType acc_dtype(at::ScalarType in) {
   return in == at::kDouble ? at::kDouble : at::kFloat;
 }
 

@@ -101,8 +101,6 @@ struct Dims {
 
 inline Dims dims(const at::Tensor& x) { return {x.size(0), x.size(1), x.size(2) * x.size(3)}; }
 
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // grad_y: x's shape and device, any floating dtype and any layout (it is brought to x's).
 inline void check_grad(const at::Tensor& grad_y, const at::Tensor& x) {
   check_floating(grad_y, kOp, "grad_y");

@@ -7,10 +7,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace fastinv {
+#include "common.h"  // acc_dtype: u, v and σ are float64 for float64 weights, float32 otherwise
 
-// u, v and σ: float64 for float64 weights, float32 otherwise.
-inline at::ScalarType spectral_norm_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+namespace fastinv {
 
 namespace sn {
 
@@ -34,7 +33,7 @@ inline void check_weights(at::TensorList weights, at::TensorList us, at::TensorL
                      weights[0].scalar_type(), " on ", weights[0].device(),
                      "; one call takes weights of one dtype and device (group them)");
     const int64_t rows = w.size(0), cols = w.numel() / rows;
-    const at::ScalarType acc = spectral_norm_acc_type(w.scalar_type());
+    const at::ScalarType acc = acc_dtype(w.scalar_type());
     const at::Tensor* vecs[2] = {&us[i], &vs[i]};
     const int64_t lens[2] = {rows, cols};
     const char* names[2] = {"us", "vs"};
@@ -72,7 +71,7 @@ inline void check_backward(at::TensorList grads, at::TensorList weights, at::Ten
                     "; pass the forward's sigma, a 1-d tensor of one value per weight (", K, ")");
   if (K == 0) return;
   const at::Tensor& w0 = weights[0];
-  const at::ScalarType acc = spectral_norm_acc_type(w0.scalar_type());
+  const at::ScalarType acc = acc_dtype(w0.scalar_type());
   TORCH_CHECK_TYPE(sigma.scalar_type() == acc && sigma.device() == w0.device(), kOpBackward, ": sigma is ",
                    sigma.scalar_type(), " on ", sigma.device(), "; for ", w0.scalar_type(), " weights on ",
                    w0.device(), " it must be ", acc, " on ", w0.device());

@@ -57,7 +57,7 @@ at::Tensor hinge_loss_d_cpu(const at::Tensor& d_real, const at::Tensor& d_fake) 
     const double sf = chunked_sum<scalar_t, acc_t, true>(f.const_data_ptr<scalar_t>(), f.numel(), acc_t(1));
     value = sr / static_cast<double>(r.numel()) + sf / static_cast<double>(f.numel());
   });
-  return at::scalar_tensor(value, r.options().dtype(loss_dtype(r.scalar_type())));
+  return at::scalar_tensor(value, r.options().dtype(acc_dtype(r.scalar_type())));
 }
 
 at::Tensor hinge_loss_g_cpu(const at::Tensor& d_fake) {
@@ -69,7 +69,7 @@ at::Tensor hinge_loss_g_cpu(const at::Tensor& d_fake) {
     value = -chunked_sum<scalar_t, acc_t, false>(f.const_data_ptr<scalar_t>(), f.numel(), acc_t(1)) /
             static_cast<double>(f.numel());
   });
-  return at::scalar_tensor(value, f.options().dtype(loss_dtype(f.scalar_type())));
+  return at::scalar_tensor(value, f.options().dtype(acc_dtype(f.scalar_type())));
 }
 
 // d/d d_real = -grad / N_r where 1 - d_real > 0 (threshold_backward semantics: NaN passes),

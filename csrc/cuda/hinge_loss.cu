@@ -101,7 +101,7 @@ at::Tensor two_segment_mean(const at::Tensor& a, float sign_a, double w_a, const
   const c10::cuda::CUDAGuard guard(a.device());
   const at::Tensor ac = a.contiguous();
   const at::Tensor bc = b ? b->contiguous() : at::Tensor();
-  const at::ScalarType out_t = loss_dtype(ac.scalar_type());
+  const at::ScalarType out_t = acc_dtype(ac.scalar_type());
   at::Tensor out = at::empty({}, ac.options().dtype(out_t));
   Segment sa{ac.const_data_ptr(), ac.numel(), blocks_for(ac.numel()), sign_a, w_a};
   Segment sb{b ? bc.const_data_ptr() : nullptr, b ? bc.numel() : 0, b ? blocks_for(bc.numel()) : 0,
@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> hinge_loss_d_backward_cuda(const at::Tensor& 
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "hinge_loss_d_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const at::Tensor g = grad.to(r.device(), loss_dtype(r.scalar_type())).contiguous();
+    const at::Tensor g = grad.to(r.device(), acc_dtype(r.scalar_type())).contiguous();
     hinge_d_backward_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         g.const_data_ptr<acc_t>(), r.const_data_ptr<scalar_t>(), r.numel(), f.const_data_ptr<scalar_t>(),
         f.numel(), gr.mutable_data_ptr<scalar_t>(), gf.mutable_data_ptr<scalar_t>());

@@ -31,7 +31,8 @@ def same_dtype(a: torch.Tensor, b: torch.Tensor, op: str, na: str, nb: str) -> N
         raise TypeError(f"{op}: {na} is {a.dtype} but {nb} is {b.dtype}; cast them to one dtype")
 
 
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Losses come back in float64 for float64 input and float32 otherwise (the accumulation
-    type), never rounded to bf16/fp16."""
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """THE precision rule of every op (csrc/common.h ``acc_dtype`` is the C++ statement of it):
+    float64 stays float64, float32 / bfloat16 / float16 accumulate in float32. Losses, batch
+    statistics, u, v and σ come back in this dtype, never rounded to bf16/fp16."""
     return torch.float64 if dtype == torch.float64 else torch.float32

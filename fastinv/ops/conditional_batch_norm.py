@@ -62,10 +62,6 @@ _OP = "fastinv.conditional_batch_norm"
 # --- shared checks and layout rule (the C++ kernels mirror both) ----------------------------
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _layout(x: torch.Tensor) -> torch.memory_format:
     """Outputs shaped like x are channels_last when x is (and not also plain contiguous, as
     when C == 1 or H == W == 1), contiguous otherwise."""
@@ -178,13 +174,13 @@ def _bc(t: torch.Tensor) -> torch.Tensor:
 
 def conditional_batch_norm_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_x(x)
-    var, mean = torch.var_mean(x.to(_acc(x.dtype)), dim=(0, 2, 3), correction=0)
+    var, mean = torch.var_mean(x.to(check.acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
     return mean, var
 
 
 def conditional_batch_norm_apply_reference(x, gain, bias, mean, invstd) -> torch.Tensor:
     _check_split(x, gain=gain, bias=bias, mean=mean, invstd=invstd)
-    acc = _acc(x.dtype)
+    acc = check.acc_dtype(x.dtype)
     scale = _bc(invstd.to(acc)) * _bc(gain.to(acc))
     y = (x.to(acc) - _bc(mean.to(acc))) * scale + _bc(bias.to(acc))
     return y.to(x.dtype).contiguous(memory_format=_layout(x))
@@ -218,7 +214,7 @@ def conditional_batch_norm_reference(
     x, gain, bias, running_mean, running_var, training: bool, eps: float, relu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_forward(x, gain, bias, running_mean, running_var, training)
-    acc = _acc(x.dtype)
+    acc = check.acc_dtype(x.dtype)
     if training:
         mean, var = conditional_batch_norm_stats_reference(x)
     else:
@@ -243,7 +239,7 @@ def conditional_batch_norm_update_running_reference(
 
 def conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd):
     _check_split(x, grad_y, mean=mean, invstd=invstd)
-    acc = _acc(x.dtype)
+    acc = check.acc_dtype(x.dtype)
     dy = grad_y.to(acc)
     xhat = (x.to(acc) - _bc(mean.to(acc))) * _bc(invstd.to(acc))
     return (dy * xhat).sum((2, 3)), dy.sum((2, 3))
@@ -256,7 +252,7 @@ def conditional_batch_norm_backward_elemt_reference(
                  sum_dxhat_xhat=sum_dxhat_xhat)
     if count <= 0:
         raise ValueError(f"{_OP}: count must be positive, got {count}")
-    acc = _acc(x.dtype)
+    acc = check.acc_dtype(x.dtype)
     inv = _bc(invstd.to(acc))
     xhat = (x.to(acc) - _bc(mean.to(acc))) * inv
     a = _bc(sum_dxhat.to(acc) / count)
@@ -272,7 +268,7 @@ def conditional_batch_norm_backward_reference(
     _check_backward_relu(x, relu, bias)
     if relu:
         grad_y = _relu_mask_grad(grad_y, x, gain, bias, mean, invstd)
-    acc = _acc(x.dtype)
+    acc = check.acc_dtype(x.dtype)
     grad_gain, grad_bias = conditional_batch_norm_backward_reduce_reference(grad_y, x, mean, invstd)
     if training:
         g = gain.to(acc)
@@ -334,7 +330,7 @@ def _like_x(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_channel(x: torch.Tensor, *lead: int) -> torch.Tensor:
-    return x.new_empty((*lead, x.shape[1]), dtype=_acc(x.dtype))
+    return x.new_empty((*lead, x.shape[1]), dtype=check.acc_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastinv::conditional_batch_norm")
@@ -389,7 +385,7 @@ def conditional_batch_norm_backward_differentiable(
     derivative is 0 almost everywhere, as autograd of torch.relu has it)."""
     if relu:
         grad_y = _relu_mask_grad(grad_y, x, gain, bias, mean, invstd)
-    acc = _acc(x.dtype)
+    acc = check.acc_dtype(x.dtype)
     xa, dy, g = x.to(acc), grad_y.to(acc), gain.to(acc)
     if training:
         var, mean = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
@@ -468,7 +464,7 @@ class _SyncConditionalBatchNorm(torch.autograd.Function):
         _check_training_count(count, (count // max(1, x.shape[2] * x.shape[3]), *x.shape[1:]))
         gmean = (counts * means).sum(0) / total
         gvar = (m2s + counts * (means - gmean) ** 2).sum(0) / total
-        acc = _acc(x.dtype)
+        acc = check.acc_dtype(x.dtype)
         mean_acc = gmean.to(acc)
         if running_mean is not None:
             _cbn_update.default(running_mean, running_var, mean_acc, gvar.to(acc), count, momentum)

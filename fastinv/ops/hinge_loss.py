@@ -59,20 +59,20 @@ def _check_d_backward(grad: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Te
 
 def hinge_loss_d_reference(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     _check_d(d_real, d_fake)
-    acc = check.loss_dtype(d_real.dtype)
+    acc = check.acc_dtype(d_real.dtype)
     return torch.relu(1 - d_real.to(acc)).mean() + torch.relu(1 + d_fake.to(acc)).mean()
 
 
 def hinge_loss_g_reference(d_fake: torch.Tensor) -> torch.Tensor:
     _check_g(d_fake)
-    return -d_fake.to(check.loss_dtype(d_fake.dtype)).mean()
+    return -d_fake.to(check.acc_dtype(d_fake.dtype)).mean()
 
 
 def hinge_loss_d_backward_reference(
     grad: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_d_backward(grad, d_real, d_fake)
-    acc = check.loss_dtype(d_real.dtype)
+    acc = check.acc_dtype(d_real.dtype)
     g = grad.to(device=d_real.device, dtype=acc)
     zero = torch.zeros((), dtype=acc, device=d_real.device)
     # threshold_backward semantics (what autograd does for relu): zero where relu's input <= 0.
@@ -97,13 +97,13 @@ _hinge_d_bwd = define(
 @torch.library.register_fake("fastinv::hinge_loss_d")
 def _(d_real, d_fake):
     _check_d(d_real, d_fake)
-    return d_real.new_empty((), dtype=check.loss_dtype(d_real.dtype))
+    return d_real.new_empty((), dtype=check.acc_dtype(d_real.dtype))
 
 
 @torch.library.register_fake("fastinv::hinge_loss_g")
 def _(d_fake):
     _check_g(d_fake)
-    return d_fake.new_empty((), dtype=check.loss_dtype(d_fake.dtype))
+    return d_fake.new_empty((), dtype=check.acc_dtype(d_fake.dtype))
 
 
 @torch.library.register_fake("fastinv::hinge_loss_d_backward")

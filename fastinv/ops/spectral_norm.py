@@ -40,14 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from fastinv.ops._library import define
+from fastinv.ops._validate import acc_dtype  # u, v and σ: float64 for float64 weights, else float32
 
 _OP = "fastinv.spectral_norm"
 _OP_BWD = "fastinv.spectral_norm_backward"
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of u, v and σ for weights of ``dtype``: float64 stays, everything else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check(weights, us, vs, n_power_iterations: int, eps: float) -> None:
