@@ -87,3 +87,19 @@ def test_cli_prints_config_and_reports_errors(capsys):
     assert "steps: 5" in capsys.readouterr().out
     assert cli.run(parser.parse_args(["tiny", "--stepz=5"])) == 2
     assert "unknown config key" in capsys.readouterr().err
+
+
+def test_validate_checks_once_per_content_and_again_after_a_change(monkeypatch):
+    from fastinv.train import config as config_mod
+
+    cfg = load_config("tiny")  # validated here
+    calls = []
+    real = config_mod._check
+    monkeypatch.setattr(config_mod, "_check", lambda c: (calls.append(1), real(c)))
+    config_mod.validate(cfg)
+    config_mod.validate(cfg)
+    assert calls == []  # unchanged since load_config: no second pass over the fields
+    cfg.data.batch_size = 0  # changed after validation: checked again, and refused
+    with pytest.raises(ConfigError, match="batch_size"):
+        config_mod.validate(cfg)
+    assert calls == [1]

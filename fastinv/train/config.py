@@ -346,6 +346,19 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
+    """Check every field of ``cfg`` (ConfigError with the fix on the first bad one).
+
+    Every entry point calls this (``load_config``, ``train_inverter``, ``InverterTrainer``), so
+    a hand-built config is checked too; the checks themselves run once per config content: a
+    config already validated and not changed since returns at once."""
+    seen = repr(cfg)
+    if cfg.__dict__.get("_validated") == seen:
+        return
+    _check(cfg)
+    cfg.__dict__["_validated"] = seen
+
+
+def _check(cfg: TrainConfig) -> None:
     from fastinv.models.generator import G_ARCH
     from fastinv.models.layers import LOGIT_PREPROCESS
     from fastinv.train.augment import parse_policy

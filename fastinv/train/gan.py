@@ -14,6 +14,7 @@ parameter gradients in each case. Rank 0 logs and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import signal
 import time
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastinv.models.classifiers import Classifier, load_classifier
-from fastinv.models.discriminator import Discriminator
-from fastinv.models.generator import Generator
+from fastinv.models.discriminator import Discriminator, DiscriminatorConfig
+from fastinv.models.generator import Generator, GeneratorConfig
 from fastinv.models.layers import sigma_stats
 from fastinv.ops import hinge_loss_d, hinge_loss_g
 from fastinv.train import checkpoint, distributed
@@ -79,12 +80,12 @@ def build_models(cfg: TrainConfig, num_classes: int,
     common = dict(num_classes=num_classes, resolution=res,
                   attention_resolution=m.attention_resolution, logit_preprocess=m.logit_preprocess,
                   logit_temperature=m.logit_temperature, sn_eps=m.sn_eps, layers=m.layers)
-    G = Generator(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim, bn_eps=m.bn_eps,
-                  cond_input=m.g_cond_input, **common)
-    D = Discriminator(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
-                      phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
-                      mbstd_group=m.d_mbstd, **common)
-    return G, D
+    g = GeneratorConfig(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim,
+                        bn_eps=m.bn_eps, cond_input=m.g_cond_input, **common)
+    d = DiscriminatorConfig(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
+                            phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
+                            mbstd_group=m.d_mbstd, **common)
+    return Generator(g), Discriminator(d)
 
 
 def _prepare_data(cfg: TrainConfig, run_dir: Path, clf: Classifier, info) -> Path:
@@ -162,43 +163,77 @@ def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess) -> tor
     return (pred.float() - preprocess(z)).pow(2).mean()
 
 
+def _check_supported(cfg: TrainConfig, info: distributed.DistInfo) -> None:
+    """Combinations the trainer does not support yet, refused before any data or model loads."""
+    if cfg.optim.r1_gamma > 0 and cfg.model.d_phi_layer:
+        raise ValueError("optim.r1_gamma with model.d_phi_layer is not supported yet")
+    if cfg.model.cross_replica_bn and info.distributed and info.device.type != "cuda":
+        raise ValueError("model.cross_replica_bn needs CUDA (torch's SyncBatchNorm); "
+                         "set --cross_replica_bn=false on CPU")
+    if cfg.optim.r1_gamma > 0 and info.distributed:
+        raise ValueError("optim.r1_gamma is not supported under torchrun yet (its double "
+                         "backward bypasses DDP's gradient sync); set --optim.r1_gamma=0")
+
+
 class InverterTrainer:
+    """G, D, their EMA, optimisers and data of one run. ``__init__`` runs the named steps below
+    in this order (the order fixes which random numbers each consumes: a resumed or re-run
+    seed gives the same models bit for bit)."""
+
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, loader=None,
                  classifier: Classifier | None = None):
         validate(cfg)
-        self.cfg, self.info, dev = cfg, info, info.device
+        _check_supported(cfg, info)
+        self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.run.out_dir)
-        c = cfg.classifier
-        torch.manual_seed(cfg.run.seed)  # a random-init classifier is the same on every rank
-        self.classifier = (classifier or load_classifier(
+        self.classifier = self._load_classifier(classifier)
+        self.batches = BatchStream(loader if loader is not None else self._make_loader())
+        phi_shape = self._attach_phi()
+        self._build_models(phi_shape)
+        self._make_optimizers()
+        self._wrap_for_training()
+        dev = info.device
+        self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
+        self.augment = parse_policy(cfg.optim.diffaug)
+        self.aux_augment = parse_policy(cfg.optim.aux_augment)
+        self.step = self.d_step = 0
+
+    def _load_classifier(self, classifier: Classifier | None) -> Classifier:
+        """The frozen Φ (given, or loaded from ``cfg.classifier``), on this rank's device."""
+        c = self.cfg.classifier
+        torch.manual_seed(self.cfg.run.seed)  # a random-init classifier is the same on every rank
+        return (classifier or load_classifier(
             c.spec, weights=c.weights, random_init=c.random_init, num_classes=c.num_classes
-        )).to(dev)
-        if loader is None:
-            from fastinv.data import make_loader
+        )).to(self.info.device)
 
-            d = cfg.data
-            common = dict(resolution=d.resolution, classifier_size=self.classifier.input_size,
-                          classifier_mean=self.classifier.mean,
-                          classifier_std=self.classifier.std, backend=d.backend, device=dev,
-                          num_workers=d.workers)
-            split = _prepare_data(cfg, self.run_dir, self.classifier, info)
-            if d.in_memory:
-                from fastinv.data.memory import MemoryLoader
+    def _make_loader(self):
+        """Training batches of ``cfg.data`` (generating the synthetic set first if asked):
+        decoded once and served from memory (``in_memory``), or streamed by DALI / PIL."""
+        from fastinv.data import make_loader
 
-                loader = MemoryLoader(make_loader(split, batch_size=256, train=False, **common),
-                                      batch_size=d.batch_size, rank=info.rank,
-                                      world_size=info.world_size, seed=d.seed)
-            else:
-                loader = make_loader(split, batch_size=d.batch_size, train=True, rank=info.rank,
-                                     world_size=info.world_size, seed=d.seed, drop_last=True,
-                                     crop_scale=(d.crop_min_scale, 1.0), **common)
-        self.batches = BatchStream(loader)
+        cfg, info, d = self.cfg, self.info, self.cfg.data
+        common = dict(resolution=d.resolution, classifier_size=self.classifier.input_size,
+                      classifier_mean=self.classifier.mean,
+                      classifier_std=self.classifier.std, backend=d.backend, device=info.device,
+                      num_workers=d.workers)
+        split = _prepare_data(cfg, self.run_dir, self.classifier, info)
+        if d.in_memory:
+            from fastinv.data.memory import MemoryLoader
 
+            return MemoryLoader(make_loader(split, batch_size=256, train=False, **common),
+                                batch_size=d.batch_size, rank=info.rank,
+                                world_size=info.world_size, seed=d.seed)
+        return make_loader(split, batch_size=d.batch_size, train=True, rank=info.rank,
+                           world_size=info.world_size, seed=d.seed, drop_last=True,
+                           crop_scale=(d.crop_min_scale, 1.0), **common)
+
+    def _attach_phi(self):
+        """Taps on Φ's feature maps for D (``model.d_phi_layer``) and for the feature-statistics
+        loss; returns the (channels, size) D's Φ inputs need ((0, 0): none)."""
+        cfg, dev = self.cfg, self.info.device
         self.phi = None
         phi_shape = (0, 0)
         if cfg.model.d_phi_layer:
-            if cfg.optim.r1_gamma > 0:
-                raise ValueError("optim.r1_gamma with model.d_phi_layer is not supported yet")
             from fastinv.models.discriminator import trunk_sizes
 
             self.phi = PhiFeatures(self.classifier, cfg.model.d_phi_layer, cfg.data.resolution,
@@ -210,14 +245,17 @@ class InverterTrainer:
         if cfg.optim.phi_stats_weight > 0:
             self.phi_stats = PhiStats(self.classifier, cfg.optim.phi_stats_layers,
                                       cfg.data.resolution)
+        return phi_shape
+
+    def _build_models(self, phi_shape) -> None:
+        """G, D and G's EMA copy from one seed (identical on every rank), cross-replica BN,
+        the affine logit statistics, the memory format, and the EMA schedule."""
+        cfg, info, dev = self.cfg, self.info, self.info.device
         torch.manual_seed(cfg.run.seed)  # identical initial models on every rank
         with dev:  # built on the device: orthogonal init of BigGAN-128's weights is slow on CPU
             self.G, self.D = build_models(cfg, self.classifier.num_classes, phi_shape)
-            self.G_ema = Generator(**self.G.config)
+            self.G_ema = Generator(self.G.config)
         if cfg.model.cross_replica_bn and info.distributed:
-            if dev.type != "cuda":
-                raise ValueError("model.cross_replica_bn needs CUDA (torch's SyncBatchNorm); "
-                                 "set --cross_replica_bn=false on CPU")
             from fastinv.nn import convert_sync_cbn
 
             self.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(convert_sync_cbn(self.G, None))
@@ -227,30 +265,29 @@ class InverterTrainer:
         for net in (self.G, self.D, self.G_ema):
             net.to(dev, memory_format=fmt)
         self.ema = EMA(self.G, self.G_ema, cfg.optim.ema_decay, cfg.optim.ema_start)
-        o = cfg.optim
+
+    def _make_optimizers(self) -> None:
+        o, dev = self.cfg.optim, self.info.device
         fused = True if dev.type == "cuda" else None  # one kernel for all parameters on GPU
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.g_lr, betas=(o.beta1, o.beta2),
                                       eps=o.adam_eps, fused=fused)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.beta1, o.beta2),
                                       eps=o.adam_eps, fused=fused)
-        # G_train / D_train take the gradient-carrying passes (DDP-wrapped under torchrun);
-        # G_fake makes D's fakes without gradients, D_judge scores G's fakes for G's update.
+
+    def _wrap_for_training(self) -> None:
+        """G_train / D_train take the gradient-carrying passes (DDP-wrapped under torchrun);
+        G_fake makes D's fakes without gradients, D_judge scores G's fakes for G's update;
+        all four compiled with ``run.compile``."""
+        info, dev = self.info, self.info.device
         self.G_fake, self.D_judge = self.G, self.D
         if info.distributed:
             ids = [dev.index] if dev.type == "cuda" else None
             self.G_train, self.D_train = DDP(self.G, device_ids=ids), DDP(self.D, device_ids=ids)
         else:
             self.G_train, self.D_train = self.G, self.D
-        if cfg.run.compile:
+        if self.cfg.run.compile:
             self.G_train, self.D_train = torch.compile(self.G_train), torch.compile(self.D_train)
             self.G_fake, self.D_judge = torch.compile(self.G), torch.compile(self.D)
-        self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
-        self.augment = parse_policy(cfg.optim.diffaug)
-        self.aux_augment = parse_policy(cfg.optim.aux_augment)
-        if cfg.optim.r1_gamma > 0 and info.distributed:
-            raise ValueError("optim.r1_gamma is not supported under torchrun yet (its double "
-                             "backward bypasses DDP's gradient sync); set --optim.r1_gamma=0")
-        self.step = self.d_step = 0
 
     @torch.no_grad()
     def _fit_logit_statistics(self, max_images: int = 4096) -> None:
@@ -451,7 +488,8 @@ class InverterTrainer:
             "step": self.step,
             "data": {"epoch": self.batches.epoch, "position": self.batches.position},
             "config": self.cfg.to_dict(),
-            "model_config": {"G": self.G_ema.config, "D": self.D.config},
+            "model_config": {"G": dataclasses.asdict(self.G_ema.config),
+                             "D": dataclasses.asdict(self.D.config)},
             "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
             "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
             "rng": checkpoint.rng_state(), "noise_rng": noise,
