@@ -150,3 +150,29 @@ def test_fastinv_layers_match_torch_layers(net):
     scale = max(g.abs().max().item() for g in grads_ref.values())
     for n, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-8, atol=1e-10 * scale, msg=n)
+
+
+def test_model_configs_are_types_that_round_trip_through_a_checkpoint_dict():
+    import dataclasses
+
+    from fastinv.models.discriminator import DiscriminatorConfig
+    from fastinv.models.generator import GeneratorConfig
+
+    g = GeneratorConfig(5, resolution=16, ch=4, noise_dim=12, shared_dim=8, attention_resolution=0)
+    torch.manual_seed(0)
+    a = Generator(g)
+    torch.manual_seed(0)
+    b = Generator(5, resolution=16, ch=4, noise_dim=12, shared_dim=8, attention_resolution=0)
+    assert a.config == b.config == g
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+    stored = dataclasses.asdict(g)
+    assert GeneratorConfig.from_dict(stored) == g
+    older = {k: v for k, v in stored.items() if k != "cond_input"}  # before that option
+    assert GeneratorConfig.from_dict(older).cond_input is False
+    with pytest.raises(ValueError, match="unknown fields"):
+        GeneratorConfig.from_dict({**stored, "no_such_field": 1})
+    with pytest.raises(TypeError, match="not both"):
+        Generator(g, ch=8)
+    d = DiscriminatorConfig(5, resolution=32, ch=4, phi_channels=[8, 16], phi_resolution=[16, 8])
+    assert Discriminator(d).config == DiscriminatorConfig.from_dict(dataclasses.asdict(d))

@@ -155,5 +155,5 @@ def test_torch_layers_train_and_reload(tmp_path, synthetic_data):
     """model.layers=torch (the benchmark baseline) trains and loads back the same way."""
     run_dir = train_inverter(_cfg(tmp_path, synthetic_data, "--layers=torch", "--steps=2"))
     G, cfg = checkpoint.load_inverter(run_dir, ema=False)
-    assert cfg.model.layers == "torch" and G.config["layers"] == "torch"
+    assert cfg.model.layers == "torch" and G.config.layers == "torch"
     assert torch.isfinite(G(torch.randn(2, G.num_classes), G.sample_noise(2))).all()

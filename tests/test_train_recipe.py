@@ -481,4 +481,4 @@ def test_conditioned_g_input_makes_the_first_map_depend_on_the_logits(tmp_path, 
     cfg, run_dir = _train_option(tmp_path, synthetic_data, "--g_cond_input=true")
     assert inverter_options(cfg) == {"conditioned G input": True}
     loaded, _ = checkpoint.load_inverter(checkpoint.list_checkpoints(run_dir)[-1], device="cpu")
-    assert loaded.cond_input and loaded.config["cond_input"]
+    assert loaded.cond_input and loaded.config.cond_input

@@ -19,7 +19,9 @@ reals has, so D can score the collapse itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -94,24 +96,62 @@ class DBlock(nn.Module):
         return h + self.shortcut(x)
 
 
-class Discriminator(nn.Module):
-    """Projection discriminator ``D(x, logits) -> (N,)`` scores (higher = more real)."""
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """Everything that fixes a Discriminator's architecture (what a checkpoint stores, as
+    ``dataclasses.asdict``); the fields are ``Discriminator``'s arguments, in their order.
+    ``phi_channels`` / ``phi_resolution``: an int each for one Φ map (0: none), equal-length
+    lists for several."""
 
-    def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96,
-                 attention_resolution: int = 64, logit_preprocess: str = "none",
-                 logit_temperature: float = 1.0, sn_eps: float = 1e-6, layers: str = "fastinv",
-                 pool: str = "sum", phi_channels: int = 0, phi_resolution: int = 0,
-                 logit_head: bool = False, mbstd_group: int = 0):
+    num_classes: int
+    resolution: int = 128
+    ch: int = 96
+    attention_resolution: int = 64
+    logit_preprocess: str = "none"
+    logit_temperature: float = 1.0
+    sn_eps: float = 1e-6
+    layers: str = "fastinv"
+    pool: str = "sum"
+    phi_channels: int | list[int] = 0
+    phi_resolution: int | list[int] = 0
+    logit_head: bool = False
+    mbstd_group: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiscriminatorConfig:
+        """A stored config (checkpoint ``model_config["D"]``); missing newer fields take their
+        defaults, which is what older models were."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Discriminator config has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator ``D(x, logits) -> (N,)`` scores (higher = more real):
+    ``Discriminator(DiscriminatorConfig(...))`` or the config's fields as arguments."""
+
+    def __init__(self, config: DiscriminatorConfig | int | None = None, /, *args, **kwargs):
         super().__init__()
+        if config is None:
+            config = DiscriminatorConfig(*args, **kwargs)
+        elif not isinstance(config, DiscriminatorConfig):  # the fields, num_classes first
+            config = DiscriminatorConfig(config, *args, **kwargs)
+        elif args or kwargs:
+            raise TypeError("Discriminator takes a DiscriminatorConfig or its fields, not both")
+        self.config = config
+        c = config
+        num_classes, resolution, ch, sn_eps, pool = c.num_classes, c.resolution, c.ch, c.sn_eps, c.pool
+        mbstd_group, logit_head = c.mbstd_group, c.logit_head
         if pool not in POOLS:
             raise ValueError(f"Discriminator pool must be one of {POOLS}, got {pool!r}")
         if mbstd_group < 0 or mbstd_group == 1:
             raise ValueError(f"Discriminator mbstd_group must be 0 (off) or >= 2, got {mbstd_group}")
         self.mbstd_group = mbstd_group
-        with _layers.implementation(layers):
-            self._build(num_classes, resolution, ch, attention_resolution, logit_preprocess,
-                        logit_temperature, sn_eps)
-            self._build_phi(phi_channels, phi_resolution, sn_eps)
+        with _layers.implementation(c.layers):
+            self._build(num_classes, resolution, ch, c.attention_resolution, c.logit_preprocess,
+                        c.logit_temperature, sn_eps)
+            self._build_phi(c.phi_channels, c.phi_resolution, sn_eps)
             # "D logit head" (ACGAN-style, Odena et al. 2017, regressing logits): predicts
             # the (preprocessed) logits from the pooled feature, trained on real images
             self.head = (_layers.sn_linear(D_ARCH[resolution][1][-1] * ch, num_classes, sn_eps)
@@ -119,18 +159,11 @@ class Discriminator(nn.Module):
             _layers.init_orthogonal(self)
             _layers.attach_spectral_norm_group(self)
         self.pool = pool
-        self.config.update(layers=layers, pool=pool, phi_channels=phi_channels,
-                           phi_resolution=phi_resolution, logit_head=logit_head,
-                           mbstd_group=mbstd_group)
 
     def _build(self, num_classes, resolution, ch, attention_resolution, logit_preprocess,
                logit_temperature, sn_eps):
         if resolution not in D_ARCH:
             raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
-        self.config = dict(num_classes=num_classes, resolution=resolution, ch=ch,
-                           attention_resolution=attention_resolution,
-                           logit_preprocess=logit_preprocess, logit_temperature=logit_temperature,
-                           sn_eps=sn_eps)
         self.num_classes, self.resolution = num_classes, resolution
         ins, outs, down = D_ARCH[resolution]
         self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
@@ -171,7 +204,7 @@ class Discriminator(nn.Module):
                 raise ValueError(f"Φ's feature map is {c} x {size}x{size}, but D's trunk at "
                                  f"{self.resolution} px never has that size; tap another Φ layer")
             self.phi_blocks.append(block)
-            self.phi_in.append(layers.sn_conv2d(c, outs[block] * self.config["ch"], 1, 0, sn_eps))
+            self.phi_in.append(layers.sn_conv2d(c, outs[block] * self.config.ch, 1, 0, sn_eps))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before several Φ maps held one conv at "phi_in." (now "phi_in.0.")

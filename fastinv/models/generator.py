@@ -9,6 +9,9 @@ condition of its conditional batch norms. Self-attention sits after the block th
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -47,10 +50,39 @@ class GBlock(nn.Module):
         return h + self.conv_sc(layers.upsample2(x))
 
 
-class Generator(nn.Module):
-    """Logit-conditioned BigGAN generator.
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Everything that fixes a Generator's architecture (what a checkpoint stores, as
+    ``dataclasses.asdict``); the fields are ``Generator``'s arguments, in their order."""
 
-    Args:
+    num_classes: int
+    resolution: int = 128
+    ch: int = 96
+    noise_dim: int = 120
+    shared_dim: int = 128
+    attention_resolution: int = 64
+    logit_preprocess: str = "none"
+    logit_temperature: float = 1.0
+    bn_eps: float = 1e-5
+    sn_eps: float = 1e-6
+    layers: str = "fastinv"
+    cond_input: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GeneratorConfig:
+        """A stored config (checkpoint ``model_config["G"]``), older ones without the newer
+        fields included: those take their defaults, which is what those models were."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Generator config has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class Generator(nn.Module):
+    """Logit-conditioned BigGAN generator: ``Generator(GeneratorConfig(...))``, or the config's
+    fields as arguments (``Generator(10, resolution=32, ch=8)``).
+
+    Args (the fields of :class:`GeneratorConfig`):
         num_classes: length of the logit vector (the classifier's output size).
         resolution: output size, one of 16, 32, 64, 128, 256.
         ch: channel width multiplier (BigGAN-128 uses 96).
@@ -66,16 +98,20 @@ class Generator(nn.Module):
             the logits reach G only through the batch norms' gains and biases).
     """
 
-    def __init__(self, num_classes: int, resolution: int = 128, ch: int = 96, noise_dim: int = 120,
-                 shared_dim: int = 128, attention_resolution: int = 64,
-                 logit_preprocess: str = "none", logit_temperature: float = 1.0,
-                 bn_eps: float = 1e-5, sn_eps: float = 1e-6, layers: str = "fastinv",
-                 cond_input: bool = False):
+    def __init__(self, config: GeneratorConfig | int | None = None, /, *args, **kwargs):
         super().__init__()
-        with _layers.implementation(layers):
-            self._build(num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
-                        logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input)
-        self.config["layers"] = layers
+        if config is None:
+            config = GeneratorConfig(*args, **kwargs)
+        elif not isinstance(config, GeneratorConfig):  # the fields, num_classes first
+            config = GeneratorConfig(config, *args, **kwargs)
+        elif args or kwargs:
+            raise TypeError("Generator takes a GeneratorConfig or its fields, not both")
+        self.config = config
+        c = config
+        with _layers.implementation(c.layers):
+            self._build(c.num_classes, c.resolution, c.ch, c.noise_dim, c.shared_dim,
+                        c.attention_resolution, c.logit_preprocess, c.logit_temperature,
+                        c.bn_eps, c.sn_eps, c.cond_input)
 
     def _build(self, num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
                logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input):
@@ -88,11 +124,6 @@ class Generator(nn.Module):
         if noise_dim < slots:
             raise ValueError(f"Generator noise_dim must be >= {slots} (one chunk per block + 1), "
                              f"got {noise_dim}")
-        self.config = dict(num_classes=num_classes, resolution=resolution, ch=ch,
-                           noise_dim=noise_dim, shared_dim=shared_dim,
-                           attention_resolution=attention_resolution,
-                           logit_preprocess=logit_preprocess, logit_temperature=logit_temperature,
-                           bn_eps=bn_eps, sn_eps=sn_eps, cond_input=cond_input)
         self.cond_input = cond_input
         self.num_classes, self.resolution = num_classes, resolution
         self.chunk = noise_dim // slots

@@ -267,12 +267,12 @@ def resolve(path: str | Path) -> Path:
 def load_inverter(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
     """``(G, cfg)`` from a run directory or checkpoint: the EMA generator (or the live one
     with ``ema=False``), in eval mode, with its TrainConfig."""
-    from fastinv.models.generator import Generator
+    from fastinv.models.generator import Generator, GeneratorConfig
     from fastinv.train.config import from_dict
 
     ckpt = load(resolve(path), device="cpu")
     cfg = from_dict(ckpt["config"])
-    G = Generator(**ckpt["model_config"]["G"])
+    G = Generator(GeneratorConfig.from_dict(ckpt["model_config"]["G"]))
     G.load_state_dict(ckpt["G_ema" if ema else "G"])
     G.to(device).eval()
     for p in G.parameters():
