@@ -176,3 +176,18 @@ def test_model_configs_are_types_that_round_trip_through_a_checkpoint_dict():
         Generator(g, ch=8)
     d = DiscriminatorConfig(5, resolution=32, ch=4, phi_channels=[8, 16], phi_resolution=[16, 8])
     assert Discriminator(d).config == DiscriminatorConfig.from_dict(dataclasses.asdict(d))
+
+
+def test_layer_factories_are_passed_down_and_unknown_ones_refused():
+    import fastinv.nn as fnn
+
+    fused = layers.for_implementation("fastinv")
+    plain = layers.for_implementation("torch")
+    assert isinstance(fused.sn_conv2d(3, 4, 3, 1, 1e-6), fnn.SNConv2d)
+    conv = plain.sn_conv2d(3, 4, 3, 1, 1e-6)
+    assert torch.nn.utils.parametrize.is_parametrized(conv, "weight")
+    G = _g(layers="torch")  # every block of a torch-layer model got torch's layers
+    assert not any(fnn.is_spectral_norm(m) for m in G.modules())
+    assert not any(isinstance(m, fnn.ConditionalBatchNorm2d) for m in G.modules())
+    with pytest.raises(ValueError, match="layer implementation must be one of"):
+        _g(layers="cudnn")

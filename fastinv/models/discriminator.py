@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fastinv.models import layers
-from fastinv.models import layers as _layers
+from fastinv.models.layers import LayerFactory
 
 POOLS = ("sum", "mean", "sqrt")  # spatial pooling of D's last feature map
 
@@ -70,13 +70,13 @@ class DBlock(nn.Module):
     """(ReLU) -> conv3x3 -> ReLU -> conv3x3 -> (avgpool), plus a 1x1 shortcut when needed."""
 
     def __init__(self, in_ch: int, out_ch: int, downsample: bool, preactivation: bool,
-                 sn_eps: float):
+                 sn_eps: float, make: LayerFactory):
         super().__init__()
         self.downsample, self.preactivation = downsample, preactivation
-        self.conv1 = layers.sn_conv2d(in_ch, out_ch, 3, 1, sn_eps)
-        self.conv2 = layers.sn_conv2d(out_ch, out_ch, 3, 1, sn_eps)
+        self.conv1 = make.sn_conv2d(in_ch, out_ch, 3, 1, sn_eps)
+        self.conv2 = make.sn_conv2d(out_ch, out_ch, 3, 1, sn_eps)
         learnable = in_ch != out_ch or downsample
-        self.conv_sc = layers.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps) if learnable else None
+        self.conv_sc = make.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps) if learnable else None
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         # BigGAN order: conv before pool after a pre-activated block, pool first otherwise
@@ -148,20 +148,20 @@ class Discriminator(nn.Module):
         if mbstd_group < 0 or mbstd_group == 1:
             raise ValueError(f"Discriminator mbstd_group must be 0 (off) or >= 2, got {mbstd_group}")
         self.mbstd_group = mbstd_group
-        with _layers.implementation(c.layers):
-            self._build(num_classes, resolution, ch, c.attention_resolution, c.logit_preprocess,
-                        c.logit_temperature, sn_eps)
-            self._build_phi(c.phi_channels, c.phi_resolution, sn_eps)
-            # "D logit head" (ACGAN-style, Odena et al. 2017, regressing logits): predicts
-            # the (preprocessed) logits from the pooled feature, trained on real images
-            self.head = (_layers.sn_linear(D_ARCH[resolution][1][-1] * ch, num_classes, sn_eps)
-                         if logit_head else None)
-            _layers.init_orthogonal(self)
-            _layers.attach_spectral_norm_group(self)
+        make = layers.for_implementation(c.layers)
+        self._build(num_classes, resolution, ch, c.attention_resolution, c.logit_preprocess,
+                    c.logit_temperature, sn_eps, make)
+        self._build_phi(c.phi_channels, c.phi_resolution, sn_eps, make)
+        # "D logit head" (ACGAN-style, Odena et al. 2017, regressing logits): predicts
+        # the (preprocessed) logits from the pooled feature, trained on real images
+        self.head = (make.sn_linear(D_ARCH[resolution][1][-1] * ch, num_classes, sn_eps)
+                     if logit_head else None)
+        layers.init_orthogonal(self)
+        layers.attach_spectral_norm_group(self)
         self.pool = pool
 
     def _build(self, num_classes, resolution, ch, attention_resolution, logit_preprocess,
-               logit_temperature, sn_eps):
+               logit_temperature, sn_eps, make: LayerFactory):
         if resolution not in D_ARCH:
             raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
         self.num_classes, self.resolution = num_classes, resolution
@@ -174,14 +174,14 @@ class Discriminator(nn.Module):
             cin = 3 if i == 0 else ci * ch
             if i == len(ins) - 1 and self.mbstd_group:
                 cin += 1  # the minibatch-std channel
-            self.blocks.append(DBlock(cin, co * ch, d, i > 0, sn_eps))
+            self.blocks.append(DBlock(cin, co * ch, d, i > 0, sn_eps, make))
             res //= 2 if d else 1
             if res == attention_resolution and str(i) not in self.attention and d:
-                self.attention[str(i)] = layers.self_attention(co * ch, sn_eps)
-        self.linear = layers.sn_linear(outs[-1] * ch, 1, sn_eps)
-        self.embed = layers.sn_linear(num_classes, outs[-1] * ch, sn_eps, bias=False)
+                self.attention[str(i)] = make.self_attention(co * ch, sn_eps)
+        self.linear = make.sn_linear(outs[-1] * ch, 1, sn_eps)
+        self.embed = make.sn_linear(num_classes, outs[-1] * ch, sn_eps, bias=False)
 
-    def _build_phi(self, channels, resolution, sn_eps: float) -> None:
+    def _build_phi(self, channels, resolution, sn_eps: float, make: LayerFactory) -> None:
         """One spectral-normed 1x1 conv per Φ map (``channels``/``resolution``: an int each for
         one map, equal-length sequences for several), added after the block of that size."""
         chans = [channels] if isinstance(channels, int) else list(channels)
@@ -204,7 +204,7 @@ class Discriminator(nn.Module):
                 raise ValueError(f"Φ's feature map is {c} x {size}x{size}, but D's trunk at "
                                  f"{self.resolution} px never has that size; tap another Φ layer")
             self.phi_blocks.append(block)
-            self.phi_in.append(layers.sn_conv2d(c, outs[block] * self.config.ch, 1, 0, sn_eps))
+            self.phi_in.append(make.sn_conv2d(c, outs[block] * self.config.ch, 1, 0, sn_eps))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before several Φ maps held one conv at "phi_in." (now "phi_in.0.")

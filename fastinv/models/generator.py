@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastinv.models import layers
-from fastinv.models import layers as _layers
+from fastinv.models.layers import LayerFactory
 
 # resolution -> (channel multipliers in, channel multipliers out) of the residual blocks;
 # each block doubles the resolution, starting from a 4x4 map.
@@ -35,13 +35,14 @@ class GBlock(nn.Module):
     Each CBN -> ReLU is one layer (``relu=True``): fastinv fuses the ReLU into the CBN's
     kernels, torch's layers apply it after the batch norm."""
 
-    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, bn_eps: float, sn_eps: float):
+    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, bn_eps: float, sn_eps: float,
+                 make: LayerFactory):
         super().__init__()
-        self.bn1 = layers.conditional_bn(in_ch, cond_dim, eps=bn_eps, relu=True)
-        self.conv1 = layers.sn_conv2d(in_ch, out_ch, 3, 1, sn_eps)
-        self.bn2 = layers.conditional_bn(out_ch, cond_dim, eps=bn_eps, relu=True)
-        self.conv2 = layers.sn_conv2d(out_ch, out_ch, 3, 1, sn_eps)
-        self.conv_sc = layers.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps)
+        self.bn1 = make.conditional_bn(in_ch, cond_dim, eps=bn_eps, relu=True)
+        self.conv1 = make.sn_conv2d(in_ch, out_ch, 3, 1, sn_eps)
+        self.bn2 = make.conditional_bn(out_ch, cond_dim, eps=bn_eps, relu=True)
+        self.conv2 = make.sn_conv2d(out_ch, out_ch, 3, 1, sn_eps)
+        self.conv_sc = make.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = layers.upsample2(self.bn1(x, cond))  # bn1, bn2: CBN then ReLU
@@ -108,13 +109,12 @@ class Generator(nn.Module):
             raise TypeError("Generator takes a GeneratorConfig or its fields, not both")
         self.config = config
         c = config
-        with _layers.implementation(c.layers):
-            self._build(c.num_classes, c.resolution, c.ch, c.noise_dim, c.shared_dim,
-                        c.attention_resolution, c.logit_preprocess, c.logit_temperature,
-                        c.bn_eps, c.sn_eps, c.cond_input)
+        self._build(c.num_classes, c.resolution, c.ch, c.noise_dim, c.shared_dim,
+                    c.attention_resolution, c.logit_preprocess, c.logit_temperature,
+                    c.bn_eps, c.sn_eps, c.cond_input, layers.for_implementation(c.layers))
 
     def _build(self, num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
-               logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input):
+               logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input, make):
         if resolution not in G_ARCH:
             raise ValueError(f"Generator resolution must be one of {sorted(G_ARCH)}, got {resolution}")
         if num_classes < 1 or ch < 1 or shared_dim < 1:
@@ -131,18 +131,18 @@ class Generator(nn.Module):
         cond_dim = shared_dim + self.chunk
 
         self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
-        self.shared = layers.sn_linear(num_classes, shared_dim, sn_eps)
-        self.linear = layers.sn_linear(self.chunk + (shared_dim if cond_input else 0), ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
+        self.shared = make.sn_linear(num_classes, shared_dim, sn_eps)
+        self.linear = make.sn_linear(self.chunk + (shared_dim if cond_input else 0), ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
         res = BOTTOM
         for i, (ci, co) in enumerate(zip(ins, outs)):
-            self.blocks.append(GBlock(ci * ch, co * ch, cond_dim, bn_eps, sn_eps))
+            self.blocks.append(GBlock(ci * ch, co * ch, cond_dim, bn_eps, sn_eps, make))
             res *= 2
             if res == attention_resolution:
-                self.attention[str(i)] = layers.self_attention(co * ch, sn_eps)
+                self.attention[str(i)] = make.self_attention(co * ch, sn_eps)
         self.output_bn = nn.BatchNorm2d(outs[-1] * ch, eps=bn_eps)
-        self.output_conv = layers.sn_conv2d(outs[-1] * ch, 3, 3, 1, sn_eps)
+        self.output_conv = make.sn_conv2d(outs[-1] * ch, 3, 3, 1, sn_eps)
         layers.init_orthogonal(self)
         layers.attach_spectral_norm_group(self)
 

@@ -1,14 +1,17 @@
 """Building blocks shared by the logit-conditioned BigGAN generator and discriminator.
 
-Spectral norm and conditional batch norm come from ``fastinv.nn`` (fused kernels, one
-multi-tensor spectral-norm refresh per forward). Inside ``implementation("torch")`` (the
-models' ``layers="torch"``) the factories build torch's own layers with the same numerics and
-the same state-dict layout: the baseline the benchmarks and parity tests compare against.
+A model gets its layers from a :class:`LayerFactory` it passes down to every block:
+``for_implementation("fastinv")`` builds spectral norm and conditional batch norm from
+``fastinv.nn`` (fused kernels, one multi-tensor spectral-norm refresh per forward);
+``for_implementation("torch")`` (the models' ``layers="torch"``) builds torch's own layers with
+the same numerics and the same state-dict layout: the baseline the benchmarks and parity tests
+compare against.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,44 +20,10 @@ from torch import nn
 import fastinv.nn as fnn
 
 LOGIT_PREPROCESS = ("none", "standardise", "temperature", "affine")
-IMPLEMENTATIONS = ("fastinv", "torch")
-_impl = ["fastinv"]
-
-
-@contextlib.contextmanager
-def implementation(name: str):
-    """Build layers with ``fastinv`` (fused SN / CBN ops) or plain ``torch`` equivalents (same
-    numerics; the baseline the benchmarks compare against, and what torch.compile sees whole)."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"layer implementation must be one of {IMPLEMENTATIONS}, got {name!r}")
-    _impl.append(name)
-    try:
-        yield
-    finally:
-        _impl.pop()
-
-
-def _fastinv_nn(name: str):
-    """fastinv's layer class ``name``, or None inside ``implementation("torch")``."""
-    return None if _impl[-1] == "torch" else getattr(fnn, name)
 
 
 def _torch_sn(module: nn.Module, eps: float) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(module, eps=eps)
-
-
-def sn_conv2d(in_ch: int, out_ch: int, kernel_size: int, padding: int, eps: float) -> nn.Module:
-    cls = _fastinv_nn("SNConv2d")
-    if cls is not None:
-        return cls(in_ch, out_ch, kernel_size=kernel_size, padding=padding, eps=eps)
-    return _torch_sn(nn.Conv2d(in_ch, out_ch, kernel_size=kernel_size, padding=padding), eps)
-
-
-def sn_linear(in_features: int, out_features: int, eps: float, bias: bool = True) -> nn.Module:
-    cls = _fastinv_nn("SNLinear")
-    if cls is not None:
-        return cls(in_features, out_features, bias=bias, eps=eps)
-    return _torch_sn(nn.Linear(in_features, out_features, bias=bias), eps)
 
 
 class _TorchConditionalBatchNorm2d(nn.Module):
@@ -85,31 +54,81 @@ class _TorchConditionalBatchNorm2d(nn.Module):
         return torch.relu(h) if self.relu else h
 
 
-def conditional_bn(num_features: int, cond_dim: int, eps: float = 1e-5,
-                   momentum: float = 0.1, relu: bool = False) -> nn.Module:
-    """BigGAN's ccbn; ``relu=True``: followed by a ReLU (fused into fastinv's kernels)."""
-    cls = _fastinv_nn("ConditionalBatchNorm2d") or _TorchConditionalBatchNorm2d
-    return cls(num_features, cond_dim, eps=eps, momentum=momentum, spectral_norm=True, relu=relu)
+@dataclass(frozen=True)
+class LayerFactory:
+    """How a model makes its layers, passed down to every block (BigGAN-PyTorch's
+    ``which_conv`` / ``which_linear`` / ``which_bn``). ``for_implementation("fastinv")``: the
+    fused ops (fastinv.nn); ``"torch"``: torch's own layers with the same numerics and the
+    same state-dict layout, the baseline the benchmarks and parity tests compare against.
+
+    ``sn_conv2d(in, out, kernel_size, padding, eps)``, ``sn_linear(in, out, eps, bias=True)``,
+    ``conditional_bn(features, cond_dim, eps=1e-5, momentum=0.1, relu=False)`` (BigGAN's ccbn;
+    ``relu=True`` fused into fastinv's kernels), ``self_attention(channels, sn_eps)``."""
+
+    name: str
+    sn_conv2d: Callable[..., nn.Module]
+    sn_linear: Callable[..., nn.Module]
+    conditional_bn: Callable[..., nn.Module]
+    self_attention: Callable[..., nn.Module]
 
 
-def self_attention(channels: int, sn_eps: float) -> nn.Module:
+def _fastinv_factory() -> LayerFactory:
     from fastinv.nn.attention import SelfAttention
 
-    conv = (lambda i, o, eps: _torch_sn(nn.Conv2d(i, o, 1, bias=False), eps)) if (
-        _impl[-1] == "torch") else None
-    return SelfAttention(channels, sn_eps=sn_eps, conv=conv)
+    def conv(in_ch, out_ch, kernel_size, padding, eps):
+        return fnn.SNConv2d(in_ch, out_ch, kernel_size=kernel_size, padding=padding, eps=eps)
+
+    def linear(in_features, out_features, eps, bias=True):
+        return fnn.SNLinear(in_features, out_features, bias=bias, eps=eps)
+
+    def cbn(num_features, cond_dim, eps=1e-5, momentum=0.1, relu=False):
+        return fnn.ConditionalBatchNorm2d(num_features, cond_dim, eps=eps, momentum=momentum,
+                                          spectral_norm=True, relu=relu)
+
+    return LayerFactory("fastinv", conv, linear, cbn,
+                        lambda channels, sn_eps: SelfAttention(channels, sn_eps=sn_eps))
+
+
+def _torch_factory() -> LayerFactory:
+    from fastinv.nn.attention import SelfAttention
+
+    def conv(in_ch, out_ch, kernel_size, padding, eps):
+        return _torch_sn(nn.Conv2d(in_ch, out_ch, kernel_size=kernel_size, padding=padding), eps)
+
+    def linear(in_features, out_features, eps, bias=True):
+        return _torch_sn(nn.Linear(in_features, out_features, bias=bias), eps)
+
+    def cbn(num_features, cond_dim, eps=1e-5, momentum=0.1, relu=False):
+        return _TorchConditionalBatchNorm2d(num_features, cond_dim, eps=eps, momentum=momentum,
+                                            spectral_norm=True, relu=relu)
+
+    def attention(channels, sn_eps):
+        return SelfAttention(channels, sn_eps=sn_eps,
+                             conv=lambda i, o, eps: _torch_sn(nn.Conv2d(i, o, 1, bias=False), eps))
+
+    return LayerFactory("torch", conv, linear, cbn, attention)
+
+
+IMPLEMENTATIONS: dict[str, Callable[[], LayerFactory]] = {
+    "fastinv": _fastinv_factory, "torch": _torch_factory}
+
+
+def for_implementation(name: str) -> LayerFactory:
+    """The layer factory of ``name`` (a model config's ``layers`` field)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"layer implementation must be one of {tuple(IMPLEMENTATIONS)}, "
+                         f"got {name!r}")
+    return IMPLEMENTATIONS[name]()
 
 
 def attach_spectral_norm_group(model: nn.Module) -> object | None:
     """Refresh every spectral norm of ``model`` in one op call per forward (fastinv.nn).
 
     Kept out of the module tree (``__dict__``), so it is neither a child module nor saved.
-    Returns None when fastinv.nn has no SpectralNormGroup or the model has no fastinv SN layer
-    (torch's fallback layers refresh themselves)."""
-    cls = _fastinv_nn("SpectralNormGroup")
-    if cls is None or not any(fnn.is_spectral_norm(m) for m in model.modules()):
+    Returns None when the model has no fastinv SN layer (torch's layers refresh themselves)."""
+    if not any(fnn.is_spectral_norm(m) for m in model.modules()):
         return None
-    group = cls(model)
+    group = fnn.SpectralNormGroup(model)
     model.__dict__["_sn_group"] = group
     return group
 
