@@ -85,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser(_command_of(argv))
-    args = parser.parse_args(argv)
+    # `--key=value` overrides before any positional (`fastinv classifier train --data=DIR`)
+    # are not argparse options: commands that take overrides collect them as such
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*extra, *(args.overrides or [])]
     if getattr(args, "_command", None) is None:
         parser.print_help()
         return 0

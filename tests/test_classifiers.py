@@ -221,3 +221,20 @@ def test_train_classifier_starts_from_init_weights(tmp_path, synthetic_data):
     out = load_file(str(train_classifier(cfg)))
     for k, v in init.state_dict().items():
         torch.testing.assert_close(out[k], v)
+
+
+def test_classifier_train_takes_the_override_syntax_of_fastinv_train(capsys):
+    from fastinv import cli
+
+    assert cli.main(["classifier", "train", "--data=/some/dir", "--batch-size=8",
+                     "--max_steps=3", "--mean=0.4,0.5,0.6", "--adversarial=l2",
+                     "--print-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["data"] == "/some/dir" and shown["batch_size"] == 8 and shown["max_steps"] == 3
+    assert shown["mean"] == [0.4, 0.5, 0.6] and shown["adversarial"] == "l2"
+    assert cli.main(["classifier", "train", "--no_such_key=1"]) == 2
+    assert "unknown key 'no_such_key'" in capsys.readouterr().err
+    assert cli.main(["classifier", "train", "--epochs=many"]) == 2
+    assert "epochs must be an integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without overrides still refuses extras
+        cli.main(["info", "--bogus=1"])

@@ -26,7 +26,7 @@ def judge_features(judge, images: torch.Tensor, batch_size: int = 256) -> torch.
     net = getattr(judge, "net", judge)
     if not hasattr(net, "embed"):
         raise ValueError(f"the judge {type(net).__name__} has no embed(); use a fastinv judge "
-                         "(fastinv classifier train --arch small_resnet or small_cnn)")
+                         "(fastinv classifier train --arch=small_resnet or --arch=small_cnn)")
     return torch.cat([net.embed(to_classifier_input(chunk, judge)).float()
                       for chunk in images.split(batch_size)])
 

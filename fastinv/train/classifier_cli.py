@@ -1,6 +1,6 @@
 """``fastinv classifier``: train the small standard / PGD-robust classifier, inspect any spec.
 
-    fastinv classifier train --data DIR --out clf.safetensors [--adversarial l2 --eps 0.5]
+    fastinv classifier train --data=DIR --out=clf.safetensors [--adversarial=l2 --eps=0.5]
     fastinv classifier show fastinv:small_resnet --weights clf.safetensors
 """
 
@@ -10,30 +10,14 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from fastinv.train.classifier import ClassifierConfig
-
-    hints = typing.get_type_hints(ClassifierConfig)
-    for f in dataclasses.fields(ClassifierConfig):
-        hint, flag = hints[f.name], "--" + f.name.replace("_", "-")
-        if f.name in ("mean", "std"):
-            parser.add_argument(flag, type=float, nargs=3, default=f.default)
-        elif hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif hint in (int, float, str):
-            parser.add_argument(flag, type=hint, default=f.default, required=f.name == "data")
-        else:  # int | None, float | None
-            base = typing.get_args(hint)[0]
-            parser.add_argument(flag, type=base, default=f.default)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="classifier_command", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train the small ResNet (standard or PGD adversarial)")
-    _add_config_flags(train)
+    train.add_argument("overrides", nargs=argparse.REMAINDER,
+                       help="--key=value per ClassifierConfig field (the syntax of fastinv "
+                            "train's overrides); --print-config shows every key")
     show = sub.add_parser("show", help="load a classifier spec and print what it is")
     show.add_argument("spec", help="torchvision:<name>, timm:<name>, robust:<arch>, "
                       "torchscript:<path>, fastinv:small_resnet")
@@ -54,10 +38,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.classifier_command == "train":
         from fastinv.models.classifiers import sidecar_path
         from fastinv.train.classifier import ClassifierConfig, train_classifier
+        from fastinv.train.config import apply_field_overrides
 
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClassifierConfig)}
-        values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
-        path = train_classifier(ClassifierConfig(**values))
+        cfg = ClassifierConfig()
+        overrides = [o for o in args.overrides if o != "--print-config"]
+        apply_field_overrides(cfg, overrides)
+        if len(overrides) < len(args.overrides):
+            print(json.dumps(dataclasses.asdict(cfg), indent=1))
+            return 0
+        path = train_classifier(cfg)
         meta = json.loads(sidecar_path(path).read_text())
         acc = {k: meta[k] for k in ("val_accuracy", "val_robust_accuracy") if k in meta}
         print(f"classifier weights: {path} {acc}")

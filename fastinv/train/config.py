@@ -255,6 +255,13 @@ def _coerce(value, hint, key: str):
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)
+    if origin is tuple:  # tuple[float, float, float]: "0.5,0.5,0.5" or a YAML list
+        items = value.split(",") if isinstance(value, str) else list(value)
+        kinds = typing.get_args(hint)
+        if len(items) != len(kinds):
+            raise ConfigError(f"{key} takes {len(kinds)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v.strip() if isinstance(v, str) else v, k, key)
+                     for v, k in zip(items, kinds))
     return value
 
 
@@ -305,6 +312,22 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         section, name = _locate(key.strip())
         _apply(cfg, section, name, value.strip(), f"override {item!r}")
     return cfg
+
+
+def apply_field_overrides(obj, overrides: list[str]) -> None:
+    """``--key=value`` overrides of a flat config dataclass (``ClassifierConfig``): the syntax
+    of ``fastinv train``'s overrides, one key per field (``--batch_size=64``; a dash in the
+    key counts as an underscore), values converted to the field's type."""
+    hints = typing.get_type_hints(type(obj))
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --key=value")
+        key, _, value = text.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in hints:
+            raise ConfigError(f"unknown key {key!r}; the keys are {sorted(hints)}")
+        setattr(obj, key, _coerce(value.strip(), hints[key], key))
 
 
 def load_config(path_or_preset: str | Path | None = None, overrides: list[str] | None = None
