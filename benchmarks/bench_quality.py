@@ -81,16 +81,16 @@ def prepare(work: Path, preset: str, device: str) -> dict:
         if not path.exists():
             train_classifier(demo._classifier_config(p, work, name, device))
         weights[name] = path
-    clf = load_classifier(f"fastinv:{p.clf_arch}", weights=weights["standard"]).to(device)
-    judge = load_classifier(f"fastinv:{p.judge_arch}", weights=weights["judge"]).to(device)
-    val = demo._images(work / "data" / "val", clf, p, p.n_eval, device)
+    clf = load_classifier(f"fastinv:{p.classifiers['standard'].arch}", weights=weights["standard"]).to(device)
+    judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).to(device)
+    val = demo._images(work / "data" / "val", clf, p, p.evaluation.n_eval, device)
     train = demo._images(work / "data" / "train", clf, p, p.n_images, device)
     tf, vf = load_factors(work / "data", split="train"), load_factors(work / "data", split="val")
     y_train, names = fac.factor_targets({k: v[train.index.numpy()] for k, v in tf.items()})
     y_val, _ = fac.factor_targets({k: v[val.index.numpy()] for k, v in vf.items()})
     torch.manual_seed(0)
     regressor = fac.train_factor_regressor(train.images, y_train.to(device),
-                                           epochs=p.factor_epochs, seed=0)
+                                           epochs=p.evaluation.factor_epochs, seed=0)
     return dict(p=p, weights=weights, clf=clf, judge=judge, val=val, train=train,
                 regressor=regressor, y_val=y_val.to(device), names=names)
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     env = prepare(work, args.preset, args.device)
     print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
-    steps = args.steps or env["p"].gan_steps
+    steps = args.steps or env["p"].inverter.steps
     every = args.eval_every or max(1, steps // 5)
     from fastinv.invert.quality import NearestNeighbour
 

@@ -35,77 +35,114 @@ from fastinv.io import atomic_write_text
 CLASSIFIERS = ("standard", "robust")
 
 
-@dataclass
-class DemoPreset:
-    n_images: int = 12000  # synthetic images (train + val); with 3,000 the classifiers memorise
-    val_fraction: float = 0.15
-    num_classes: int = 10  # the 10 shapes: 10 logits, a wider channel than 4
-    resolution: int = 32
+def _classifiers(common: dict | None = None, standard: dict | None = None,
+                 robust: dict | None = None, judge: dict | None = None) -> dict:
+    """The three classifier configs of a preset (``standard``, ``robust``, ``judge``):
+    ``common`` fields for all three, then each one's own. What a run fills in (data, out,
+    input_size, device, workers, init_weights) is set when the demo trains them."""
+    from fastinv.train.classifier import ClassifierConfig
+
     # Φ, the classifier whose logits are inverted (standard and PGD-robust). The plain CNN
     # reached 99% val in 1,600 AdamW steps where the small ResNet stayed at 86-89% (measured).
-    clf_arch: str = "small_cnn"
-    clf_width: int = 16
-    clf_blocks: int = 2
     # AdamW, whole-image crops (a small crop can cut the shape out) and the shapes' symmetries
     # (rotation is a nuisance factor) as augmentation; the data decoded once, kept in memory.
-    clf_epochs: int = 10
-    clf_max_steps: int | None = None
-    clf_optimizer: str = "adamw"
-    clf_lr: float = 2e-3
-    clf_crop_min_scale: float = 1.0
-    clf_symmetry_augment: str = "dihedral"
-    robust_epochs: int | None = 5  # None: clf_epochs; PGD makes each step (1 + pgd_steps) x
-    # PGD fine-tuning of the standard classifier: from scratch, 380 PGD steps stayed at chance
-    # on the quick data (measured), fine-tuning for 114 steps reached 36% (chance 25%).
-    robust_from_standard: bool = True
-    robust_eps: float = 0.5  # L2 PGD radius in [0, 1] pixel units
-    robust_pgd_steps: int = 1
+    base = {**dict(arch="small_cnn", width=16, blocks_per_stage=2, epochs=10, optimizer="adamw",
+                   lr=2e-3, crop_min_scale=1.0, symmetry_augment="dihedral", eps=0.5,
+                   pgd_steps=1), **(common or {})}
+    base["in_memory"] = base["crop_min_scale"] == 1  # whole images: decode once, serve from RAM
+    # PGD fine-tuning of the standard classifier (robust_from_standard): from scratch, 380 PGD
+    # steps stayed at chance on the quick data (measured), fine-tuning for 114 steps reached
+    # 36% (chance 25%). PGD makes each step (1 + pgd_steps) x as costly: fewer epochs.
+    robust = {"epochs": 5, "adversarial": "l2", **(robust or {})}
     # The judge: another architecture and seed, trained only on real training images, never
     # used to train or select an inverter (fastinv.invert.quality). A deeper plain CNN (9
     # convolutions to Φ's 6): the small ResNet reached only 84% val here in the same budget
     # (measured), a judge that weak caps every agreement it reports.
-    judge_arch: str = "small_cnn"
-    judge_width: int = 16
-    judge_blocks: int = 3
-    judge_epochs: int = 8
-    judge_seed: int = 1
-    gan_preset: str = "demo-cpu"
-    gan_steps: int = 2000
-    gan_overrides: tuple[str, ...] = ()
-    deepsim_steps: int = 600
-    deepsim_width: int = 16
-    deepsim_batch: int = 32
-    opt_steps: int = 100
-    opt_restarts: int = 2
-    n_optimization: int = 32
-    n_eval: int = 512
-    k_resample: int = 6
-    factor_epochs: int = 10
+    judge = {"blocks_per_stage": 3, "epochs": 8, "seed": 1, **(judge or {})}
+    return {name: ClassifierConfig(**{**base, **own})
+            for name, own in (("standard", standard or {}), ("robust", robust), ("judge", judge))}
+
+
+@dataclass(frozen=True)
+class InverterPreset:
+    """What the demo trains each inverter with: a ``fastinv train`` preset, the steps, and
+    ``--key=value`` overrides on top (as ``fastinv train`` takes them)."""
+
+    preset: str = "demo-cpu"
+    steps: int = 2000
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalPreset:
+    n_eval: int = 512  # held-out images every method is scored on
+    k_resample: int = 6  # noise draws per image (noise resampling)
+    factor_epochs: int = 10  # the nuisance-factor regressor
+    n_optimization: int = 32  # images the optimisation baseline inverts
+
+
+def _deepsim(**kw):
+    from fastinv.invert.deepsim_train import DeepSimConfig
+
+    return DeepSimConfig(**{"steps": 600, "width": 16, "batch_size": 32, **kw})
+
+
+def _optimization(**kw):
+    from fastinv.invert.baselines import OptimizationConfig
+
+    return OptimizationConfig(**{"steps": 100, "restarts": 2, **kw})
+
+
+@dataclass
+class DemoPreset:
+    """A demo's sizes, as the configs of the stages it runs (seeds are set per run)."""
+
+    n_images: int = 12000  # synthetic images (train + val); with 3,000 the classifiers memorise
+    val_fraction: float = 0.15
+    num_classes: int = 10  # the 10 shapes: 10 logits, a wider channel than 4
+    resolution: int = 32
+    classifiers: dict = dataclasses.field(default_factory=_classifiers)  # ClassifierConfig each
+    robust_from_standard: bool = True  # the robust Φ is PGD fine-tuning of the standard one
+    inverter: InverterPreset = InverterPreset()
+    deepsim: object = dataclasses.field(default_factory=_deepsim)  # DeepSimConfig
+    optimization: object = dataclasses.field(default_factory=_optimization)  # OptimizationConfig
+    evaluation: EvalPreset = EvalPreset()
     workers: int | None = 0  # data loader processes; 0: in the main process
 
 
 PRESETS: dict[str, DemoPreset] = {
     "default": DemoPreset(),
-    "quick": DemoPreset(n_images=8000, clf_epochs=8, robust_epochs=3, judge_epochs=6,
-                        gan_steps=700, deepsim_steps=250,
-                        opt_steps=50, n_optimization=16, n_eval=256, k_resample=4,
-                        factor_epochs=6),
-    "tiny": DemoPreset(n_images=160, resolution=16, num_classes=4, clf_width=8, clf_blocks=1,
-                       clf_epochs=1, clf_max_steps=4, robust_pgd_steps=1, judge_width=8,
-                       judge_blocks=2,
-                       judge_epochs=1, gan_preset="tiny", gan_steps=4,
-                       deepsim_steps=4, deepsim_width=8, deepsim_batch=8, opt_steps=3, opt_restarts=1,
-                       n_optimization=4, n_eval=24, k_resample=2, factor_epochs=1),
-    "gpu": DemoPreset(n_images=20000, num_classes=10, resolution=64, clf_width=32, clf_blocks=2, clf_epochs=15,
-                      clf_optimizer="sgd", clf_lr=0.1, clf_crop_min_scale=0.35, robust_epochs=None,
-                      robust_from_standard=False, clf_symmetry_augment="none",
-                      robust_pgd_steps=7, judge_width=32, judge_blocks=2, judge_epochs=15,
-                      gan_steps=6000,
-                      gan_overrides=("--data.batch_size=64", "--model.g_ch=32", "--model.d_ch=32",
-                                     "--run.device=cuda", "--run.image_every=1000",
-                                     "--run.ckpt_every=2000", "--optim.ema_start=1000"),
-                      deepsim_steps=3000, deepsim_width=64, deepsim_batch=64, opt_steps=300, opt_restarts=4,
-                      n_optimization=64, n_eval=1024, k_resample=8, factor_epochs=20,
+    "quick": DemoPreset(n_images=8000,
+                        classifiers=_classifiers(standard=dict(epochs=8), robust=dict(epochs=3),
+                                                 judge=dict(epochs=6)),
+                        inverter=InverterPreset(steps=700), deepsim=_deepsim(steps=250),
+                        optimization=_optimization(steps=50),
+                        evaluation=EvalPreset(n_eval=256, k_resample=4, factor_epochs=6,
+                                              n_optimization=16)),
+    "tiny": DemoPreset(n_images=160, resolution=16, num_classes=4,
+                       classifiers=_classifiers(dict(width=8, blocks_per_stage=1, epochs=1,
+                                                     max_steps=4),
+                                                judge=dict(blocks_per_stage=2, epochs=1)),
+                       inverter=InverterPreset(preset="tiny", steps=4),
+                       deepsim=_deepsim(steps=4, width=8, batch_size=8),
+                       optimization=_optimization(steps=3, restarts=1),
+                       evaluation=EvalPreset(n_eval=24, k_resample=2, factor_epochs=1,
+                                             n_optimization=4)),
+    "gpu": DemoPreset(n_images=20000, num_classes=10, resolution=64,
+                      classifiers=_classifiers(dict(width=32, epochs=15, optimizer="sgd", lr=0.1,
+                                                    crop_min_scale=0.35, symmetry_augment="none",
+                                                    pgd_steps=7),
+                                               robust=dict(epochs=15),
+                                               judge=dict(blocks_per_stage=2, epochs=15)),
+                      robust_from_standard=False,
+                      inverter=InverterPreset(steps=6000, overrides=(
+                          "--data.batch_size=64", "--model.g_ch=32", "--model.d_ch=32",
+                          "--run.device=cuda", "--run.image_every=1000", "--run.ckpt_every=2000",
+                          "--optim.ema_start=1000")),
+                      deepsim=_deepsim(steps=3000, width=64, batch_size=64),
+                      optimization=_optimization(steps=300, restarts=4),
+                      evaluation=EvalPreset(n_eval=1024, k_resample=8, factor_epochs=20,
+                                            n_optimization=64),
                       workers=None),
 }
 
@@ -130,21 +167,11 @@ def _stage(name: str, timings: dict, fn, *args, **kwargs):
 
 
 def _classifier_config(p: DemoPreset, out: Path, name: str, device: str, init: str = ""):
-    from fastinv.train.classifier import ClassifierConfig
-
-    robust, judge = name == "robust", name == "judge"
-    epochs = (p.judge_epochs if judge else
-              p.robust_epochs if robust and p.robust_epochs is not None else p.clf_epochs)
-    return ClassifierConfig(
-        data=str(out / "data"), out=str(out / "classifiers" / f"{name}.safetensors"),
-        arch=p.judge_arch if judge else p.clf_arch, input_size=p.resolution,
-        width=p.judge_width if judge else p.clf_width,
-        blocks_per_stage=p.judge_blocks if judge else p.clf_blocks,
-        epochs=epochs, max_steps=p.clf_max_steps, optimizer=p.clf_optimizer, lr=p.clf_lr,
-        crop_min_scale=p.clf_crop_min_scale, symmetry_augment=p.clf_symmetry_augment,
-        in_memory=p.clf_crop_min_scale == 1, seed=p.judge_seed if judge else 0,
-        device=device, workers=p.workers, adversarial="l2" if robust else "none",
-        eps=p.robust_eps, pgd_steps=p.robust_pgd_steps, init_weights=init)
+    """The preset's config of classifier ``name``, with this run's paths and device."""
+    return dataclasses.replace(
+        p.classifiers[name], data=str(out / "data"),
+        out=str(out / "classifiers" / f"{name}.safetensors"), input_size=p.resolution,
+        device=device, workers=p.workers, init_weights=init)
 
 
 def _split_threads(device: str) -> int:
@@ -205,17 +232,22 @@ def _train_inverters(p: DemoPreset, out: Path, weights: dict[str, Path], device:
 
 def _train_inverter(p: DemoPreset, out: Path, name: str, weights: Path, device: str,
                     extra: tuple[str, ...] = ()) -> Path:
-    from fastinv.train.config import load_config
+    """Inverter ``name``: the preset's ``fastinv train`` config with this run's data,
+    classifier and paths set as typed fields, then the preset's and the caller's overrides."""
+    from fastinv.train.config import apply_overrides, base_config, validate
     from fastinv.train.gan import train_inverter
 
-    overrides = [f"--data.root={out / 'data'}", f"--data.resolution={p.resolution}",
-                 f"--classifier.spec=fastinv:{p.clf_arch}", f"--classifier.weights={weights}",
-                 "--classifier.random_init=false", "--classifier.num_classes=none",
-                 f"--run.out_dir={out / name / 'inverter'}", f"--run.steps={p.gan_steps}",
-                 f"--run.device={device}", "--run.progress=true",
-                 f"--data.workers={'none' if p.workers is None else p.workers}",
-                 *p.gan_overrides, *extra]
-    return train_inverter(load_config(p.gan_preset, overrides))
+    cfg = base_config(p.inverter.preset)
+    d, c, r = cfg.data, cfg.classifier, cfg.run
+    d.root, d.resolution = str(out / "data"), p.resolution
+    d.workers = p.workers
+    c.spec, c.weights = f"fastinv:{p.classifiers['standard'].arch}", str(weights)
+    c.random_init, c.num_classes = False, None
+    r.out_dir, r.steps = str(out / name / "inverter"), p.inverter.steps
+    r.device, r.progress = device, True
+    apply_overrides(cfg, [*p.inverter.overrides, *extra])
+    validate(cfg)
+    return train_inverter(cfg)
 
 
 def _images(root: Path, classifier, p: DemoPreset, n: int, device: str):
@@ -233,8 +265,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     """The whole pipeline; returns the summary (also written to ``out/summary.json``)."""
     from fastinv.data import CLASS_NAMES, load_factors, make_synthetic_dataset
     from fastinv.invert import factors as fac
-    from fastinv.invert.baselines import OptimizationConfig
-    from fastinv.invert.deepsim_train import DeepSimConfig, train_deepsim
+    from fastinv.invert.deepsim_train import train_deepsim
     from fastinv.invert.evaluate import (
         compare_methods,
         optimization_subset,
@@ -264,7 +295,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
            num_classes=p.num_classes)
     weights = _stage("classifiers (standard + PGD-robust + judge)", timings, _train_classifiers,
                      p, out, device)
-    judge = load_classifier(f"fastinv:{p.judge_arch}", weights=weights["judge"]).to(device)
+    judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).to(device)
     class_names = list(CLASS_NAMES[: p.num_classes])
     val_factors = load_factors(out / "data", split="val")
     train_factors = load_factors(out / "data", split="train")
@@ -274,41 +305,43 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     methods_table: dict[str, dict] = {}
     _stage("inverters (standard + robust)", timings, _train_inverters, p, out, weights, device)
     for name in CLASSIFIERS:
-        clf = load_classifier(f"fastinv:{p.clf_arch}", weights=weights[name]).to(device)
+        clf = load_classifier(f"fastinv:{p.classifiers[name].arch}", weights=weights[name]).to(device)
         meta = json.loads(sidecar_path(weights[name]).read_text())
         judge_meta = json.loads(sidecar_path(weights["judge"]).read_text())
+        judge_cfg = p.classifiers["judge"]
         _, gan_cfg = load_inverter(out / name / "inverter", device="cpu")
         write_classifier_info(out / name, {
             "name": name, "robust": name == "robust", "weights": str(weights[name]),
-            "arch": p.clf_arch, "width": p.clf_width, "blocks": p.clf_blocks,
+            "arch": p.classifiers[name].arch, "width": p.classifiers[name].width,
+            "blocks": p.classifiers[name].blocks_per_stage,
             "num_classes": clf.num_classes,
             "val_accuracy": meta.get("val_accuracy"),
             "val_robust_accuracy": meta.get("val_robust_accuracy"),
-            "judge": {"arch": p.judge_arch, "width": p.judge_width, "blocks": p.judge_blocks,
-                      "seed": p.judge_seed, "val_accuracy": judge_meta.get("val_accuracy")},
+            "judge": {"arch": judge_cfg.arch, "width": judge_cfg.width,
+                      "blocks": judge_cfg.blocks_per_stage, "seed": judge_cfg.seed,
+                      "val_accuracy": judge_meta.get("val_accuracy")},
             "inverter_options": inverter_options(gan_cfg), "inverter_steps": gan_cfg.run.steps})
         G, _ = load_inverter(out / name / "inverter", device=device)
-        val = _images(out / "data" / "val", clf, p, p.n_eval, device)
+        val = _images(out / "data" / "val", clf, p, p.evaluation.n_eval, device)
         train = _images(out / "data" / "train", clf, p, p.n_images, device)
         _stage(f"analyses for {name}", timings, run_analyses, G, clf, val, out / name / "analyses",
-               class_names=class_names, k=p.k_resample, seed=seed, progress=True)
-        dcfg = DeepSimConfig(steps=p.deepsim_steps, width=p.deepsim_width,
-                             batch_size=p.deepsim_batch, seed=seed)
+               class_names=class_names, k=p.evaluation.k_resample, seed=seed, progress=True)
+        dcfg = dataclasses.replace(p.deepsim, seed=seed)
         deepsim, _ = _stage(f"DeePSiM decoder for {name}", timings, train_deepsim, clf,
                             train.images, train.logits, out / name / "deepsim", dcfg)
-        ocfg = OptimizationConfig(steps=p.opt_steps, restarts=p.opt_restarts, seed=seed)
+        ocfg = dataclasses.replace(p.optimization, seed=seed)
         nn_baseline = NearestNeighbour(train.logits, train.images)
         methods, recs = _stage(f"method comparison for {name}", timings, compare_methods, clf, val,
                                {"inverter": G, "deepsim": deepsim, "logit NN": nn_baseline},
                                out / name / "methods.json", judge=judge, optimization=ocfg,
-                               n_optimization=p.n_optimization, seed=seed,
+                               n_optimization=p.evaluation.n_optimization, seed=seed,
                                class_names=class_names)
         methods_table[name] = methods
         if factor_model is None:  # one regressor of the factors, trained on real train images
             y_train, fnames = fac.factor_targets(
                 {k: v[train.index.numpy()] for k, v in train_factors.items()})
             factor_model = _stage("factor regressor", timings, fac.train_factor_regressor,
-                                  train.images, y_train.to(device), epochs=p.factor_epochs,
+                                  train.images, y_train.to(device), epochs=p.evaluation.factor_epochs,
                                   seed=seed, progress=True)
         y_val, fnames = fac.factor_targets({k: v[val.index.numpy()] for k, v in val_factors.items()})
         y_val = y_val.to(device)
@@ -317,7 +350,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
         table["_intervals"] = fac.factor_intervals(factor_model, y_val, fnames, feedforward,
                                                    seed=seed)
         if "optimization" in recs:
-            idx = optimization_subset(len(val), p.n_optimization).to(y_val.device)
+            idx = optimization_subset(len(val), p.evaluation.n_optimization).to(y_val.device)
             table[f"optimization ({len(idx)} images)"] = fac.r2_per_factor(
                 factor_model.predict(recs["optimization"]), y_val[idx], fnames)
         factor_table[name] = table

@@ -333,6 +333,15 @@ def apply_field_overrides(obj, overrides: list[str]) -> None:
 def load_config(path_or_preset: str | Path | None = None, overrides: list[str] | None = None
                 ) -> TrainConfig:
     """A validated TrainConfig from a preset name or YAML path (None: defaults), then overrides."""
+    cfg = base_config(path_or_preset)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def base_config(path_or_preset: str | Path | None = None) -> TrainConfig:
+    """The TrainConfig of a preset name or YAML path, NOT validated: for code that sets typed
+    fields on it (the demo sets data, classifier and paths) and then calls ``validate``."""
     cfg = TrainConfig()
     if path_or_preset is not None:
         name = str(path_or_preset)
@@ -348,8 +357,6 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] |
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
             _merge(cfg, tree, str(path))
-    apply_overrides(cfg, overrides or [])
-    validate(cfg)
     return cfg
 
 
