@@ -5,6 +5,7 @@ test_conditional_batch_norm_distributed.py."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 
@@ -930,3 +931,38 @@ def test_cuda_relu_matches_float64_on_kernel_paths(dtype, layout, training, shap
     ref = cbn.conditional_batch_norm_backward_reference(dy.double(), x.double(), gain.double(), mean.double(),
                                                         invstd.double(), training, True, bias.double())
     _assert_backward_close(got, ref, dtype, shape)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_sync_batch_norm_module_equals_torch_batch_norm_in_float64(affine):
+    # one process (no group): SyncBatchNorm2d is nn.BatchNorm2d on the fused op, same keys
+    from fastinv.nn import SyncBatchNorm2d, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(6, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.normal_()
+    model = torch.nn.Sequential(copy.deepcopy(ref))
+    convert_sync_batchnorm(model, process_group=object())  # any group object: not used below
+    ours = model[0]
+    assert isinstance(ours, SyncBatchNorm2d) and ours.state_dict().keys() == ref.state_dict().keys()
+    ours.process_group = None
+    x = torch.randn(5, 6, 4, 3, dtype=torch.float64) * 2 + 1
+    w = torch.randn_like(x)
+    for training in (True, False):
+        ref.train(training)
+        ours.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), ours(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-10)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert ours.num_batches_tracked == ref.num_batches_tracked
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-9, atol=1e-9)

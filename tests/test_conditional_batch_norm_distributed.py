@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastinv import ops
-from fastinv.nn import ConditionalBatchNorm2d, convert_sync_cbn
+from fastinv.nn import ConditionalBatchNorm2d, SyncBatchNorm2d, convert_sync_cbn
 
 SIZES = [3, 2]  # per-rank batch sizes: unequal on purpose
 C, H, W, COND = 5, 3, 2, 4
@@ -41,9 +41,21 @@ def _run(x, gain, bias, weight, cond, group):
     ym = m(xm, cond)
     (ym * weight).sum().backward()
     grads = {f"module.{k}": p.grad for k, p in m.named_parameters()}
+    # the plain batch norm on the same op (BigGAN's output BN under cross_replica_bn)
+    torch.manual_seed(0)
+    bn = SyncBatchNorm2d(C).to(x.dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    bn.process_group = group
+    xb = x.clone().requires_grad_()
+    yb = bn(xb)
+    (yb * weight).sum().backward()
+    grads.update({f"module.bn.{k}": p.grad for k, p in bn.named_parameters()})
     return dict(y=y.detach(), gx=leaves[0].grad, ggain=leaves[1].grad, gbias=leaves[2].grad,
                 rm=rm, rv=rv, ym=ym.detach(), gxm=xm.grad, m_rm=m.running_mean,
-                m_rv=m.running_var, **grads)
+                m_rv=m.running_var, yb=yb.detach(), gxb=xb.grad, bn_rm=bn.running_mean,
+                bn_rv=bn.running_var, **grads)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -65,9 +77,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     whole = _run(*_data(), group=None)
     tol = dict(rtol=1e-9, atol=1e-9)
-    for key in ("y", "gx", "ggain", "gbias", "ym", "gxm"):  # per-sample results: concatenate
+    for key in ("y", "gx", "ggain", "gbias", "ym", "gxm", "yb", "gxb"):  # per-sample results: concatenate
         torch.testing.assert_close(torch.cat([r[key] for r in ranks]), whole[key], **tol, msg=key)
-    for key in ("rm", "rv", "m_rm", "m_rv"):  # replicated: every rank holds the global value
+    for key in ("rm", "rv", "m_rm", "m_rv", "bn_rm", "bn_rv"):  # replicated: every rank holds the global value
         for r in ranks:
             torch.testing.assert_close(r[key], whole[key], **tol, msg=key)
     # Parameter gradients are per-rank partial sums (DDP all-reduces them): they add up.

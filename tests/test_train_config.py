@@ -103,3 +103,9 @@ def test_validate_checks_once_per_content_and_again_after_a_change(monkeypatch):
     with pytest.raises(ConfigError, match="batch_size"):
         config_mod.validate(cfg)
     assert calls == [1]
+
+
+def test_cross_replica_bn_with_torch_layers_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="cross_replica_bn.*layers=fastinv"):
+        load_config("tiny", ["--cross_replica_bn=true", "--layers=torch"])
+    assert load_config("tiny", ["--cross_replica_bn=true"]).model.cross_replica_bn

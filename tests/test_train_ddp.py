@@ -1,5 +1,6 @@
 """Two gloo ranks on CPU under torchrun: DDP keeps G, D and the EMA identical across ranks,
-through a resume too, while each rank reads its own shard of the data."""
+through a resume too, while each rank reads its own shard of the data; with cross_replica_bn
+every batch norm of G (CBNs and the output BN) computes global statistics over gloo."""
 
 from __future__ import annotations
 
@@ -30,8 +31,16 @@ def _worker(out: str) -> None:
     loader = trainer.batches.loader
     loader.set_epoch(0)
     first = next(iter(loader))["index"]
+    # cross-replica BN over gloo: every batch norm of G (the CBNs and the output BN) syncs
+    from fastinv.nn import SyncBatchNorm2d
+
+    synced = InverterTrainer(load_config("tiny", [f"--out_dir={out}/sync", "--synthetic_n=40",
+                                                  "--cross_replica_bn=true", "--steps=1"]), info)
+    assert isinstance(synced.G.output_bn, SyncBatchNorm2d)
+    synced.train_step()
     torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict(),
                 "G_ema": trainer.G_ema.state_dict(), "first_index": first,
+                "sync_G": synced.G.state_dict(),
                 "world": info.world_size}, f"{out}/rank{info.rank}.pt")
     distributed.cleanup()
 
@@ -52,6 +61,13 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
                 continue  # batch statistics are per rank (cross_replica_bn off), broadcast by DDP
             assert torch.equal(v, r1[net][k]), f"{net}.{k} differs between ranks"
     assert set(r0["first_index"].tolist()).isdisjoint(r1["first_index"].tolist())
+    # with cross_replica_bn the batch statistics are global: equal on both ranks (without it
+    # they differ, each rank's own shard: checked by hand), the output BN's too
+    stats = [k for k in r0["sync_G"] if k.endswith(("running_mean", "running_var"))]
+    assert any(k.startswith("output_bn.") for k in stats)
+    for k in r0["sync_G"]:
+        torch.testing.assert_close(r0["sync_G"][k], r1["sync_G"][k], rtol=1e-6, atol=1e-6, msg=k)
+    assert r0["sync_G"]["output_bn.running_mean"].abs().sum() > 0  # a step moved them from 0
     assert (tmp_path / "run" / "checkpoints" / "step_00000002.pt").is_file()
 
 

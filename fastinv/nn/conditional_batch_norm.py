@@ -96,6 +96,66 @@ class ConditionalBatchNorm2d(nn.Module):
         )
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and state-dict keys) computed by the fused
+    conditional-batch-norm op with the per-channel affine as every sample's gain and bias, so
+    its training statistics can span the ranks of ``process_group`` the way the conditional
+    batch norms' do: over gloo on CPU as over NCCL on GPU (torch's SyncBatchNorm is CUDA-only).
+    With ``process_group=None`` it is a plain batch norm. ``convert_sync_batchnorm`` makes them."""
+
+    process_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"SyncBatchNorm2d expects (N, C, H, W), got {tuple(x.shape)}")
+        n = x.shape[0]
+        ones = torch.ones(self.num_features, device=x.device, dtype=x.dtype)
+        weight = self.weight if self.affine else ones
+        bias = self.bias if self.affine else torch.zeros_like(ones)
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or not self.track_running_stats
+        return conditional_batch_norm(
+            x, weight.to(x.dtype).expand(n, -1), bias.to(x.dtype).expand(n, -1),
+            self.running_mean, self.running_var, training=use_batch,
+            momentum=momentum if momentum is not None else 0.0, eps=self.eps,
+            process_group=self.process_group if self.training else None)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Cross-replica batch norm for a whole model, one mechanism for every device: each
+    ConditionalBatchNorm2d gets ``process_group`` (``convert_sync_cbn``) and each plain
+    ``nn.BatchNorm2d`` (BigGAN's output BN) becomes a :class:`SyncBatchNorm2d` in place (same
+    parameters and buffers, the same objects). Returns ``module``."""
+    group = _group(process_group)
+    convert_sync_cbn(module, group)
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            _as_sync(m, group)
+    return module
+
+
+def _as_sync(bn: nn.BatchNorm2d, group) -> None:
+    # The same object with the subclass's forward: its parameters, buffers (dtype, device) and
+    # hooks stay exactly what they were, and an optimizer holding the parameters still does.
+    bn.__class__ = SyncBatchNorm2d
+    bn.process_group = group
+
+
+def _group(process_group):
+    import torch.distributed as dist
+
+    if process_group is not None:
+        return process_group
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("convert_sync_batchnorm: torch.distributed is not initialized; call "
+                           "init_process_group first, or pass a process_group")
+    return dist.group.WORLD
+
+
 def convert_sync_cbn(module: nn.Module, process_group=None) -> nn.Module:
     """Make every ConditionalBatchNorm2d in ``module`` compute its training statistics over the
     ranks of ``process_group`` (``None``: the default group, ``torch.distributed.group.WORLD``).

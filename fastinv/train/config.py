@@ -394,6 +394,9 @@ def _check(cfg: TrainConfig) -> None:
     from fastinv.train.augment import parse_policy
 
     d, c, m, o, r = cfg.data, cfg.classifier, cfg.model, cfg.optim, cfg.run
+    _require(not m.cross_replica_bn or m.layers == "fastinv",
+             "model.cross_replica_bn synchronises fastinv's batch norms (gloo on CPU, NCCL on "
+             "GPU): it needs model.layers=fastinv, torch's layers would ignore it")
     _require(d.resolution in G_ARCH, f"data.resolution must be one of {sorted(G_ARCH)}, "
              f"got {d.resolution}")
     _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")

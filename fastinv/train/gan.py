@@ -167,9 +167,6 @@ def _check_supported(cfg: TrainConfig, info: distributed.DistInfo) -> None:
     """Combinations the trainer does not support yet, refused before any data or model loads."""
     if cfg.optim.r1_gamma > 0 and cfg.model.d_phi_layer:
         raise ValueError("optim.r1_gamma with model.d_phi_layer is not supported yet")
-    if cfg.model.cross_replica_bn and info.distributed and info.device.type != "cuda":
-        raise ValueError("model.cross_replica_bn needs CUDA (torch's SyncBatchNorm); "
-                         "set --cross_replica_bn=false on CPU")
     if cfg.optim.r1_gamma > 0 and info.distributed:
         raise ValueError("optim.r1_gamma is not supported under torchrun yet (its double "
                          "backward bypasses DDP's gradient sync); set --optim.r1_gamma=0")
@@ -256,9 +253,10 @@ class InverterTrainer:
             self.G, self.D = build_models(cfg, self.classifier.num_classes, phi_shape)
             self.G_ema = Generator(self.G.config)
         if cfg.model.cross_replica_bn and info.distributed:
-            from fastinv.nn import convert_sync_cbn
+            from fastinv.nn import convert_sync_batchnorm
 
-            self.G = torch.nn.SyncBatchNorm.convert_sync_batchnorm(convert_sync_cbn(self.G, None))
+            # every batch norm of G on the fused op's cross-replica path (gloo or NCCL)
+            self.G = convert_sync_batchnorm(self.G)
         if cfg.model.logit_preprocess == "affine":
             self._fit_logit_statistics()
         fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
