@@ -19,7 +19,6 @@ reals has, so D can score the collapse itself.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -119,12 +118,8 @@ class DiscriminatorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiscriminatorConfig:
-        """A stored config (checkpoint ``model_config["D"]``); missing newer fields take their
-        defaults, which is what older models were."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"Discriminator config has unknown fields {sorted(unknown)}")
-        return cls(**d)
+        """A stored config (checkpoint ``model_config["D"]``); see ``layers.config_from_dict``."""
+        return layers.config_from_dict(cls, d)
 
 
 class Discriminator(nn.Module):
@@ -133,14 +128,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, config: DiscriminatorConfig | int | None = None, /, *args, **kwargs):
         super().__init__()
-        if config is None:
-            config = DiscriminatorConfig(*args, **kwargs)
-        elif not isinstance(config, DiscriminatorConfig):  # the fields, num_classes first
-            config = DiscriminatorConfig(config, *args, **kwargs)
-        elif args or kwargs:
-            raise TypeError("Discriminator takes a DiscriminatorConfig or its fields, not both")
-        self.config = config
-        c = config
+        self.config = c = layers.model_config(DiscriminatorConfig, config, args, kwargs, "Discriminator")
         num_classes, resolution, ch, sn_eps, pool = c.num_classes, c.resolution, c.ch, c.sn_eps, c.pool
         mbstd_group, logit_head = c.mbstd_group, c.logit_head
         if pool not in POOLS:

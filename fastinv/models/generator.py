@@ -9,7 +9,6 @@ condition of its conditional batch norms. Self-attention sits after the block th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +70,8 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GeneratorConfig:
-        """A stored config (checkpoint ``model_config["G"]``), older ones without the newer
-        fields included: those take their defaults, which is what those models were."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"Generator config has unknown fields {sorted(unknown)}")
-        return cls(**d)
+        """A stored config (checkpoint ``model_config["G"]``); see ``layers.config_from_dict``."""
+        return layers.config_from_dict(cls, d)
 
 
 class Generator(nn.Module):
@@ -101,14 +96,7 @@ class Generator(nn.Module):
 
     def __init__(self, config: GeneratorConfig | int | None = None, /, *args, **kwargs):
         super().__init__()
-        if config is None:
-            config = GeneratorConfig(*args, **kwargs)
-        elif not isinstance(config, GeneratorConfig):  # the fields, num_classes first
-            config = GeneratorConfig(config, *args, **kwargs)
-        elif args or kwargs:
-            raise TypeError("Generator takes a GeneratorConfig or its fields, not both")
-        self.config = config
-        c = config
+        self.config = c = layers.model_config(GeneratorConfig, config, args, kwargs, "Generator")
         self._build(c.num_classes, c.resolution, c.ch, c.noise_dim, c.shared_dim,
                     c.attention_resolution, c.logit_preprocess, c.logit_temperature,
                     c.bn_eps, c.sn_eps, c.cond_input, layers.for_implementation(c.layers))

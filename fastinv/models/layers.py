@@ -10,6 +10,7 @@ compare against.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,6 +112,27 @@ def _torch_factory() -> LayerFactory:
 
 IMPLEMENTATIONS: dict[str, Callable[[], LayerFactory]] = {
     "fastinv": _fastinv_factory, "torch": _torch_factory}
+
+
+def model_config(cls: type, config, args: tuple, kwargs: dict, model: str):
+    """A model's config dataclass ``cls`` from what its constructor got: an instance, or the
+    fields (num_classes first), never both (``Generator(cfg)`` / ``Generator(10, ch=8)``)."""
+    if config is None:
+        return cls(*args, **kwargs)
+    if not isinstance(config, cls):
+        return cls(config, *args, **kwargs)
+    if args or kwargs:
+        raise TypeError(f"{model} takes a {cls.__name__} or its fields, not both")
+    return config
+
+
+def config_from_dict(cls: type, d: dict):
+    """A stored config (a checkpoint's ``model_config``) as ``cls``; fields newer than the
+    checkpoint take their defaults, which is what those models were; unknown ones are refused."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has unknown fields {sorted(unknown)}")
+    return cls(**d)
 
 
 def for_implementation(name: str) -> LayerFactory:
