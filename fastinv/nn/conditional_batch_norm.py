@@ -109,9 +109,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if x.dim() != 4:
             raise ValueError(f"SyncBatchNorm2d expects (N, C, H, W), got {tuple(x.shape)}")
         n = x.shape[0]
-        ones = torch.ones(self.num_features, device=x.device, dtype=x.dtype)
-        weight = self.weight if self.affine else ones
-        bias = self.bias if self.affine else torch.zeros_like(ones)
+        if self.affine:
+            weight, bias = self.weight, self.bias
+        else:
+            weight = torch.ones(self.num_features, device=x.device, dtype=x.dtype)
+            bias = torch.zeros_like(weight)
         momentum = self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -151,8 +153,8 @@ def _group(process_group):
     if process_group is not None:
         return process_group
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("convert_sync_batchnorm: torch.distributed is not initialized; call "
-                           "init_process_group first, or pass a process_group")
+        raise RuntimeError("convert_sync_cbn / convert_sync_batchnorm: torch.distributed is not "
+                           "initialized; call init_process_group first, or pass a process_group")
     return dist.group.WORLD
 
 
@@ -160,15 +162,7 @@ def convert_sync_cbn(module: nn.Module, process_group=None) -> nn.Module:
     """Make every ConditionalBatchNorm2d in ``module`` compute its training statistics over the
     ranks of ``process_group`` (``None``: the default group, ``torch.distributed.group.WORLD``).
     Modifies ``module`` in place and returns it."""
-    import torch.distributed as dist
-
-    if process_group is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "convert_sync_cbn: torch.distributed is not initialized; call "
-                "init_process_group first, or pass a process_group"
-            )
-        process_group = dist.group.WORLD
+    process_group = _group(process_group)
     for m in module.modules():
         if isinstance(m, ConditionalBatchNorm2d):
             m.process_group = process_group
