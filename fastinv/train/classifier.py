@@ -58,6 +58,9 @@ class ClassifierConfig:
     step_size: float | None = None  # None: 2.5 * eps / pgd_steps (Madry et al.)
     seed: int = 0
     device: str = "auto"
+    # none | bf16 | auto (bf16 autocast where the device computes it natively; see
+    # fastinv/train/precision.py): the forward passes, PGD's included
+    amp: str = "none"
     backend: str = "auto"
     workers: int | None = None
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -76,6 +79,10 @@ class ClassifierConfig:
         if self.symmetry_augment not in SYMMETRY_AUGMENTS:
             raise ValueError(f"symmetry_augment must be one of {SYMMETRY_AUGMENTS}, "
                              f"got {self.symmetry_augment!r}")
+        from fastinv.train.precision import AMP_MODES
+
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.in_memory and self.crop_min_scale != 1:
             raise ValueError("in_memory serves whole images: set crop_min_scale=1")
         if self.adversarial not in NORMS:
@@ -176,6 +183,7 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
     """Train the small ResNet (or ``cfg.arch``); returns the written ``.safetensors`` path (sidecar next to it)."""
     from fastinv.data.sources import dataset_classes
     from fastinv.train.distributed import resolve_device
+    from fastinv.train.precision import autocast
 
     cfg.validate()
     root = Path(cfg.data)
@@ -216,12 +224,16 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
                 x = (symmetry_augment(x * std + mean, cfg.symmetry_augment, gen) - mean) / std
             if cfg.adversarial != "none":
                 model.eval()  # attack the current model without moving its BN statistics
-                x01 = pgd_attack(model, x * std + mean, y, norm=cfg.adversarial, eps=cfg.eps,
-                                 steps=cfg.pgd_steps, step_size=_step_size(cfg),
-                                 normalize=lambda t: (t - mean) / std, generator=gen)
-                x = (x01 - mean) / std
+                with autocast(cfg.amp, device):
+                    x01 = pgd_attack(model, x * std + mean, y, norm=cfg.adversarial,
+                                     eps=cfg.eps, steps=cfg.pgd_steps,
+                                     step_size=_step_size(cfg),
+                                     normalize=lambda t: (t - mean) / std, generator=gen)
+                x = (x01.float() - mean) / std
             model.train()
-            loss = F.cross_entropy(model(x), y)
+            with autocast(cfg.amp, device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -138,7 +138,9 @@ class RunConfig:
     steps: int = 1000  # G updates
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 (autocast, GPU)
+    # none | bf16 (autocast) | auto: bf16 where the device computes it natively (a GPU, or a
+    # CPU with AVX512-BF16 / AMX), float32 elsewhere (fastinv/train/precision.py)
+    amp: str = "none"
     channels_last: bool = False
     cudnn_benchmark: bool = True
     compile: bool = False  # torch.compile G and D
@@ -392,6 +394,7 @@ def _check(cfg: TrainConfig) -> None:
     from fastinv.models.generator import G_ARCH
     from fastinv.models.layers import LOGIT_PREPROCESS
     from fastinv.train.augment import parse_policy
+    from fastinv.train.precision import AMP_MODES
 
     d, c, m, o, r = cfg.data, cfg.classifier, cfg.model, cfg.optim, cfg.run
     _require(not m.cross_replica_bn or m.layers == "fastinv",
@@ -453,6 +456,6 @@ def _check(cfg: TrainConfig) -> None:
     _require(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")
     _require(r.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, "
              f"got {r.device!r}")
-    _require(r.amp in ("none", "bf16"), f"run.amp must be none or bf16, got {r.amp!r}")
+    _require(r.amp in AMP_MODES, f"run.amp must be one of {AMP_MODES}, got {r.amp!r}")
     for name in ("log_every", "image_every", "ckpt_every", "keep_checkpoints"):
         _require(getattr(r, name) >= 1, f"run.{name} must be >= 1")

@@ -30,7 +30,7 @@ from fastinv.models.discriminator import Discriminator, DiscriminatorConfig
 from fastinv.models.generator import Generator, GeneratorConfig
 from fastinv.models.layers import sigma_stats
 from fastinv.ops import hinge_loss_d, hinge_loss_g
-from fastinv.train import checkpoint, distributed
+from fastinv.train import checkpoint, distributed, precision
 from fastinv.train.augment import diff_augment, parse_policy
 from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA
@@ -314,8 +314,7 @@ class InverterTrainer:
     # --- one training step -------------------------------------------------------------------
 
     def _autocast(self):
-        dev = self.info.device.type
-        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.run.amp == "bf16")
+        return precision.autocast(self.cfg.run.amp, self.info.device)
 
     def _input(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.info.device, non_blocking=True)
