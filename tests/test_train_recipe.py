@@ -482,3 +482,29 @@ def test_conditioned_g_input_makes_the_first_map_depend_on_the_logits(tmp_path, 
     assert inverter_options(cfg) == {"conditioned G input": True}
     loaded, _ = checkpoint.load_inverter(checkpoint.list_checkpoints(run_dir)[-1], device="cpu")
     assert loaded.cond_input and loaded.config.cond_input
+
+
+def test_detached_d_head_trains_the_head_but_not_the_trunk():
+    """With head_detach the head's loss reaches the head's weights and stops at D's pooled
+    feature; without it the same loss also moves D's trunk."""
+    torch.manual_seed(0)
+    D = Discriminator(4, resolution=16, ch=4, attention_resolution=0, logit_head=True)
+    x, z = torch.randn(3, 3, 16, 16), torch.randn(3, 4)
+    for detach in (True, False):
+        D.zero_grad(set_to_none=True)
+        _, pred = D(x, z, head=True, head_detach=detach)
+        pred.pow(2).sum().backward()
+        head_grad = [p.grad for p in D.head.parameters()]
+        trunk_grad = [p.grad for p in D.blocks.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in head_grad)
+        if detach:  # (the multi-tensor SN op may hand back zero gradients, not None)
+            assert all(g is None or g.abs().sum() == 0 for g in trunk_grad)
+        else:
+            assert any(g is not None and g.abs().sum() > 0 for g in trunk_grad)
+
+
+def test_detached_d_head_is_named_in_the_run_options():
+    cfg = load_config("tiny", ["--d_head_weight=1", "--d_head_detach=true"])
+    assert inverter_options(cfg)["D logit head"] == "1, detached"
+    cfg = load_config("tiny", ["--d_head_weight=2", "--d_head_loss=ce", "--d_head_detach=true"])
+    assert inverter_options(cfg)["D logit head"] == "2 (ce), detached"

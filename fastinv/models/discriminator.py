@@ -202,7 +202,8 @@ class Discriminator(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor, *phi: torch.Tensor,
-                head: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                head: bool = False, head_detach: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``phi``: Φ's feature maps, one per map D was built to read, in that order. With
         ``head`` (a D built with ``logit_head``) also the head's (N, num_classes) prediction of
         the preprocessed logits."""
@@ -233,4 +234,6 @@ class Discriminator(nn.Module):
             return score
         if self.head is None:
             raise ValueError("this Discriminator has no logit head (build it with logit_head=True)")
-        return score, self.head(h)
+        # head_detach: the head's gradient stops at the pooled feature, so a head loss trains
+        # the head alone and leaves the trunk to the real/fake score
+        return score, self.head(h.detach() if head_detach else h)

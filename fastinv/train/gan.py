@@ -358,7 +358,7 @@ class InverterTrainer:
                         z_other, keep = mismatched_logits(z, self.noise_gen)
                         both, zs = torch.cat([both, both[: len(x)]]), torch.cat([zs, z_other])
                     out = self.D_train(both, zs, *self._phi_of(both, grad=False),
-                                       head=o.d_head_weight > 0)
+                                       head=o.d_head_weight > 0, head_detach=o.d_head_detach)
                     out, pred = out if o.d_head_weight > 0 else (out, None)
                     d_real, d_fake = out[: len(x)], out[len(x): 2 * len(x)]
                     loss = hinge_loss_d(d_real, d_fake)
