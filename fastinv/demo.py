@@ -46,9 +46,11 @@ def _classifiers(common: dict | None = None, standard: dict | None = None,
     # reached 99% val in 1,600 AdamW steps where the small ResNet stayed at 86-89% (measured).
     # AdamW, whole-image crops (a small crop can cut the shape out) and the shapes' symmetries
     # (rotation is a nuisance factor) as augmentation; the data decoded once, kept in memory.
+    # amp "auto": bf16 autocast where the CPU (or GPU) computes bf16 natively
+    # (fastinv/train/precision.py), float32 elsewhere.
     base = {**dict(arch="small_cnn", width=16, blocks_per_stage=2, epochs=10, optimizer="adamw",
                    lr=2e-3, crop_min_scale=1.0, symmetry_augment="dihedral", eps=0.5,
-                   pgd_steps=1), **(common or {})}
+                   pgd_steps=1, amp="auto"), **(common or {})}
     base["in_memory"] = base["crop_min_scale"] == 1  # whole images: decode once, serve from RAM
     # PGD fine-tuning of the standard classifier (robust_from_standard): from scratch, 380 PGD
     # steps stayed at chance on the quick data (measured), fine-tuning for 114 steps reached

@@ -193,8 +193,10 @@ PRESETS: dict[str, dict] = {
                       logit_preprocess="affine", d_pool="mean", d_phi_layer="auto:each"),
         "optim": dict(g_lr=1e-3, d_lr=1e-3, beta1=0.5, d_steps=1, ema_start=300,
                       ema_decay=0.99, diffaug="translation,cutout", d_head_weight=1.0),
-        "run": dict(steps=1000, device="cpu", log_every=25, image_every=250, ckpt_every=250,
-                    out_dir="runs/demo-cpu"),
+        # amp auto: bf16 autocast on a CPU with AVX512-BF16 / AMX (1.37x per step, the same
+        # judge agreement on two seeds: RESULTS.md round 11), float32 elsewhere
+        "run": dict(steps=1000, device="cpu", amp="auto", log_every=25, image_every=250,
+                    ckpt_every=250, out_dir="runs/demo-cpu"),
     },
     "imagenet-128": {
         "data": dict(resolution=128, batch_size=256, backend="auto"),
