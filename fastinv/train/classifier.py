@@ -229,7 +229,7 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
                                      eps=cfg.eps, steps=cfg.pgd_steps,
                                      step_size=_step_size(cfg),
                                      normalize=lambda t: (t - mean) / std, generator=gen)
-                x = (x01.float() - mean) / std
+                x = (x01 - mean) / std
             model.train()
             with autocast(cfg.amp, device):
                 logits = model(x)

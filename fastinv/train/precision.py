@@ -12,6 +12,7 @@ under autocast (``fastinv.ops``), and the losses are computed in float32.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -20,10 +21,15 @@ AMP_MODES = ("none", "bf16", "auto")
 
 def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bfloat16 natively (not by emulation)."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    return _native_bf16(torch.device(device).type)
+
+
+@functools.cache
+def _native_bf16(device_type: str) -> bool:
+    # asked once per device type: the training loops enter autocast every micro-batch
+    if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
+    if device_type == "cpu":
         # private but stable helpers (torch.cpu); absent on an old torch: no bf16 then
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
