@@ -19,7 +19,8 @@ def _write(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0):
+def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0, noise_scale=1.0,
+              nn_r2=None):
     """A hand-made run whose per-image numbers differ by ``diff`` in the paper's direction
     (diff > 0), against it (diff < 0) or not at all (diff = 0: noise only)."""
     rng = np.random.default_rng(seed)
@@ -28,7 +29,7 @@ def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0):
     for name, robust in (("robust", True), ("standard", False)):
         sign = 1 if robust else 0
         psnr = base_psnr + sign * diff + rng.normal(0, 0.3, n)
-        std = base_std - sign * diff * 0.01 + rng.normal(0, 0.003, n)
+        std = (base_std - sign * diff * 0.01 + rng.normal(0, 0.003, n)) * noise_scale
         _write(root / name / "classifier.json",
                {"name": name, "robust": robust, "val_accuracy": val_accuracy})
         _write(root / name / "methods.json", {"inverter": {"psnr": float(psnr.mean()),
@@ -42,8 +43,11 @@ def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0):
                {"n_misclassified": 8, "psnr_per_image": (own + diff).tolist(),
                 "psnr_vs_other_per_image": own.tolist()})
     r2 = {"mean": 0.3 * diff, "lo": 0.3 * diff - 0.05, "hi": 0.3 * diff + 0.05, "n": n}
+    intervals = {"inverter": {"x": r2}}
+    if nn_r2 is not None:  # the logit NN's R² of x
+        intervals["logit NN"] = {"x": {"mean": nn_r2, "lo": nn_r2 - 0.05, "hi": nn_r2 + 0.05, "n": n}}
     _write(root / "factors.json", {"standard": {"real": {"x": 0.9}, "inverter": {"x": r2["mean"]},
-                                                "_intervals": {"inverter": {"x": r2}}}})
+                                                "_intervals": intervals}})
 
 
 def _verdicts(root):
@@ -76,6 +80,24 @@ def test_verdict_inconclusive_when_a_quality_gate_fails_whatever_the_interval(tm
     rows = report.findings(runs, factors)
     assert {v for _, v, _ in rows} == {"inconclusive"}
     assert all("judge agreement" in e for _, _, e in rows)
+
+
+def test_noise_finding_needs_an_inverter_that_uses_its_noise(tmp_path):
+    # the same paired difference, but both inverters' draws barely move (mode collapse)
+    _fake_run(tmp_path, diff=1.0, noise_scale=0.3)
+    runs, factors, _ = report.collect(tmp_path)
+    rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
+    assert rows["Noise"][0] == "inconclusive" and "noise std" in rows["Noise"][1]
+    assert rows["Robust"][0] == "reproduced"  # the other findings keep their verdicts
+
+
+def test_factors_the_logit_nn_reads_are_not_evidence_against_the_paper(tmp_path):
+    _fake_run(tmp_path / "nn_reads", diff=-1.0, nn_r2=0.5)
+    runs, factors, _ = report.collect(tmp_path / "nn_reads")
+    rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
+    assert rows["Logits"][0] == "inconclusive" and "logit NN" in rows["Logits"][1]
+    _fake_run(tmp_path / "nn_blind", diff=-1.0, nn_r2=-0.5)  # nor do the logits: contradicted
+    assert _verdicts(tmp_path / "nn_blind")["Logits"] == "contradicted"
 
 
 def test_findings_without_evidence_are_not_tested(tmp_path):
@@ -121,3 +143,11 @@ def test_report_cautions_about_classifiers_near_chance(tmp_path):
         "robust reaches 30.0% validation accuracy on 4 classes (chance 25.0%)"]
     md, _ = report.write_report(tmp_path)
     assert "Caution: robust reaches 30.0%" in md.read_text()
+
+
+def test_factor_table_rows_are_factors_not_the_interval_entries_method_names(tmp_path):
+    _fake_run(tmp_path, diff=1.0)
+    text = report.write_report(tmp_path)[0].read_text()
+    table = text.split("Factor retention")[1].split("\n## ")[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert rows == ["factor", "x"]  # no "inverter" row from factors.json's "_intervals"

@@ -92,6 +92,11 @@ def collect(run_dir: str | Path) -> tuple[list[ClassifierRun], dict, dict]:
 CLASSIFIER_GATE = 0.90  # Φ's validation accuracy (clean, for the robust one too)
 JUDGE_GATE = 0.50  # the inverter's judge agreement: judge(x̂) = true label (chance 1 / classes)
 MIN_MISCLASSIFIED = 5  # misclassified held-out images needed to test that finding
+# The noise finding compares how much the noise moves each inverter's output; an inverter whose
+# draws are one picture whatever the noise (mode collapse: per-pixel std 0.03-0.04 on images in
+# [-1, 1] in the demo of 2026-12-05, its six draws per image identical to the eye) says nothing
+# of what the logits pin down, so the inverter must use its noise at least this much.
+NOISE_GATE = 0.05
 
 
 def _inverter(run: ClassifierRun, key: str) -> float:
@@ -160,7 +165,10 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
     if values:
         r, s = pair
         iv = bootstrap_diff(values[1], values[0])
-        v = verdict(iv, +1, _gates(r) + _gates(s))
+        noise = [Gate(f"{run.name} inverter noise std",
+                      _num(run.analyses.get("resample", {}).get("noise_std")), NOISE_GATE)
+                 for run in pair]
+        v = verdict(iv, +1, _gates(r) + _gates(s) + noise)
         out.append(_row(claim, v, f"per-pixel std over noise draws, {s.name} − {r.name}, paired "
                                   f"over {iv.n} images: {iv}"))
     else:
@@ -198,6 +206,13 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
             outcome, reason = "inconclusive", "quality gate not met: " + "; ".join(map(str, failed))
         elif kept:
             outcome, reason = "reproduced", "R² interval above 0 for " + ", ".join(kept)
+        elif carried := sorted(f for f, d in table.get("_intervals", {}).get("logit NN", {}).items()
+                               if Interval(**d).lo > 0):
+            # the training image nearest in logit space has them: the logits carry these
+            # factors and this inverter does not draw them, which says nothing against the paper
+            outcome, reason = "inconclusive", ("the logit NN's R² interval lies above 0 for "
+                                               + ", ".join(carried) + ": the logits carry them, "
+                                               "the inverter does not draw them")
         elif all(iv.hi < 0 for iv in ivs.values()):
             outcome, reason = "contradicted", "every factor's R² interval is below 0"
         else:
@@ -325,7 +340,8 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                        "R² on held-out real images (the ceiling), the other columns its R² on each "
                        "method's reconstructions against the originals' factors."))
         cols = [(c, m) for c, t in factors.items() for m in t if not m.startswith("_")]
-        names = sorted({f for t in factors.values() for d in t.values() for f in d})
+        # factor names from the method columns only: "_intervals" is keyed by method
+        names = sorted({f for c, m in cols for f in factors[c][m]})
         rows = [[f] + [_fmt(factors[c][m].get(f)) for c, m in cols] for f in names]
         b.append(("table", ["factor"] + [f"{c}/{m}" for c, m in cols], rows))
 
