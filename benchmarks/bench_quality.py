@@ -216,7 +216,7 @@ def table(rows: list[dict], reference: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="default", help="demo preset: default | quick | tiny")
+    ap.add_argument("--preset", default="default", help="demo preset: default | quick | tiny | gpu")
     ap.add_argument("--work", default="runs/bench_quality", help="cache and output folder")
     ap.add_argument("--steps", type=int, default=None, help="G steps (default: the preset's)")
     ap.add_argument("--eval-every", type=int, default=None, help="steps between checkpoints")

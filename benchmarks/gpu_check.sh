@@ -8,8 +8,9 @@
 #   throughput per implementation (bench_train.py),
 # then a summary table, printed last. No step stops the others: a failing test does not skip
 # the rest (no -x). Full logs, benchmark JSON and the table go to $OUT (default: a new
-# /tmp/gpu_check.XXXX). FULL=1 adds torch.compile kernel benchmark rows and the data benchmark
-# (outside the budget). SKIP_BUILD=1 uses the installed extension as it is.
+# /tmp/gpu_check.XXXX). FULL=1 adds torch.compile kernel benchmark rows, the data benchmark
+# and the gpu preset's inverter-quality curve (outside the budget). SKIP_BUILD=1 uses the
+# installed extension as it is.
 # The GPU image may have another torch (2.11), no DALI and no registry: we install with
 # --no-deps and say so when DALI is missing.
 #
@@ -141,8 +142,13 @@ else
   skip_step train_bench "no GPU"
 fi
 if [ "${FULL:-0}" = 1 ] && (( GPU )); then
-  BUDGET_S=$(( BUDGET_S + 240 ))
+  BUDGET_S=$(( BUDGET_S + 240 + 300 ))
   step data_bench 180 "FULL=1" python benchmarks/bench_data.py --device cuda --backends pil,dali --n 256 --workers 8 --epochs 1
+  # the inverter-quality curve of the gpu demo preset (64 px, width 32, batch 64): data,
+  # classifiers and judge made once in $OUT/quality, then the recipe to 1,500 steps, sized to
+  # the 5 minutes this step adds (never measured on a GPU yet: the first run times it)
+  step quality 300 "FULL=1, gpu preset, recipe, 1,500 steps" python benchmarks/bench_quality.py \
+    --preset gpu --device cuda --configs recipe --steps 1500 --eval-every 500 --work "$OUT/quality"
 fi
 
 {
