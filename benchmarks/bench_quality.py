@@ -58,11 +58,13 @@ ABLATIONS = {
     "no D logit head": ("--optim.d_head_weight=0",),
     "D logit head as cross-entropy": ("--optim.d_head_loss=ce",),
     "+ detached D logit head": ("--optim.d_head_detach=true",),
+    # "mode seeking" (MSGAN) against the per-class collapse: off
+    "no mode seeking": ("--optim.mode_seeking_weight=0",),
     # the preset trains under amp=auto (bf16 autocast where the CPU has AVX512-BF16 / AMX):
     # the same recipe in float32, to show bf16 keeps the quality per step
     "float32": ("--run.amp=none",),
     "paper": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0", "--model.d_phi_layer=",
-              "--optim.d_head_weight=0",
+              "--optim.d_head_weight=0", "--optim.mode_seeking_weight=0",
               "--optim.diffaug=", "--model.logit_preprocess=none", "--model.d_pool=sum"),
 }
 

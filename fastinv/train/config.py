@@ -194,7 +194,11 @@ PRESETS: dict[str, dict] = {
         "model": dict(g_ch=8, d_ch=8, noise_dim=64, shared_dim=64, attention_resolution=0,
                       logit_preprocess="affine", d_pool="mean", d_phi_layer="auto:each"),
         "optim": dict(g_lr=1e-3, d_lr=1e-3, beta1=0.5, d_steps=1, ema_start=300,
-                      ema_decay=0.99, diffaug="translation,cutout", d_head_weight=1.0),
+                      ema_decay=0.99, diffaug="translation,cutout", d_head_weight=1.0,
+                      # "mode seeking" (MSGAN): the per-class collapse breaks (noise now varies
+                      # colours, backgrounds, pose), KID 115 / 206 vs 416 / 520, judge 0.775 /
+                      # 0.701 vs 0.648 / 0.734 at 3,000 steps on 2 seeds (round 12); 1.25x a step
+                      mode_seeking_weight=1.0),
         # amp auto: bf16 autocast on a CPU with AVX512-BF16 / AMX (1.37x per step, the same
         # judge agreement on two seeds: RESULTS.md round 11), float32 elsewhere
         "run": dict(steps=1000, device="cpu", amp="auto", log_every=25, image_every=250,
