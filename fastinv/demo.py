@@ -71,8 +71,9 @@ class InverterPreset:
     ``--key=value`` overrides on top (as ``fastinv train`` takes them)."""
 
     preset: str = "demo-cpu"
-    # 3,000: on the 16-24 px shapes the judge reads 0.57-0.65 of the reconstructions at 2,000
-    # steps and 0.65-0.76 at 2,500-3,000 (3 seeds; benchmarks/RESULTS.md round 12)
+    # 3,000: on the 16-24 px shapes the judge read 0.57-0.65 of the reconstructions at 2,000
+    # steps (3 seeds) and 0.65-0.76 at 2,500-3,000 (2 seeds), before mode seeking; with it
+    # 0.70-0.78 at 3,000 (2 seeds; benchmarks/RESULTS.md round 12)
     steps: int = 3000
     overrides: tuple[str, ...] = ()
 

@@ -186,8 +186,9 @@ PRESETS: dict[str, dict] = {
     # with it, 0.31 without, 2,000 steps, Φ-feature D on). D reads two Φ maps (auto:each: judge
     # 0.32 vs 0.23 for one, 3 seeds) and has a logit head (ACGAN-style, MSE: 0.39 vs 0.27 over
     # 5 seeds, better on each). Those were the 8-18 px shapes of rounds 1-11; on today's
-    # 16-24 px shapes the recipe reaches 0.57-0.65 at 2,000 steps, 0.49 without the head
-    # and 0.12 without Φ-feature D (round 12). bench_quality ablates each option.
+    # 16-24 px shapes the recipe without mode seeking reached 0.57-0.65 at 2,000 steps, 0.49
+    # without the head and 0.12 without Φ-feature D (round 12). bench_quality ablates each
+    # option.
     "demo-cpu": {
         "data": dict(resolution=32, batch_size=16, synthetic_n=2000, crop_min_scale=1.0,
                      in_memory=True),
