@@ -20,7 +20,7 @@ def _write(path, obj):
 
 
 def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0, noise_scale=1.0,
-              nn_r2=None):
+              nn_r2=None, options=None):
     """A hand-made run whose per-image numbers differ by ``diff`` in the paper's direction
     (diff > 0), against it (diff < 0) or not at all (diff = 0: noise only)."""
     rng = np.random.default_rng(seed)
@@ -31,7 +31,8 @@ def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0, noise_s
         psnr = base_psnr + sign * diff + rng.normal(0, 0.3, n)
         std = (base_std - sign * diff * 0.01 + rng.normal(0, 0.003, n)) * noise_scale
         _write(root / name / "classifier.json",
-               {"name": name, "robust": robust, "val_accuracy": val_accuracy})
+               {"name": name, "robust": robust, "val_accuracy": val_accuracy,
+                **({"inverter_options": options} if options else {})})
         _write(root / name / "methods.json", {"inverter": {"psnr": float(psnr.mean()),
                                                            "judge_vs_label": judge}})
         _write(root / name / "per_image.json",
@@ -89,6 +90,19 @@ def test_noise_finding_needs_an_inverter_that_uses_its_noise(tmp_path):
     rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
     assert rows["Noise"][0] == "inconclusive" and "noise std" in rows["Noise"][1]
     assert rows["Robust"][0] == "reproduced"  # the other findings keep their verdicts
+
+
+@pytest.mark.parametrize("diff", [1.0, -1.0])
+def test_noise_finding_is_inconclusive_when_the_inverter_was_paid_to_use_its_noise(tmp_path,
+                                                                                    diff):
+    _fake_run(tmp_path, diff=diff, options={"mode seeking": 1.0, "D pooling": "mean"})
+    runs, factors, _ = report.collect(tmp_path)
+    rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
+    assert rows["Noise"][0] == "inconclusive" and "mode seeking" in rows["Noise"][1]
+    assert rows["Robust"][0] == ("reproduced" if diff > 0 else "contradicted")
+    # other options do not touch the noise finding
+    _fake_run(tmp_path / "other", diff=diff, options={"D pooling": "mean"})
+    assert _verdicts(tmp_path / "other")["Noise"] == ("reproduced" if diff > 0 else "contradicted")
 
 
 def test_factors_the_logit_nn_reads_are_not_evidence_against_the_paper(tmp_path):

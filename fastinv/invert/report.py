@@ -137,6 +137,11 @@ def _noise_per_image(run: ClassifierRun):
     return dict(zip(index, r["noise_std_per_image"]))
 
 
+def _options(run: ClassifierRun) -> dict:
+    """The named inverter options (beyond the paper's recipe) the run's inverter used."""
+    return run.info.get("inverter_options") or {}
+
+
 def _row(claim: str, v: Verdict, evidence: str) -> tuple[str, str, str]:
     return claim, v.outcome, f"{evidence}. {v.reason}"
 
@@ -169,6 +174,15 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
                       _num(run.analyses.get("resample", {}).get("noise_std")), NOISE_GATE)
                  for run in pair]
         v = verdict(iv, +1, _gates(r) + _gates(s) + noise)
+        seeking = [run.name for run in pair if _options(run).get("mode seeking")]
+        if seeking and v.outcome != "inconclusive":
+            # mode seeking pays G for outputs that move with its noise, so how much the noise
+            # moves them measures that loss term as much as what the logits pin down
+            who = " and ".join(seeking) + (" inverters were" if len(seeking) > 1 else
+                                           " inverter was")
+            v = Verdict("inconclusive", f"the {who} trained with mode seeking, which rewards "
+                        "outputs that vary with the noise: this difference cannot separate that "
+                        "from what the logits pin down", iv, v.gates)
         out.append(_row(claim, v, f"per-pixel std over noise draws, {s.name} − {r.name}, paired "
                                   f"over {iv.n} images: {iv}"))
     else:
