@@ -37,6 +37,12 @@ def test_demo_leaves_everything_a_user_looks_at(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     assert summary["preset"] == "tiny" and summary["total_seconds"] > 0
     assert "The paper's findings on this data" in (demo_dir / "report.md").read_text()
+    # per-class judge agreement, with the data's class names
+    per = json.loads((demo_dir / "standard" / "per_image.json").read_text())
+    from fastinv.data import CLASS_NAMES
+
+    assert per["class_names"] == list(CLASS_NAMES[:4])  # the tiny preset's 4 classes
+    assert "standard: judge agreement per class" in (demo_dir / "report.md").read_text()
 
 
 def test_demo_refuses_to_overwrite_a_run(demo_dir, capsys):

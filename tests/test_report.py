@@ -165,3 +165,22 @@ def test_factor_table_rows_are_factors_not_the_interval_entries_method_names(tmp
     table = text.split("Factor retention")[1].split("\n## ")[0]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     assert rows == ["factor", "x"]  # no "inverter" row from factors.json's "_intervals"
+
+
+def test_judge_agreement_per_class_is_the_mean_over_that_class_images(tmp_path):
+    _fake_run(tmp_path, diff=1.0)
+    labels = [0, 0, 1, 1, 1, 2]
+    _write(tmp_path / "standard" / "per_image.json",
+           {"index": list(range(6)), "labels": labels, "class_names": ["disc", "star", "ring"],
+            "methods": {"inverter": {"judge_vs_label": [1, 0, 1, 1, 0, 0]},
+                        "logit NN": {"judge_vs_label": [1, 1, 1, 1, 1, 1]},
+                        "deepsim": {"psnr": [9.0] * 6}}})  # no judge values: no column
+    runs, _, _ = report.collect(tmp_path)
+    names, counts, table = report.judge_per_class(next(r for r in runs if r.name == "standard"))
+    assert names == ["disc", "star", "ring"] and counts == [2, 3, 1]
+    assert table["inverter"] == pytest.approx([0.5, 2 / 3, 0.0])
+    assert table["logit NN"] == [1.0, 1.0, 1.0] and "deepsim" not in table
+    md = report.write_report(tmp_path)[0].read_text()
+    assert "standard: judge agreement per class" in md and "| star | 3 | 0.667 | 1.000 |" in md
+    # a run without per-image judge values gets no table
+    assert "robust: judge agreement per class" not in md

@@ -165,7 +165,8 @@ def compare_methods(
     if per:
         index = data.index.tolist() if data.index is not None else list(range(len(data)))
         atomic_write_text(out_path.parent / "per_image.json", json.dumps(json_safe(
-            {"index": index, "labels": data.labels.tolist(), "methods": per})))
+            {"index": index, "labels": data.labels.tolist(), "methods": per,
+             **({"class_names": list(class_names)} if class_names else {})})))
     return results, recs
 
 

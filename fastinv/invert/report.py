@@ -237,6 +237,36 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
     return out
 
 
+def _sidecar_classes(run: ClassifierRun) -> list[str]:
+    """Class names from the classifier's weights sidecar (runs from before per_image.json
+    kept them)."""
+    weights = run.info.get("weights")
+    side = Path(weights).with_suffix(".json") if weights else None
+    try:
+        return list(json.loads(side.read_text()).get("classes") or []) if side else []
+    except (OSError, ValueError):
+        return []
+
+
+def judge_per_class(run: ClassifierRun) -> tuple[list[str], list[int], dict[str, list[float]]]:
+    """Per true class: the class names, the image counts, and each method's judge agreement
+    (judge(x̂) = x's class), from per_image.json. Empty when the run has no per-image judge
+    values. Which classes an inverter draws recognisably is where a mean hides most."""
+    pi = run.per_image
+    labels = pi.get("labels")
+    methods = {m: v["judge_vs_label"] for m, v in pi.get("methods", {}).items()
+               if "judge_vs_label" in v and labels and len(v["judge_vs_label"]) == len(labels)}
+    if not methods:
+        return [], [], {}
+    k = max(labels) + 1
+    names = list(pi.get("class_names") or _sidecar_classes(run))
+    names = names[:k] if len(names) >= k else [f"class {c}" for c in range(k)]
+    counts = [sum(1 for y in labels if y == c) for c in range(k)]
+    table = {m: [sum(a for a, y in zip(v, labels) if y == c) / n if n else float("nan")
+                 for c, n in enumerate(counts)] for m, v in methods.items()}
+    return names, counts, table
+
+
 def weak_classifiers(runs: list[ClassifierRun]) -> list[str]:
     """Classifiers whose validation accuracy is below twice chance, said in words."""
     out = []
@@ -341,6 +371,14 @@ def build_blocks(run_dir: Path) -> list[tuple]:
             rows.append([r.name, name] + [_fmt(m.get(k), 2 if k == "psnr" else 3) for k, _ in METHOD_KEYS]
                         + [_fmt(noise, 4)])
     b.append(("table", header, rows))
+    for r in runs:
+        names, counts, table = judge_per_class(r)
+        if not table:
+            continue
+        b.append(("h", 3, f"{r.name}: judge agreement per class"))
+        rows = [[name, str(n)] + [_fmt(table[m][c]) for m in table]
+                for c, (name, n) in enumerate(zip(names, counts))]
+        b.append(("table", ["class", "images"] + list(table), rows))
     extra = [(r.name, n, m) for r in runs for n, m in r.methods.items()
              if any(k in m for k in ("lpips", "fid"))]
     lp = "; ".join(f"{c}/{n}: LPIPS {_fmt(m.get('lpips'))}, FID {_fmt(m.get('fid'))}"
