@@ -6,6 +6,7 @@ import json
 import pytest
 
 from fastinv.cli import main
+from fastinv.data import CLASS_NAMES
 from tests.invert_tiny import one_thread
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -39,8 +40,6 @@ def test_demo_leaves_everything_a_user_looks_at(demo_dir):
     assert "The paper's findings on this data" in (demo_dir / "report.md").read_text()
     # per-class judge agreement, with the data's class names
     per = json.loads((demo_dir / "standard" / "per_image.json").read_text())
-    from fastinv.data import CLASS_NAMES
-
     assert per["class_names"] == list(CLASS_NAMES[:4])  # the tiny preset's 4 classes
     assert "standard: judge agreement per class" in (demo_dir / "report.md").read_text()
 

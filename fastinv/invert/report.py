@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fastinv.invert.stats import Gate, Interval, Verdict, bootstrap_diff, verdict
 from fastinv.io import atomic_write_text
 
@@ -137,11 +139,6 @@ def _noise_per_image(run: ClassifierRun):
     return dict(zip(index, r["noise_std_per_image"]))
 
 
-def _options(run: ClassifierRun) -> dict:
-    """The named inverter options (beyond the paper's recipe) the run's inverter used."""
-    return run.info.get("inverter_options") or {}
-
-
 def _row(claim: str, v: Verdict, evidence: str) -> tuple[str, str, str]:
     return claim, v.outcome, f"{evidence}. {v.reason}"
 
@@ -174,7 +171,8 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
                       _num(run.analyses.get("resample", {}).get("noise_std")), NOISE_GATE)
                  for run in pair]
         v = verdict(iv, +1, _gates(r) + _gates(s) + noise)
-        seeking = [run.name for run in pair if _options(run).get("mode seeking")]
+        seeking = [run.name for run in pair
+                   if (run.info.get("inverter_options") or {}).get("mode seeking")]
         if seeking and v.outcome != "inconclusive":
             # mode seeking pays G for outputs that move with its noise, so how much the noise
             # moves them measures that loss term as much as what the logits pin down
@@ -240,10 +238,12 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
 def _sidecar_classes(run: ClassifierRun) -> list[str]:
     """Class names from the classifier's weights sidecar (runs from before per_image.json
     kept them)."""
+    from fastinv.models.classifiers import sidecar_path
+
     weights = run.info.get("weights")
-    side = Path(weights).with_suffix(".json") if weights else None
     try:
-        return list(json.loads(side.read_text()).get("classes") or []) if side else []
+        return list(json.loads(sidecar_path(weights).read_text()).get("classes") or []) \
+            if weights else []
     except (OSError, ValueError):
         return []
 
@@ -261,10 +261,11 @@ def judge_per_class(run: ClassifierRun) -> tuple[list[str], list[int], dict[str,
     k = max(labels) + 1
     names = list(pi.get("class_names") or _sidecar_classes(run))
     names = names[:k] if len(names) >= k else [f"class {c}" for c in range(k)]
-    counts = [sum(1 for y in labels if y == c) for c in range(k)]
-    table = {m: [sum(a for a, y in zip(v, labels) if y == c) / n if n else float("nan")
-                 for c, n in enumerate(counts)] for m, v in methods.items()}
-    return names, counts, table
+    counts = np.bincount(labels, minlength=k)
+    with np.errstate(invalid="ignore"):  # a class with no image: nan
+        table = {m: (np.bincount(labels, weights=v, minlength=k) / counts).tolist()
+                 for m, v in methods.items()}
+    return names, counts.tolist(), table
 
 
 def weak_classifiers(runs: list[ClassifierRun]) -> list[str]:
