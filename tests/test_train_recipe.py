@@ -508,3 +508,37 @@ def test_detached_d_head_is_named_in_the_run_options():
     assert inverter_options(cfg)["D logit head"] == "1, detached"
     cfg = load_config("tiny", ["--d_head_weight=2", "--d_head_loss=ce", "--d_head_detach=true"])
     assert inverter_options(cfg)["D logit head"] == "2 (ce), detached"
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reuse_fakes_draws_g_once_per_step_and_feeds_those_images_to_d(tmp_path, synthetic_data,
+                                                                       reuse):
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=2", "--mode_seeking_weight=1",
+                               f"--reuse_fakes={str(reuse).lower()}"])
+    trainer = InverterTrainer(cfg, DistInfo())
+    g_out, d_in = [], []
+    trainer.G.register_forward_hook(lambda m, args, out: g_out.append(out))
+    trainer.D.register_forward_pre_hook(lambda m, args: d_in.append(args[0]))
+    g_before = [p.detach().clone() for p in trainer.G.parameters()]
+    stats = trainer.train_step()
+    assert all(math.isfinite(float(v)) for v in stats.values())
+    assert torch.isfinite(stats["mode_seeking"]) and stats["mode_seeking"] > 0
+    # G: one forward (its update's, with gradients) instead of two; D: its update, then G's
+    assert len(g_out) == (1 if reuse else 2) and len(d_in) == 2
+    n = cfg.data.batch_size
+    g_update = g_out[-1][:n]  # the images G's update backpropagates through
+    assert g_update.requires_grad and torch.equal(d_in[1], g_update)
+    # D's update sees [reals, fakes] (augmentation is off in tiny): with reuse_fakes its fakes
+    # are those same images; without, a draw of their own (another noise)
+    assert torch.equal(d_in[0][n:2 * n], g_update.detach()) == reuse
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.G.parameters()))
+
+
+def test_reuse_fakes_needs_one_d_step_and_no_accumulation():
+    for bad in (["--d_steps=2"], ["--accumulate=2"]):
+        with pytest.raises(ConfigError, match="reuse_fakes"):
+            load_config("tiny", ["--reuse_fakes=true", *bad])

@@ -343,10 +343,14 @@ class InverterTrainer:
                 with _scope("data"):
                     batch = self.batches.next()
                     x = self._input(batch["image"])
-                with torch.no_grad(), self._autocast():
-                    with _scope("classifier"):
-                        z = self.classifier(self._input(batch["classifier_input"])).float()
-                    with _scope("G forward (D step)"):
+                with torch.no_grad(), self._autocast(), _scope("classifier"):
+                    z = self.classifier(self._input(batch["classifier_input"])).float()
+                if o.reuse_fakes:  # G's update below backpropagates through these same images
+                    with self._autocast(), _scope("G forward"):
+                        g_fake, g_ms = self._generate(z, stats, acc)
+                    fake = g_fake.detach()
+                else:
+                    with torch.no_grad(), self._autocast(), _scope("G forward (D step)"):
                         fake = self.G_fake(z, self._noise(len(z)))
                 logits.append(z)
                 reals.append(x)
@@ -395,18 +399,10 @@ class InverterTrainer:
         for micro in range(acc):
             z, x = logits[len(logits) - acc + micro], reals[len(reals) - acc + micro]
             with self._sync(self.G_train, micro, acc), self._autocast(), _scope("G forward"):
-                noise = self._noise(len(z))
-                if o.mode_seeking_weight > 0:
-                    # a second noise draw for the first half of the logits, in the same G call
-                    # (one forward per backward under DDP); only the first len(z) go on to D
-                    half = max(1, len(z) // 2)
-                    noise2 = self._noise(half)
-                    both = self.G_train(torch.cat([z, z[:half]]), torch.cat([noise, noise2]))
-                    fake, fake2 = both[: len(z)], both[len(z):]
-                    ms = mode_seeking_loss(fake[:half], fake2, noise[:half], noise2)
-                    stats["mode_seeking"] = stats.get("mode_seeking", 0.0) + ms.detach() / acc
+                if o.reuse_fakes:  # drawn before D's update (d_steps = accumulate = 1)
+                    fake, ms = g_fake, g_ms
                 else:
-                    fake = self.G_train(z, noise)
+                    fake, ms = self._generate(z, stats, acc)
                 seen_d = self._augment(fake)
                 out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True),
                                    head=o.d_head_weight > 0)
@@ -447,6 +443,23 @@ class InverterTrainer:
         with _scope("EMA"):
             self.ema.update(self.step)
         return stats
+
+    def _generate(self, z: torch.Tensor, stats: dict, acc: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """G's images of logits ``z`` with gradients, and the mode-seeking term (None when off;
+        its value goes into ``stats``)."""
+        noise = self._noise(len(z))
+        if self.cfg.optim.mode_seeking_weight <= 0:
+            return self.G_train(z, noise), None
+        # a second noise draw for the first half of the logits, in the same G call (one
+        # forward per backward under DDP); only the first len(z) go on to D
+        half = max(1, len(z) // 2)
+        noise2 = self._noise(half)
+        both = self.G_train(torch.cat([z, z[:half]]), torch.cat([noise, noise2]))
+        fake, fake2 = both[: len(z)], both[len(z):]
+        ms = mode_seeking_loss(fake[:half], fake2, noise[:half], noise2)
+        stats["mode_seeking"] = stats.get("mode_seeking", 0.0) + ms.detach() / acc
+        return fake, ms
 
     def _head_loss(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return head_loss(pred, z, self.cfg.optim.d_head_loss, self.D.preprocess)
