@@ -38,7 +38,20 @@ def _worker(out: str) -> None:
                                                   "--cross_replica_bn=true", "--steps=1"]), info)
     assert isinstance(synced.G.output_bn, SyncBatchNorm2d)
     synced.train_step()
+    # reuse_fakes: "same" runs G's forward before D's DDP update; "previous" keeps each rank's
+    # last images, gathered into the checkpoint and handed back to their rank on resume
+    reuse = [f"--out_dir={out}/reuse", "--synthetic_n=40", "--reuse_fakes=previous"]
+    train_inverter(load_config("tiny", reuse + ["--steps=2"]))
+    resumed = InverterTrainer(load_config("tiny", reuse + ["--steps=3", "--resume=true"]), info)
+    assert resumed.try_resume() and resumed._last_fakes is not None
+    last = resumed._last_fakes[0].clone()
+    resumed.train_step()
+    same = InverterTrainer(load_config("tiny", [f"--out_dir={out}/same", "--synthetic_n=40",
+                                                "--reuse_fakes=same", "--steps=1"]), info)
+    same.train_step()
     torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict(),
+                "last_fakes": last, "reuse_G": resumed.G.state_dict(),
+                "same_G": same.G.state_dict(),
                 "G_ema": trainer.G_ema.state_dict(), "first_index": first,
                 "sync_G": synced.G.state_dict(),
                 "world": info.world_size}, f"{out}/rank{info.rank}.pt")
@@ -69,6 +82,15 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
         torch.testing.assert_close(r0["sync_G"][k], r1["sync_G"][k], rtol=1e-6, atol=1e-6, msg=k)
     assert r0["sync_G"]["output_bn.running_mean"].abs().sum() > 0  # a step moved them from 0
     assert (tmp_path / "run" / "checkpoints" / "step_00000002.pt").is_file()
+    # reuse_fakes: each rank resumed with its own last images; G stays identical across ranks
+    ckpt = torch.load(tmp_path / "reuse" / "checkpoints" / "step_00000002.pt", weights_only=True)
+    images = ckpt["last_fakes"][0]
+    assert len(images) == 2 and not torch.equal(images[0], images[1])
+    assert torch.equal(r0["last_fakes"], images[0]) and torch.equal(r1["last_fakes"], images[1])
+    for net in ("reuse_G", "same_G"):
+        for k, v in r0[net].items():
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                assert torch.equal(v, r1[net][k]), f"{net}.{k} differs between ranks"
 
 
 if __name__ == "__main__":

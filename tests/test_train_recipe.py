@@ -510,35 +510,69 @@ def test_detached_d_head_is_named_in_the_run_options():
     assert inverter_options(cfg)["D logit head"] == "2 (ce), detached"
 
 
-@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("reuse", ["off", "same", "previous"])
 def test_reuse_fakes_draws_g_once_per_step_and_feeds_those_images_to_d(tmp_path, synthetic_data,
                                                                        reuse):
     from fastinv.train.distributed import DistInfo
     from fastinv.train.gan import InverterTrainer
 
     cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
-                               "--steps=2", "--mode_seeking_weight=1",
-                               f"--reuse_fakes={str(reuse).lower()}"])
+                               "--steps=3", "--mode_seeking_weight=1", f"--reuse_fakes={reuse}"])
     trainer = InverterTrainer(cfg, DistInfo())
     g_out, d_in = [], []
     trainer.G.register_forward_hook(lambda m, args, out: g_out.append(out))
-    trainer.D.register_forward_pre_hook(lambda m, args: d_in.append(args[0]))
-    g_before = [p.detach().clone() for p in trainer.G.parameters()]
-    stats = trainer.train_step()
-    assert all(math.isfinite(float(v)) for v in stats.values())
-    assert torch.isfinite(stats["mode_seeking"]) and stats["mode_seeking"] > 0
-    # G: one forward (its update's, with gradients) instead of two; D: its update, then G's
-    assert len(g_out) == (1 if reuse else 2) and len(d_in) == 2
+    trainer.D.register_forward_pre_hook(lambda m, args: d_in.append(args[:2]))
     n = cfg.data.batch_size
-    g_update = g_out[-1][:n]  # the images G's update backpropagates through
-    assert g_update.requires_grad and torch.equal(d_in[1], g_update)
-    # D's update sees [reals, fakes] (augmentation is off in tiny): with reuse_fakes its fakes
-    # are those same images; without, a draw of their own (another noise)
-    assert torch.equal(d_in[0][n:2 * n], g_update.detach()) == reuse
-    assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.G.parameters()))
+    last_update = last_logits = None
+    for step in range(2):
+        g_before = [p.detach().clone() for p in trainer.G.parameters()]
+        g_out.clear(), d_in.clear()
+        stats = trainer.train_step()
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
+        assert stats["mode_seeking"] > 0
+        assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.G.parameters()))
+        # G: one forward (its update's, with gradients) instead of two, except in the first
+        # step of "previous", which has no last images yet; D: its update, then G's
+        one_draw = reuse == "same" or (reuse == "previous" and step == 1)
+        assert len(g_out) == (1 if one_draw else 2) and len(d_in) == 2
+        g_update = g_out[-1][:n]  # the images G's update backpropagates through
+        assert g_update.requires_grad and torch.equal(d_in[1][0], g_update)
+        # D's update sees [reals, fakes] (augmentation is off in tiny) with [z, z_fake]
+        (d_images, d_logits), (_, g_logits) = d_in[0], d_in[1]
+        if reuse == "same":  # this step's G images and logits
+            assert torch.equal(d_images[n:2 * n], g_update.detach())
+            assert torch.equal(d_logits[n:], g_logits)
+        elif reuse == "previous" and step == 1:  # the last step's, with their own logits
+            assert torch.equal(d_images[n:2 * n], last_update.detach())
+            assert torch.equal(d_logits[n:], last_logits)
+            assert not torch.equal(d_logits[:n], d_logits[n:])
+        else:  # a draw of its own (another noise), for this step's logits
+            assert not torch.equal(d_images[n:2 * n], g_update.detach())
+            assert torch.equal(d_logits[n:], g_logits)
+        last_update, last_logits = g_update, g_logits
+
+
+def test_reuse_fakes_previous_resumes_bit_for_bit(tmp_path, synthetic_data):
+    """The last step's images travel in the checkpoint: stop + resume == one go."""
+    def run(out, steps, *extra):
+        cfg = load_config("tiny", [f"--out_dir={out}", f"--root={synthetic_data}",
+                                   f"--steps={steps}", "--reuse_fakes=previous",
+                                   "--ckpt_every=100", *extra])
+        return checkpoint.load(checkpoint.latest_checkpoint(train_inverter(cfg)))
+
+    straight = run(tmp_path / "a", 4)
+    stopped = run(tmp_path / "b", 2)
+    assert [len(t) for t in stopped["last_fakes"]] == [1, 1]  # one rank's images and logits
+    resumed = run(tmp_path / "b", 4, "--resume=true")
+    for k in straight["G"]:
+        assert torch.equal(straight["G"][k], resumed["G"][k]), k
+    for k in straight["D"]:
+        assert torch.equal(straight["D"][k], resumed["D"][k]), k
 
 
 def test_reuse_fakes_needs_one_d_step_and_no_accumulation():
     for bad in (["--d_steps=2"], ["--accumulate=2"]):
         with pytest.raises(ConfigError, match="reuse_fakes"):
-            load_config("tiny", ["--reuse_fakes=true", *bad])
+            load_config("tiny", ["--reuse_fakes=same", *bad])
+    with pytest.raises(ConfigError, match="off, same or previous"):
+        load_config("tiny", ["--reuse_fakes=true"])

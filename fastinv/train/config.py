@@ -135,11 +135,12 @@ class OptimConfig:
     # step (StyleGAN2). 0 = off; single process only for now (not under torchrun)
     r1_gamma: float = 0.0
     r1_every: int = 16
-    # One G forward per step (pix2pix / CycleGAN style): the images G's update backpropagates
-    # through, drawn before D's update, are also D's fakes, instead of a second no-gradient draw
-    # for D. Same losses, one G forward fewer; D's update happens between G's forward and its
-    # backward, so G's gradient is taken through the updated D. Needs d_steps = accumulate = 1.
-    reuse_fakes: bool = False
+    # One G forward per step instead of two: D's fakes are images G's update drew anyway, not a
+    # draw of their own without gradients. "same": this step's (drawn before D's update, as
+    # pix2pix / CycleGAN do; G's gradient then comes from a D just trained to reject those very
+    # images); "previous": the last step's (one G update old; G's gradient comes from images D
+    # has not seen). "off": the usual second draw. Needs d_steps = accumulate = 1.
+    reuse_fakes: str = "off"
 
 
 @dataclass
@@ -471,9 +472,11 @@ def _check(cfg: TrainConfig) -> None:
     _require(0 <= o.lr_decay_from <= 1, "optim.lr_decay_from must be in [0, 1] (1 = no decay)")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and beta2 must be in [0, 1)")
     _require(o.d_steps >= 1 and o.accumulate >= 1, "optim.d_steps and optim.accumulate must be >= 1")
-    _require(not o.reuse_fakes or o.d_steps == 1 and o.accumulate == 1,
-             "optim.reuse_fakes=true feeds one G draw to one D update: it needs optim.d_steps=1 "
-             f"and optim.accumulate=1 (got {o.d_steps} and {o.accumulate})")
+    _require(o.reuse_fakes in ("off", "same", "previous"), f"optim.reuse_fakes must be off, "
+             f"same or previous, got {o.reuse_fakes!r}")
+    _require(o.reuse_fakes == "off" or o.d_steps == 1 and o.accumulate == 1,
+             f"optim.reuse_fakes={o.reuse_fakes} feeds one G draw to one D update: it needs "
+             f"optim.d_steps=1 and optim.accumulate=1 (got {o.d_steps} and {o.accumulate})")
     _require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
     _require(o.ema_start >= 0 and o.aux_logit_weight >= 0,
              "optim.ema_start and optim.aux_logit_weight must be >= 0")

@@ -194,6 +194,8 @@ class InverterTrainer:
         self.augment = parse_policy(cfg.optim.diffaug)
         self.aux_augment = parse_policy(cfg.optim.aux_augment)
         self.step = self.d_step = 0
+        # optim.reuse_fakes=previous: the last G update's (images, logits), D's next fakes
+        self._last_fakes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _load_classifier(self, classifier: Classifier | None) -> Classifier:
         """The frozen Φ (given, or loaded from ``cfg.classifier``), on this rank's device."""
@@ -345,10 +347,13 @@ class InverterTrainer:
                     x = self._input(batch["image"])
                 with torch.no_grad(), self._autocast(), _scope("classifier"):
                     z = self.classifier(self._input(batch["classifier_input"])).float()
-                if o.reuse_fakes:  # G's update below backpropagates through these same images
+                z_fake = z  # the logits D's fakes were drawn for
+                if o.reuse_fakes == "same":  # G's update below backpropagates through these
                     with self._autocast(), _scope("G forward"):
                         g_fake, g_ms = self._generate(z, stats, acc)
                     fake = g_fake.detach()
+                elif o.reuse_fakes == "previous" and self._last_fakes is not None:
+                    fake, z_fake = self._last_fakes  # the last G update's images and logits
                 else:
                     with torch.no_grad(), self._autocast(), _scope("G forward (D step)"):
                         fake = self.G_fake(z, self._noise(len(z)))
@@ -357,7 +362,7 @@ class InverterTrainer:
                 with self._sync(self.D_train, micro, acc), self._autocast(), _scope("D forward"):
                     # real and fake in one call: DDP sees one forward per backward
                     both = self._augment(torch.cat([x, fake.to(x.dtype)]))
-                    zs = torch.cat([z, z])
+                    zs = torch.cat([z, z_fake])
                     if o.mismatch_weight > 0:  # the same augmented reals, other images' logits
                         z_other, keep = mismatched_logits(z, self.noise_gen)
                         both, zs = torch.cat([both, both[: len(x)]]), torch.cat([zs, z_other])
@@ -399,10 +404,12 @@ class InverterTrainer:
         for micro in range(acc):
             z, x = logits[len(logits) - acc + micro], reals[len(reals) - acc + micro]
             with self._sync(self.G_train, micro, acc), self._autocast(), _scope("G forward"):
-                if o.reuse_fakes:  # drawn before D's update (d_steps = accumulate = 1)
+                if o.reuse_fakes == "same":  # drawn before D's update (d_steps = accumulate = 1)
                     fake, ms = g_fake, g_ms
                 else:
                     fake, ms = self._generate(z, stats, acc)
+                if o.reuse_fakes == "previous":  # D's fakes in the next step
+                    self._last_fakes = (fake.detach(), z)
                 seen_d = self._augment(fake)
                 out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True),
                                    head=o.d_head_weight > 0)
@@ -480,16 +487,19 @@ class InverterTrainer:
 
     # --- state ------------------------------------------------------------------------------
 
-    def _noise_states(self) -> list[torch.Tensor]:
-        state = self.noise_gen.get_state()
+    def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape on each), on the CPU, in rank order."""
         if not self.info.distributed:
-            return [state]
+            return [t.cpu()]
         import torch.distributed as dist
 
-        local = state.to(self.info.device)
+        local = t.to(self.info.device)
         gathered = [torch.empty_like(local) for _ in range(self.info.world_size)]
         dist.all_gather(gathered, local)
         return [g.cpu() for g in gathered]
+
+    def _noise_states(self) -> list[torch.Tensor]:
+        return self._gather(self.noise_gen.get_state())
 
     def state_dict(self) -> dict:
         noise = self._noise_states()  # a collective: every rank calls state_dict
@@ -504,6 +514,10 @@ class InverterTrainer:
             "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
             "rng": checkpoint.rng_state(), "noise_rng": noise,
             "world_size": self.info.world_size,
+            # each rank's next D fakes (reuse_fakes=previous), so a resumed run is bit for bit
+            # the run that was not stopped
+            **({"last_fakes": [self._gather(t) for t in self._last_fakes]}
+               if self._last_fakes is not None else {}),
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -521,6 +535,9 @@ class InverterTrainer:
                                    ckpt["data"]["position"])
         checkpoint.set_rng_state(ckpt["rng"])
         self.noise_gen.set_state(ckpt["noise_rng"][self.info.rank])
+        if "last_fakes" in ckpt:
+            dev = self.info.device
+            self._last_fakes = tuple(t[self.info.rank].to(dev) for t in ckpt["last_fakes"])
 
     def save(self) -> Path | None:
         state = self.state_dict()
