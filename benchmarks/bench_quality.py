@@ -60,6 +60,8 @@ ABLATIONS = {
     "+ detached D logit head": ("--optim.d_head_detach=true",),
     # "mode seeking" (MSGAN) against the per-class collapse: off
     "no mode seeking": ("--optim.mode_seeking_weight=0",),
+    # D's fakes are the last G update's images (one G forward a step): a draw of their own
+    "no fake reuse": ("--optim.reuse_fakes=off",),
     # the preset trains under amp=auto (bf16 autocast where the CPU has AVX512-BF16 / AMX):
     # the same recipe in float32, to show bf16 keeps the quality per step
     "float32": ("--run.amp=none",),

@@ -71,10 +71,11 @@ class InverterPreset:
     ``--key=value`` overrides on top (as ``fastinv train`` takes them)."""
 
     preset: str = "demo-cpu"
-    # 3,000: on the 16-24 px shapes the judge read 0.57-0.65 of the reconstructions at 2,000
-    # steps (3 seeds) and 0.65-0.76 at 2,500-3,000 (2 seeds), before mode seeking; with it
-    # 0.70-0.78 at 3,000 (2 seeds; benchmarks/RESULTS.md round 12)
-    steps: int = 3000
+    # 4,000: with mode seeking the judge read 0.70-0.78 of the reconstructions at 3,000 steps
+    # (2 seeds, round 12 in benchmarks/RESULTS.md); reusing G's images as D's fakes made a step
+    # 1.12x cheaper, and the same budget's 4,000 steps gave 0.871 / 0.805 (0.789 / 0.803 at
+    # 3,000; G width 12 for 3,000 steps at about the same cost: 0.746 / 0.725; round 14)
+    steps: int = 4000
     overrides: tuple[str, ...] = ()
 
 
