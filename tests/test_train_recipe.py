@@ -552,6 +552,23 @@ def test_reuse_fakes_draws_g_once_per_step_and_feeds_those_images_to_d(tmp_path,
         last_update, last_logits = g_update, g_logits
 
 
+def test_reuse_fakes_previous_draws_afresh_when_the_batch_size_changed(tmp_path, synthetic_data):
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=2", "--reuse_fakes=previous"])
+    trainer = InverterTrainer(cfg, DistInfo())
+    trainer.train_step()
+    images, logits = trainer._last_fakes
+    trainer._last_fakes = (images[:3], logits[:3])  # as after a loader's short last batch
+    calls = []
+    trainer.G.register_forward_hook(lambda m, args, out: calls.append(len(out)))
+    stats = trainer.train_step()
+    assert torch.isfinite(stats["loss_d"]) and len(calls) == 2  # its own draw, then G's update
+    assert len(trainer._last_fakes[0]) == cfg.data.batch_size
+
+
 def test_reuse_fakes_previous_resumes_bit_for_bit(tmp_path, synthetic_data):
     """The last step's images travel in the checkpoint: stop + resume == one go."""
     def run(out, steps, *extra):

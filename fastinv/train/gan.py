@@ -352,7 +352,8 @@ class InverterTrainer:
                     with self._autocast(), _scope("G forward"):
                         g_fake, g_ms = self._generate(z, stats, acc)
                     fake = g_fake.detach()
-                elif o.reuse_fakes == "previous" and self._last_fakes is not None:
+                elif (o.reuse_fakes == "previous" and self._last_fakes is not None
+                      and len(self._last_fakes[0]) == len(z)):  # (a loader's short last batch)
                     fake, z_fake = self._last_fakes  # the last G update's images and logits
                 else:
                     with torch.no_grad(), self._autocast(), _scope("G forward (D step)"):
