@@ -499,11 +499,8 @@ class InverterTrainer:
         dist.all_gather(gathered, local)
         return [g.cpu() for g in gathered]
 
-    def _noise_states(self) -> list[torch.Tensor]:
-        return self._gather(self.noise_gen.get_state())
-
     def state_dict(self) -> dict:
-        noise = self._noise_states()  # a collective: every rank calls state_dict
+        noise = self._gather(self.noise_gen.get_state())  # a collective: every rank calls this
         return {
             "format": checkpoint.FORMAT,
             "step": self.step,
