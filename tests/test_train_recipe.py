@@ -62,6 +62,34 @@ def test_r1_penalty_is_applied_lazily_and_logged(tmp_path, synthetic_data):
     assert inverter_options(cfg) == {"R1": 10.0}
 
 
+def test_r1_with_phi_feature_d_differentiates_through_phi(tmp_path, synthetic_data):
+    """R1 on a D that also reads Φ's maps: the penalty is the gradient of D's score w.r.t. the
+    pixels through both paths (D's own trunk and frozen Φ), and a run with it trains."""
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=4", "--log_every=1", "--classifier.spec=fastinv:small_cnn",
+                               "--d_phi_layer=features.7", "--r1_gamma=1", "--r1_every=2"])
+    r1 = _scalars(train_inverter(cfg), "r1")
+    assert r1 and all(v > 0 and math.isfinite(v) for v in r1)
+
+    from fastinv.models.classifiers import load_classifier
+    from fastinv.train.gan import PhiFeatures
+    from fastinv.train.regularizers import r1_penalty
+
+    torch.manual_seed(0)
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4).eval()
+    phi = PhiFeatures(clf, "features.7")
+    channels, size = phi.shape(16, "cpu")
+    D = Discriminator(4, 16, 4, 0, phi_channels=channels, phi_resolution=size)
+    x, z = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 4)
+    with_phi = r1_penalty(lambda xr, zr: D(xr, zr, phi(xr)[1]), x, z)
+    # Φ's map held fixed (no gradient through Φ): a different, smaller-path penalty
+    fixed = phi(x)[1].detach()
+    without = r1_penalty(lambda xr, zr: D(xr, zr, fixed), x, z)
+    assert with_phi > 0 and not torch.allclose(with_phi, without)
+    with_phi.backward()
+    assert all(p.grad is not None for p in D.phi_in.parameters())
+
+
 def test_paper_recipe_names_no_option():
     assert inverter_options(load_config("tiny")) == {}
 

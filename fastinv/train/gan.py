@@ -165,8 +165,6 @@ def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess) -> tor
 
 def _check_supported(cfg: TrainConfig, info: distributed.DistInfo) -> None:
     """Combinations the trainer does not support yet, refused before any data or model loads."""
-    if cfg.optim.r1_gamma > 0 and cfg.model.d_phi_layer:
-        raise ValueError("optim.r1_gamma with model.d_phi_layer is not supported yet")
     if cfg.optim.r1_gamma > 0 and info.distributed:
         raise ValueError("optim.r1_gamma is not supported under torchrun yet (its double "
                          "backward bypasses DDP's gradient sync); set --optim.r1_gamma=0")
@@ -386,9 +384,9 @@ class InverterTrainer:
                 with _scope("D backward"):
                     (loss / acc).backward()
                 if o.r1_gamma > 0 and r1_due(self.d_step, o.r1_every):
-                    # its own D forward (on the reals as D sees them), a double backward
-                    r1 = r1_loss(lambda xr, zr: self.D(self._augment(xr), zr), x, z,
-                                 o.r1_gamma, o.r1_every)
+                    # its own D forward (on the reals as D sees them), a double backward;
+                    # with Φ-feature D the gradient w.r.t. the image also runs through Φ
+                    r1 = r1_loss(self._d_of_image, x, z, o.r1_gamma, o.r1_every)
                     (r1 / acc).backward()
                     stats["r1"] = stats.get("r1", 0.0) + r1.detach() / (o.d_steps * acc)
                 # statistics stay on the device: no sync per micro-batch
@@ -479,6 +477,12 @@ class InverterTrainer:
             return ()
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return self.phi(images)[1:]
+
+    def _d_of_image(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """D's score of images as D sees them in training (augmented, with Φ's maps), as a
+        function of the pixels alone: what R1 differentiates."""
+        seen = self._augment(x)
+        return self.D(seen, z, *self._phi_of(seen, grad=True))
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.augment, self.noise_gen) if self.augment else x
