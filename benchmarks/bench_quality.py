@@ -62,10 +62,13 @@ ABLATIONS = {
     "no mode seeking": ("--optim.mode_seeking_weight=0",),
     # D's fakes are the last G update's images (one G forward a step): a draw of their own
     "no fake reuse": ("--optim.reuse_fakes=off",),
+    # R1 at the reals (through Φ's taps too) against the late class swings: off
+    "no R1": ("--optim.r1_gamma=0",),
     # the preset trains under amp=auto (bf16 autocast where the CPU has AVX512-BF16 / AMX):
     # the same recipe in float32, to show bf16 keeps the quality per step
     "float32": ("--run.amp=none",),
     "paper": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0", "--model.d_phi_layer=",
+              "--optim.r1_gamma=0",
               "--optim.d_head_weight=0", "--optim.mode_seeking_weight=0",
               "--optim.diffaug=", "--model.logit_preprocess=none", "--model.d_pool=sum"),
 }

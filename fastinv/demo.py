@@ -71,12 +71,13 @@ class InverterPreset:
     ``--key=value`` overrides on top (as ``fastinv train`` takes them)."""
 
     preset: str = "demo-cpu"
-    # 4,000: with mode seeking the judge read 0.70-0.78 of the reconstructions at 3,000 steps
-    # (2 seeds, round 12 in benchmarks/RESULTS.md); reusing G's images as D's fakes made a step
-    # 1.12x cheaper, and the same budget's 4,000 steps gave 0.871 / 0.805 (0.789 / 0.803 at
-    # 3,000; G width 12 for 3,000 steps at about the same cost: 0.746 / 0.725; round 14)
-    steps: int = 4000
-    overrides: tuple[str, ...] = ()
+    # 5,000 with R1 (the demo-cpu preset): judge 0.881 / 0.859 on two seeds where the recipe
+    # without R1 read 0.852 / 0.645 at 5,000 and 0.801 / 0.805 at 4,000 (round 15 in
+    # benchmarks/RESULTS.md: without R1 a class collapses late and more steps do not help).
+    # torch.compile around fastinv's ops pays for those steps: 1.4-1.5x the eager img/s of the
+    # two 1-thread jobs after a cold compile of ~100 s (issue 11, round 8 in RESULTS.md)
+    steps: int = 5000
+    overrides: tuple[str, ...] = ("--run.compile=true",)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,10 @@ PRESETS: dict[str, DemoPreset] = {
     "quick": DemoPreset(n_images=8000,
                         classifiers=_classifiers(standard=dict(epochs=8), robust=dict(epochs=3),
                                                  judge=dict(epochs=6)),
-                        inverter=InverterPreset(steps=700), deepsim=_deepsim(steps=250),
+                        # no R1 and no compile: R1 slows the first 1,000 steps (round 15), and
+                        # a cold compile costs more than it saves in 700 steps (issue 11 round 8)
+                        inverter=InverterPreset(steps=700, overrides=("--optim.r1_gamma=0",)),
+                        deepsim=_deepsim(steps=250),
                         optimization=_optimization(steps=50),
                         evaluation=EvalPreset(n_eval=256, k_resample=4, factor_epochs=6,
                                               n_optimization=16)),

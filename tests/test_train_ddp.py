@@ -49,7 +49,13 @@ def _worker(out: str) -> None:
     same = InverterTrainer(load_config("tiny", [f"--out_dir={out}/same", "--synthetic_n=40",
                                                 "--reuse_fakes=same", "--steps=1"]), info)
     same.train_step()
-    torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict(),
+    # R1 (a double backward around the DDP wrapper): its gradient is averaged over ranks too
+    r1 = InverterTrainer(load_config("tiny", [f"--out_dir={out}/r1", "--synthetic_n=40",
+                                              "--r1_gamma=1", "--r1_every=1", "--steps=2"]), info)
+    r1.train_step()
+    r1.train_step()
+    torch.save({"r1_D": r1.D.state_dict(),
+                "G": trainer.G.state_dict(), "D": trainer.D.state_dict(),
                 "last_fakes": last, "reuse_G": resumed.G.state_dict(),
                 "same_G": same.G.state_dict(),
                 "G_ema": trainer.G_ema.state_dict(), "first_index": first,
@@ -68,7 +74,7 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world"] == r1["world"] == 2
-    for net in ("G", "D", "G_ema"):
+    for net in ("G", "D", "G_ema", "r1_D"):
         for k, v in r0[net].items():
             if k.endswith(("running_mean", "running_var", "num_batches_tracked")) and net != "D":
                 continue  # batch statistics are per rank (cross_replica_bn off), broadcast by DDP

@@ -165,9 +165,6 @@ def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess) -> tor
 
 def _check_supported(cfg: TrainConfig, info: distributed.DistInfo) -> None:
     """Combinations the trainer does not support yet, refused before any data or model loads."""
-    if cfg.optim.r1_gamma > 0 and info.distributed:
-        raise ValueError("optim.r1_gamma is not supported under torchrun yet (its double "
-                         "backward bypasses DDP's gradient sync); set --optim.r1_gamma=0")
 
 
 class InverterTrainer:
@@ -387,7 +384,7 @@ class InverterTrainer:
                     # its own D forward (on the reals as D sees them), a double backward;
                     # with Φ-feature D the gradient w.r.t. the image also runs through Φ
                     r1 = r1_loss(self._d_of_image, x, z, o.r1_gamma, o.r1_every)
-                    (r1 / acc).backward()
+                    self._backward_r1(r1 / acc)
                     stats["r1"] = stats.get("r1", 0.0) + r1.detach() / (o.d_steps * acc)
                 # statistics stay on the device: no sync per micro-batch
                 stats["loss_d"] += loss.detach() / n
@@ -477,6 +474,25 @@ class InverterTrainer:
             return ()
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return self.phi(images)[1:]
+
+    def _backward_r1(self, r1: torch.Tensor) -> None:
+        """R1's gradient into D's ``.grad``. Its double backward runs on D itself, around the
+        DDP wrapper, so under torchrun the gradient is averaged over ranks here (each rank's
+        penalty is of its own real batch), as DDP averages the rest of D's loss."""
+        if not self.info.distributed:
+            r1.backward()
+            return
+        import torch.distributed as dist
+
+        params = [p for p in self.D.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(r1, params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                          for g, p in zip(grads, params)])
+        dist.all_reduce(flat)
+        flat /= self.info.world_size
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            g = g.view_as(p)
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
     def _d_of_image(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """D's score of images as D sees them in training (augmented, with Φ's maps), as a
