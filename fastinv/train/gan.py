@@ -163,10 +163,6 @@ def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess) -> tor
     return (pred.float() - preprocess(z)).pow(2).mean()
 
 
-def _check_supported(cfg: TrainConfig, info: distributed.DistInfo) -> None:
-    """Combinations the trainer does not support yet, refused before any data or model loads."""
-
-
 class InverterTrainer:
     """G, D, their EMA, optimisers and data of one run. ``__init__`` runs the named steps below
     in this order (the order fixes which random numbers each consumes: a resumed or re-run
@@ -175,7 +171,6 @@ class InverterTrainer:
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, loader=None,
                  classifier: Classifier | None = None):
         validate(cfg)
-        _check_supported(cfg, info)
         self.cfg, self.info = cfg, info
         self.run_dir = Path(cfg.run.out_dir)
         self.classifier = self._load_classifier(classifier)
