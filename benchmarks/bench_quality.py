@@ -17,6 +17,9 @@ checkpoint's EMA generator is scored on the same held-out images:
   KID        in the judge's feature space, against real held-out images (lower: more real)
   factor R²  mean R² of the factor regressor over the nuisance factors (colours, texture,
              position, scale, rotation) read off x̂ against x's factors
+  judge best-of-k  judge agreement with Φ-consistent sampling (fastinv/invert/selection.py:
+             k noise draws per image, the one Φ reads closest to the logits kept; k = the
+             preset's ``evaluation.select_k``): the option's effect, measured on the same G
 
 Seconds are the wall clock of the training run up to the checkpoint (its file time minus the
 run's config.yaml time), so they include everything ``fastinv train`` does per step. Configs
@@ -110,17 +113,23 @@ def prepare(work: Path, preset: str, device: str) -> dict:
 def score(env: dict, decoder, per_image: bool = False) -> dict:
     from fastinv.invert import analyses, quality
     from fastinv.invert.factors import r2_per_factor
+    from fastinv.invert.selection import PhiSelected
 
     val = env["val"]
     rec = analyses.match_size(analyses.invert(decoder, val.logits, seed=0), val.images)
     values = quality.per_image(env["clf"], env["judge"], rec, val.images, val.labels, val.logits)
+    k = max(1, env["p"].evaluation.select_k)
+    best = analyses.match_size(analyses.invert(PhiSelected(decoder, env["clf"], k), val.logits,
+                                               seed=0), val.images)
+    judge_best = quality.per_image(env["clf"], env["judge"], best, val.images, val.labels,
+                                   val.logits)["judge_vs_label"]
     r2 = r2_per_factor(env["regressor"].predict(rec), env["y_val"], env["names"])
     extra = {"judge_per_image": values["judge_vs_label"].tolist()} if per_image else {}
     return {**extra, "judge": values["judge_vs_label"].mean().item(),
             "phi_agree": values["phi_agree"].mean().item(),
             "logit_cos": values["logit_cosine"].mean().item(),
             "kid": quality.realism(env["judge"], val.images, rec)["kid"],
-            "factor_r2": sum(r2.values()) / len(r2)}
+            "factor_r2": sum(r2.values()) / len(r2), "judge_best": judge_best.mean().item()}
 
 
 def run_config(env: dict, work: Path, name: str, overrides: tuple[str, ...], steps: int,
@@ -164,7 +173,8 @@ def summary(rows: list[dict], baseline: str = "recipe") -> str:
             last.setdefault(r["config"], []).append(r)
     per_image = {c: np.mean([r["judge_per_image"] for r in rs], axis=0) for c, rs in last.items()}
     lines = ["| config | seeds | step | judge mean | judge range | KID mean | judge − "
-             f"{baseline} [95% CI over images] |", "|---|---:|---:|---:|---:|---:|---|"]
+             f"{baseline} [95% CI over images] | judge best-of-k mean |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for c, rs in last.items():
         j = [r["judge"] for r in rs]
         diff = "–"
@@ -173,7 +183,7 @@ def summary(rows: list[dict], baseline: str = "recipe") -> str:
             diff = f"{iv.mean:+.3f} [{iv.lo:+.3f}, {iv.hi:+.3f}]"
         lines.append(f"| {c} | {len(rs)} | {rs[0]['step']} | {np.mean(j):.3f} | "
                      f"{min(j):.3f}–{max(j):.3f} | {np.mean([r['kid'] for r in rs]):.1f} | "
-                     f"{diff} |")
+                     f"{diff} | {np.mean([r.get('judge_best', np.nan) for r in rs]):.3f} |")
     return "\n".join(lines)
 
 
@@ -184,7 +194,8 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("judge", "judge agreement (↑)"), ("kid", "KID in judge features (↓)"),
-            ("phi_agree", "Φ agreement (↑)"), ("factor_r2", "mean factor R² (↑)")]
+            ("phi_agree", "Φ agreement (↑)"), ("factor_r2", "mean factor R² (↑)"),
+            ("judge_best", "judge, best of k draws by Φ (↑)")]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
     for ax, (k, title) in zip(axes, keys):
         for name in dict.fromkeys(r["config"] for r in rows):
@@ -211,10 +222,11 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
 
 
 def table(rows: list[dict], reference: dict) -> str:
-    head = "| config | seed | step | s | judge | Φ agree | logit cos | KID | factor R² |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| config | seed | step | s | judge | Φ agree | logit cos | KID | factor R² | "
+            "judge best-of-k |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = "| {config} | {seed} | {step} | {seconds:.0f} | {judge:.3f} | {phi_agree:.3f} | " \
-          "{logit_cos:.3f} | {kid:.3f} | {factor_r2:.3f} |"
+          "{logit_cos:.3f} | {kid:.3f} | {factor_r2:.3f} | {judge_best:.3f} |"
     lines += [fmt.format(**r) for r in rows]
     lines.append(fmt.format(config="logit NN (reference)", seed="–", step="–", seconds=0,
                             **reference))

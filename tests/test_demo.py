@@ -64,8 +64,9 @@ def test_demo_scores_every_method_with_the_independent_judge(demo_dir):
     for name in ("standard", "robust"):
         d = demo_dir / name
         methods = json.loads((d / "methods.json").read_text())
-        assert {"inverter", "deepsim", "logit NN", "optimization", "real images"} <= set(methods)
-        for m in ("inverter", "deepsim", "logit NN", "optimization"):
+        best = "inverter, best of 2"  # the tiny preset's Φ-consistent sampling row
+        assert {"inverter", best, "deepsim", "logit NN", "optimization", "real images"} <= set(methods)
+        for m in ("inverter", best, "deepsim", "logit NN", "optimization"):
             assert {"judge_vs_label", "judge_vs_judge", "kid"} <= set(methods[m]), m
         per = json.loads((d / "per_image.json").read_text())
         assert len(per["methods"]["inverter"]["psnr"]) == len(per["index"])
@@ -89,6 +90,19 @@ def test_invert_and_report_commands_on_the_demo_inverter(demo_dir, tmp_path, cap
     assert (out / "report.html").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_invert_compare_scores_phi_consistent_sampling(demo_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["invert", "compare", "--inverter", str(demo_dir / "standard" / "inverter"),
+            "--data", str(demo_dir / "data" / "val"), "--out", str(out), "--n", "8",
+            "--opt-n", "2", "--opt-steps", "2", "--opt-restarts", "1", "--device", "cpu"]
+    assert main([*args, "--best-of", "3"]) == 0
+    methods = json.loads((out / "methods.json").read_text())
+    assert {"inverter", "inverter, best of 3", "optimization"} <= set(methods)
+    assert methods["inverter, best of 3"]["n_images"] == 8
+    assert main([*args, "--best-of", "0"]) == 2
+    assert "--best-of must be >= 1" in capsys.readouterr().err
 
 
 def _job(x):

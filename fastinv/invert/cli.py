@@ -39,6 +39,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opt-steps", type=int, default=200)
     parser.add_argument("--opt-restarts", type=int, default=3)
     parser.add_argument("--opt-n", type=int, default=32, help="images for optimization (compare)")
+    parser.add_argument("--best-of", type=int, default=16, metavar="K",
+                        help="compare: also score the inverter with Φ-consistent sampling, K noise "
+                             "draws per image and the one Φ reads closest to the logits kept "
+                             "(fastinv.invert.selection; default 16, 1 = off)")
     parser.add_argument("--lpips-alexnet", default=None,
                         help="torchvision alexnet state dict for LPIPS (compare); never downloaded")
     parser.add_argument("--fid-inception", default=None,
@@ -60,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from fastinv.train.checkpoint import load_inverter
     from fastinv.train.distributed import resolve_device
 
+    if args.best_of < 1:
+        from fastinv.train.config import ConfigError
+
+        raise ConfigError(f"--best-of must be >= 1 (1 = off), got {args.best_of}")
     device = resolve_device(args.device).type
     G, cfg = load_inverter(args.inverter, device=device)
     spec = args.classifier or cfg.classifier.spec
@@ -89,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
                            k=args.k, sweeps=sweeps, seed=args.seed, progress=True)
     if args.analysis in ("compare", "all"):
         ocfg = OptimizationConfig(steps=args.opt_steps, restarts=args.opt_restarts, seed=args.seed)
-        methods, recs = compare_methods(clf, data, {"inverter": G}, out / "methods.json",
+        from fastinv.invert.selection import PhiSelected, selected_name
+
+        decoders = {"inverter": G}
+        if args.best_of > 1:
+            decoders[selected_name(args.best_of)] = PhiSelected(G, clf, args.best_of)
+        methods, recs = compare_methods(clf, data, decoders, out / "methods.json",
                                         optimization=ocfg, n_optimization=args.opt_n,
                                         seed=args.seed)
         if args.lpips_alexnet or args.fid_inception:

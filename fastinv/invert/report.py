@@ -352,7 +352,12 @@ def build_blocks(run_dir: Path) -> list[tuple]:
               rows))
 
     b.append(("h", 2, "Methods on the same images"))
-    b.append(("p", "Inverter = the logit-conditioned GAN inverter; DeePSiM = feedforward decoder "
+    b.append(("p", "Inverter = the logit-conditioned GAN inverter, one noise draw per image (the "
+                   "paper; the findings are tested on it); `inverter, best of k` = the same "
+                   "inverter with Φ-consistent sampling, an option beyond the paper: k noise "
+                   "draws per image, the one whose Φ logits are closest to the input logits "
+                   "(KL of the softmaxes) kept — it uses the logits and Φ only, never the "
+                   "original or the judge; DeePSiM = feedforward decoder "
                    "with pixel + feature + adversarial losses; logit NN = the training image whose "
                    "logits are nearest (what the logits pin down within the data, no training); "
                    "optimization = gradient descent on x (TV/L2 prior, restarts), on a subset — "
