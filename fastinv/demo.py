@@ -88,8 +88,9 @@ class EvalPreset:
     n_optimization: int = 32  # images the optimisation baseline inverts
     # Φ-consistent sampling (fastinv/invert/selection.py): the methods table's extra row
     # "inverter, best of k": k noise draws per image, the one Φ reads closest to the logits
-    # kept (+0.013 to +0.086 judge agreement over a single draw on four quality-benchmark runs,
-    # RESULTS.md round 16). The single-draw inverter stays the headline; 1 = no extra row.
+    # kept (+0.031 [+0.020, +0.043] judge agreement over a single draw on 14 quality-benchmark
+    # generators, RESULTS.md round 16). The single-draw inverter stays the headline; 1 = no
+    # extra row.
     select_k: int = 16
 
 
@@ -289,7 +290,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     )
     from fastinv.invert.quality import NearestNeighbour
     from fastinv.invert.report import write_report
-    from fastinv.invert.selection import PhiSelected, selected_name
+    from fastinv.invert.selection import inverter_methods
     from fastinv.models.classifiers import load_classifier, sidecar_path
     from fastinv.train.checkpoint import load_inverter
     from fastinv.train.config import inverter_options
@@ -347,11 +348,8 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
                             train.images, train.logits, out / name / "deepsim", dcfg)
         ocfg = dataclasses.replace(p.optimization, seed=seed)
         nn_baseline = NearestNeighbour(train.logits, train.images)
-        decoders = {"inverter": G}
-        if p.evaluation.select_k > 1:
-            decoders[selected_name(p.evaluation.select_k)] = PhiSelected(G, clf,
-                                                                         p.evaluation.select_k)
-        decoders.update({"deepsim": deepsim, "logit NN": nn_baseline})
+        decoders = {**inverter_methods(G, clf, p.evaluation.select_k), "deepsim": deepsim,
+                    "logit NN": nn_baseline}
         methods, recs = _stage(f"method comparison for {name}", timings, compare_methods, clf, val,
                                decoders,
                                out / name / "methods.json", judge=judge, optimization=ocfg,

@@ -6,7 +6,7 @@ from torch import nn
 
 from fastinv.invert import analyses
 from fastinv.invert.metrics import classifier_logits
-from fastinv.invert.selection import PhiSelected, phi_kl, selected_name
+from fastinv.invert.selection import PhiSelected, inverter_methods, phi_kl, selected_name
 from tests.invert_tiny import one_thread, tiny_pair
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -108,3 +108,11 @@ def test_chunked_selection_keeps_the_same_draws():
     whole = sel(z, noise)
     sel.CHUNK = 8  # 2 images' draws a call, the last call a single image's
     assert torch.allclose(sel(z, noise), whole, atol=1e-6)
+
+
+def test_inverter_methods_adds_the_best_of_row_only_for_k_above_one():
+    G, C = tiny_pair()
+    assert list(inverter_methods(G, C, 1)) == ["inverter"]
+    rows = inverter_methods(G, C, 4)
+    assert list(rows) == ["inverter", "inverter, best of 4"] and rows["inverter"] is G
+    assert rows["inverter, best of 4"].k == 4

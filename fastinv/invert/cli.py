@@ -97,12 +97,10 @@ def run(args: argparse.Namespace) -> int:
                            k=args.k, sweeps=sweeps, seed=args.seed, progress=True)
     if args.analysis in ("compare", "all"):
         ocfg = OptimizationConfig(steps=args.opt_steps, restarts=args.opt_restarts, seed=args.seed)
-        from fastinv.invert.selection import PhiSelected, selected_name
+        from fastinv.invert.selection import inverter_methods
 
-        decoders = {"inverter": G}
-        if args.best_of > 1:
-            decoders[selected_name(args.best_of)] = PhiSelected(G, clf, args.best_of)
-        methods, recs = compare_methods(clf, data, decoders, out / "methods.json",
+        methods, recs = compare_methods(clf, data, inverter_methods(G, clf, args.best_of),
+                                        out / "methods.json",
                                         optimization=ocfg, n_optimization=args.opt_n,
                                         seed=args.seed)
         if args.lpips_alexnet or args.fid_inception:

@@ -26,6 +26,16 @@ def selected_name(k: int) -> str:
     return f"inverter, best of {k}"
 
 
+def inverter_methods(G: torch.nn.Module, classifier: torch.nn.Module,
+                     k: int) -> dict[str, torch.nn.Module]:
+    """The inverter rows of a methods comparison: ``G`` itself (one draw, the paper) and, for
+    ``k`` > 1, its best-of-``k`` selection under :func:`selected_name`."""
+    rows = {"inverter": G}
+    if k > 1:
+        rows[selected_name(k)] = PhiSelected(G, classifier, k)
+    return rows
+
+
 def phi_kl(logits: torch.Tensor, logits_rec: torch.Tensor) -> torch.Tensor:
     """(N,) KL(softmax(logits) ‖ softmax(logits_rec)) in float64: how far Φ's reading of a
     reconstruction is from the logits it was drawn from (0 when they agree as distributions)."""
