@@ -621,3 +621,36 @@ def test_reuse_fakes_needs_one_d_step_and_no_accumulation():
             load_config("tiny", ["--reuse_fakes=same", *bad])
     with pytest.raises(ConfigError, match="off, same or previous"):
         load_config("tiny", ["--reuse_fakes=true"])
+
+
+def test_phi_gradient_to_g_is_scaled_and_named(tmp_path, synthetic_data):
+    """``optim.g_phi_grad``: the Φ maps G's update reads through D carry the same values, with
+    the gradient to the image multiplied by the scale (0: none); the option is named."""
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    flags = [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}", "--steps=2",
+             "--classifier.spec=fastinv:small_cnn", "--d_phi_layer=features.7"]
+    trainer = InverterTrainer(load_config("tiny", [*flags, "--g_phi_grad=0.25"]), DistInfo())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    grads, values = {}, {}
+    for scale in (1.0, 0.25, 0.0):
+        xr = x.clone().requires_grad_(True)
+        maps = trainer._phi_of(xr, grad=True, scale=scale)
+        values[scale] = [m.detach() for m in maps]
+        if scale == 0:
+            assert not any(m.requires_grad for m in maps)
+            continue
+        sum(m.square().sum() for m in maps).backward()
+        grads[scale] = xr.grad
+    for v in values.values():
+        assert all(torch.equal(a, b) for a, b in zip(v, values[1.0]))
+    assert grads[1.0].abs().sum() > 0
+    torch.testing.assert_close(grads[0.25], 0.25 * grads[1.0])
+    stats = trainer.train_step()
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
+    assert inverter_options(trainer.cfg)["Φ gradient to G"] == "x0.25"
+    # without Φ-feature D there is no Φ gradient to scale: nothing to name
+    assert "Φ gradient to G" not in inverter_options(load_config("tiny", ["--g_phi_grad=0"]))
+    with pytest.raises(ConfigError, match="g_phi_grad"):
+        load_config("tiny", ["--g_phi_grad=1.5"])

@@ -402,7 +402,8 @@ class InverterTrainer:
                 if o.reuse_fakes == "previous":  # D's fakes in the next step
                     self._last_fakes = (fake.detach(), z)
                 seen_d = self._augment(fake)
-                out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True),
+                out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True,
+                                                            scale=o.g_phi_grad),
                                    head=o.d_head_weight > 0)
                 if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
                     out, pred = out
@@ -462,13 +463,19 @@ class InverterTrainer:
     def _head_loss(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return head_loss(pred, z, self.cfg.optim.d_head_loss, self.D.preprocess)
 
-    def _phi_of(self, images: torch.Tensor, grad: bool) -> tuple[torch.Tensor, ...]:
+    def _phi_of(self, images: torch.Tensor, grad: bool, scale: float = 1.0
+                ) -> tuple[torch.Tensor, ...]:
         """D's extra argument: Φ's feature map of the images D sees (empty when the option is
-        off). Φ's weights are frozen; with ``grad`` the gradient flows through it to G."""
+        off). Φ's weights are frozen; with ``grad`` the gradient flows through it to G,
+        multiplied by ``scale`` (0: none; the forward values are the same either way)."""
         if self.phi is None:
             return ()
+        grad = grad and scale > 0
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return self.phi(images)[1:]
+            maps = self.phi(images)[1:]
+        if not grad or scale == 1:
+            return maps
+        return tuple(m.detach() + scale * (m - m.detach()) for m in maps)
 
     def _backward_r1(self, r1: torch.Tensor) -> None:
         """R1's gradient into D's ``.grad``. Its double backward runs on D itself, around the
