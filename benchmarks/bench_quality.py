@@ -67,6 +67,10 @@ ABLATIONS = {
     "no fake reuse": ("--optim.reuse_fakes=off",),
     # R1 at the reals (through Φ's taps too) against the late class swings: off
     "no R1": ("--optim.r1_gamma=0",),
+    # D reads Φ's maps but G's update gets no gradient through them (round 17: judge at chance)
+    "no Φ gradient to G": ("--optim.g_phi_grad=0",),
+    # each image's Φ maps zeroed in D with probability 0.5: D's own trunk judges it alone
+    "+ Φ-map dropout": ("--optim.d_phi_dropout=0.5",),
     # the preset trains under amp=auto (bf16 autocast where the CPU has AVX512-BF16 / AMX):
     # the same recipe in float32, to show bf16 keeps the quality per step
     "float32": ("--run.amp=none",),

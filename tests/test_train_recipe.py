@@ -654,3 +654,29 @@ def test_phi_gradient_to_g_is_scaled_and_named(tmp_path, synthetic_data):
     assert "Φ gradient to G" not in inverter_options(load_config("tiny", ["--g_phi_grad=0"]))
     with pytest.raises(ConfigError, match="g_phi_grad"):
         load_config("tiny", ["--g_phi_grad=1.5"])
+
+
+def test_phi_map_dropout_zeroes_whole_images_maps_and_is_named(tmp_path, synthetic_data):
+    """``optim.d_phi_dropout``: in D's training passes each image's Φ maps are either kept as
+    they are or zeroed (all maps of that image together), at about the set rate; R1's and
+    other passes (``drop=False``) keep them; the option is named and 1 is refused."""
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    flags = [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}", "--steps=2",
+             "--classifier.spec=fastinv:small_cnn", "--d_phi_layer=features.7,features.9"]
+    trainer = InverterTrainer(load_config("tiny", [*flags, "--d_phi_dropout=0.5"]), DistInfo())
+    x = torch.rand(400, 3, 16, 16) * 2 - 1
+    full = trainer._phi_of(x, grad=False)
+    dropped = trainer._phi_of(x, grad=False, drop=True)
+    assert len(full) == len(dropped) == 2
+    kept = [torch.equal(dropped[0][i], full[0][i]) for i in range(len(x))]
+    for d, f in zip(dropped, full):
+        for i in range(len(x)):  # one decision per image, shared by its maps
+            assert torch.equal(d[i], f[i]) if kept[i] else not d[i].any()
+    assert 0.4 < sum(kept) / len(x) < 0.6
+    stats = trainer.train_step()
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
+    assert inverter_options(trainer.cfg)["Φ-map dropout"] == 0.5
+    with pytest.raises(ConfigError, match="d_phi_dropout"):
+        load_config("tiny", ["--d_phi_dropout=1"])

@@ -146,6 +146,9 @@ class OptimConfig:
     # 1 = all of it; 0 = none (D still reads Φ's maps, G learns only through D's own trunk and
     # head). G fooling Φ's features is how a class gets lost: Φ reads it, the judge does not.
     g_phi_grad: float = 1.0
+    # "Φ-map dropout": each image D scores in training has Φ's maps zeroed with this
+    # probability (in D's and G's updates), so D's own trunk has to judge it alone
+    d_phi_dropout: float = 0.0
 
 
 @dataclass
@@ -250,6 +253,7 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "conditioned G input": m.g_cond_input,
              "Φ gradient to G": f"x{o.g_phi_grad:g}" if o.g_phi_grad < 1 and m.d_phi_layer
              else "",
+             "Φ-map dropout": o.d_phi_dropout if m.d_phi_layer else 0,
              "lr decay": f"linear from {o.lr_decay_from:g} of the run" if o.lr_decay_from < 1
              else ""}
     if o.d_head_weight and (o.d_head_loss != "mse" or o.d_head_detach):  # not the default form
@@ -487,6 +491,8 @@ def _check(cfg: TrainConfig) -> None:
     _require(0 <= o.lr_decay_from <= 1, "optim.lr_decay_from must be in [0, 1] (1 = no decay)")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and beta2 must be in [0, 1)")
     _require(o.d_steps >= 1 and o.accumulate >= 1, "optim.d_steps and optim.accumulate must be >= 1")
+    _require(0.0 <= o.d_phi_dropout < 1.0, f"optim.d_phi_dropout must be in [0, 1), got "
+             f"{o.d_phi_dropout}")
     _require(0.0 <= o.g_phi_grad <= 1.0, f"optim.g_phi_grad must be in [0, 1], got "
              f"{o.g_phi_grad}")
     _require(o.reuse_fakes in ("off", "same", "previous"), f"optim.reuse_fakes must be off, "
