@@ -659,7 +659,7 @@ def test_phi_gradient_to_g_is_scaled_and_named(tmp_path, synthetic_data):
 def test_phi_map_dropout_zeroes_whole_images_maps_and_is_named(tmp_path, synthetic_data):
     """``optim.d_phi_dropout``: in D's training passes each image's Φ maps are either kept as
     they are or zeroed (all maps of that image together), at about the set rate; R1's and
-    other passes (``drop=False``) keep them; the option is named and 1 is refused."""
+    other passes (no ``drop``) keep them; the option is named and 1 is refused."""
     from fastinv.train.distributed import DistInfo
     from fastinv.train.gan import InverterTrainer
 
@@ -668,7 +668,7 @@ def test_phi_map_dropout_zeroes_whole_images_maps_and_is_named(tmp_path, synthet
     trainer = InverterTrainer(load_config("tiny", [*flags, "--d_phi_dropout=0.5"]), DistInfo())
     x = torch.rand(400, 3, 16, 16) * 2 - 1
     full = trainer._phi_of(x, grad=False)
-    dropped = trainer._phi_of(x, grad=False, drop=True)
+    dropped = trainer._phi_of(x, grad=False, drop=trainer.cfg.optim.d_phi_dropout)
     assert len(full) == len(dropped) == 2
     kept = [torch.equal(dropped[0][i], full[0][i]) for i in range(len(x))]
     for d, f in zip(dropped, full):

@@ -144,7 +144,7 @@ class OptimConfig:
     reuse_fakes: str = "off"
     # "Φ gradient to G": the scale of G's gradient through the Φ maps D reads (Φ-feature D).
     # 1 = all of it; 0 = none (D still reads Φ's maps, G learns only through D's own trunk and
-    # head). G fooling Φ's features is how a class gets lost: Φ reads it, the judge does not.
+    # head): at 0 G learns nothing, judge at chance (RESULTS.md round 17), an ablation only
     g_phi_grad: float = 1.0
     # "Φ-map dropout": each image D scores in training has Φ's maps zeroed with this
     # probability (in D's and G's updates), so D's own trunk has to judge it alone

@@ -357,7 +357,7 @@ class InverterTrainer:
                     if o.mismatch_weight > 0:  # the same augmented reals, other images' logits
                         z_other, keep = mismatched_logits(z, self.noise_gen)
                         both, zs = torch.cat([both, both[: len(x)]]), torch.cat([zs, z_other])
-                    out = self.D_train(both, zs, *self._phi_of(both, grad=False, drop=True),
+                    out = self.D_train(both, zs, *self._phi_of(both, grad=False, drop=o.d_phi_dropout),
                                        head=o.d_head_weight > 0, head_detach=o.d_head_detach)
                     out, pred = out if o.d_head_weight > 0 else (out, None)
                     d_real, d_fake = out[: len(x)], out[len(x): 2 * len(x)]
@@ -402,8 +402,8 @@ class InverterTrainer:
                 if o.reuse_fakes == "previous":  # D's fakes in the next step
                     self._last_fakes = (fake.detach(), z)
                 seen_d = self._augment(fake)
-                out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True,
-                                                            scale=o.g_phi_grad, drop=True),
+                out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True, scale=o.g_phi_grad,
+                                                            drop=o.d_phi_dropout),
                                    head=o.d_head_weight > 0)
                 if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
                     out, pred = out
@@ -464,11 +464,11 @@ class InverterTrainer:
         return head_loss(pred, z, self.cfg.optim.d_head_loss, self.D.preprocess)
 
     def _phi_of(self, images: torch.Tensor, grad: bool, scale: float = 1.0,
-                drop: bool = False) -> tuple[torch.Tensor, ...]:
+                drop: float = 0.0) -> tuple[torch.Tensor, ...]:
         """D's extra argument: Φ's feature map of the images D sees (empty when the option is
         off). Φ's weights are frozen; with ``grad`` the gradient flows through it to G,
-        multiplied by ``scale`` (0: none; the forward values are the same either way). With
-        ``drop``, each image's maps are zeroed with probability ``optim.d_phi_dropout``."""
+        multiplied by ``scale`` (0: none; the forward values are the same either way). Each
+        image's maps are zeroed with probability ``drop`` (all its maps together)."""
         if self.phi is None:
             return ()
         grad = grad and scale > 0
@@ -476,9 +476,8 @@ class InverterTrainer:
             maps = self.phi(images)[1:]
         if grad and scale != 1:
             maps = tuple(m.detach() + scale * (m - m.detach()) for m in maps)
-        p = self.cfg.optim.d_phi_dropout
-        if drop and p > 0:
-            keep = torch.rand(len(images), generator=self.noise_gen, device=images.device) >= p
+        if drop > 0:
+            keep = torch.rand(len(images), generator=self.noise_gen, device=images.device) >= drop
             maps = tuple(m * keep.to(m.dtype).view(-1, 1, 1, 1) for m in maps)
         return maps
 
