@@ -99,8 +99,8 @@ def prepare(work: Path, preset: str, device: str) -> dict:
         if not path.exists():
             train_classifier(demo._classifier_config(p, work, name, device))
         weights[name] = path
-    clf = load_classifier(f"fastinv:{p.classifiers['standard'].arch}", weights=weights["standard"]).to(device)
-    judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).to(device)
+    clf = load_classifier(f"fastinv:{p.classifiers['standard'].arch}", weights=weights["standard"]).place(device)
+    judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).place(device)
     val = demo._images(work / "data" / "val", clf, p, p.evaluation.n_eval, device)
     train = demo._images(work / "data" / "train", clf, p, p.n_images, device)
     tf, vf = load_factors(work / "data", split="train"), load_factors(work / "data", split="val")

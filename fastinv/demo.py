@@ -314,7 +314,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
            num_classes=p.num_classes)
     weights = _stage("classifiers (standard + PGD-robust + judge)", timings, _train_classifiers,
                      p, out, device)
-    judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).to(device)
+    judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).place(device)
     class_names = list(CLASS_NAMES[: p.num_classes])
     val_factors = load_factors(out / "data", split="val")
     train_factors = load_factors(out / "data", split="train")
@@ -324,7 +324,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     methods_table: dict[str, dict] = {}
     _stage("inverters (standard + robust)", timings, _train_inverters, p, out, weights, device)
     for name in CLASSIFIERS:
-        clf = load_classifier(f"fastinv:{p.classifiers[name].arch}", weights=weights[name]).to(device)
+        clf = load_classifier(f"fastinv:{p.classifiers[name].arch}", weights=weights[name]).place(device)
         meta = json.loads(sidecar_path(weights[name]).read_text())
         judge_meta = json.loads(sidecar_path(weights["judge"]).read_text())
         judge_cfg = p.classifiers["judge"]

@@ -100,6 +100,29 @@ def test_classifier_is_frozen_and_gets_no_gradient():
     assert all(p.grad is None for p in clf.parameters())
 
 
+def test_channels_last_gives_the_same_logits_features_and_gradients():
+    """``Classifier.place("cpu")`` runs Φ in channels_last (the faster layout on CPU): the
+    same logits, tapped maps and input gradient as NCHW, in float64 to rounding."""
+    from fastinv.models.small_cnn import SmallCNN
+
+    torch.manual_seed(0)
+    clf = Classifier(SmallCNN(10, width=8, blocks_per_stage=1).double(), name="t",
+                     input_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
+    x = torch.randn(5, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    ref = clf(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert clf.place("cpu") is clf and clf._layout is torch.channels_last
+    conv = clf.net.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    out = clf(x)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, g_ref)
+    clf.channels_last(False)  # back to the input's own layout, weights contiguous again
+    assert clf._layout is None and clf.net.features[0].weight.is_contiguous()
+    torch.testing.assert_close(clf(x), ref)
+
+
 def test_prepare_resizes_and_normalises():
     clf = load_classifier("fastinv:small_resnet", random_init=True)
     out = clf.prepare(torch.zeros(1, 3, 16, 16))  # grey 0.5 at [0, 1], mean 0.5 -> 0

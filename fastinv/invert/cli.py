@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     weights = args.weights if (args.classifier or args.weights) else cfg.classifier.weights
     random_init = cfg.classifier.random_init and not (args.classifier or args.weights)
     clf = load_classifier(spec, weights=weights, random_init=random_init,
-                          num_classes=cfg.classifier.num_classes).to(device)
+                          num_classes=cfg.classifier.num_classes).place(device)
     data_dir = Path(args.data)
     loader = make_loader(data_dir, resolution=G.resolution, classifier_size=clf.input_size,
                          classifier_mean=clf.mean, classifier_std=clf.std, batch_size=64,

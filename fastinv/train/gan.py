@@ -191,9 +191,11 @@ class InverterTrainer:
         """The frozen Φ (given, or loaded from ``cfg.classifier``), on this rank's device."""
         c = self.cfg.classifier
         torch.manual_seed(self.cfg.run.seed)  # a random-init classifier is the same on every rank
+        # Φ runs on every image of a step (the batch's logits, D's maps of reals and fakes,
+        # G's gradient): on CPU in channels_last, 1.8x its NCHW speed (Classifier.place)
         return (classifier or load_classifier(
             c.spec, weights=c.weights, random_init=c.random_init, num_classes=c.num_classes
-        )).to(self.info.device)
+        )).place(self.info.device)
 
     def _make_loader(self):
         """Training batches of ``cfg.data`` (generating the synthetic set first if asked):
