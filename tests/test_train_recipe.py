@@ -186,6 +186,18 @@ def test_flip_mirrors_about_half_the_images_and_passes_gradients():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+def test_noise_adds_gaussian_pixel_noise_of_its_sigma_and_passes_gradients():
+    from fastinv.train.augment import noise
+
+    x = torch.zeros(64, 3, 16, 16, requires_grad=True)
+    out = noise(x, sigma=0.1, gen=torch.Generator().manual_seed(0))
+    assert abs(out.mean().item()) < 0.005 and abs(out.std().item() - 0.1) < 0.005
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # noise is added: the Jacobian is 1
+    same = diff_augment(x.detach(), ("noise",), torch.Generator().manual_seed(0))
+    assert torch.equal(same, out.detach())  # D's policy name reaches the same transform
+
+
 def test_consistency_augmentation_is_named_and_trains(tmp_path, synthetic_data):
     cfg, run_dir = _train_option(tmp_path, synthetic_data, "--aux_logit_weight=1",
                                  "--aux_augment=translation,flip")

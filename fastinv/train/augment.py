@@ -6,7 +6,10 @@ flows through them; they never change what G is asked to produce.
 
 Policies (comma-separated): ``translation`` (shift by up to 1/8 of the size, zero fill),
 ``cutout`` (a zeroed square of half the size at a random place), ``color`` (brightness,
-saturation, contrast), ``flip`` (horizontal, half of the images).
+saturation, contrast), ``flip`` (horizontal, half of the images), ``noise`` (Gaussian
+pixel noise, σ 0.1 on the [-1, 1] scale: instance noise, Sønderby et al. 2017; with a
+Φ-feature D, Φ reads its maps of noisy images, so G's gradient through Φ is an average over
+nearby images rather than Φ's sharpest local direction).
 
 The same transforms serve the logit-consistency term (``optim.aux_augment``): Φ reads G's image
 under a random transform, an expectation over transformations. A pattern that fools Φ at one
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-POLICIES = ("translation", "cutout", "color", "flip")
+POLICIES = ("translation", "cutout", "color", "flip", "noise")
 
 
 def parse_policy(text: str) -> tuple[str, ...]:
@@ -72,7 +75,13 @@ def flip(x: torch.Tensor, gen=None) -> torch.Tensor:
     return torch.where(mirror, x.flip(3), x)
 
 
-_FNS = {"translation": translation, "cutout": cutout, "color": color, "flip": flip}
+def noise(x: torch.Tensor, sigma: float = 0.1, gen=None) -> torch.Tensor:
+    return x + sigma * torch.randn(x.shape, generator=gen, device=x.device,
+                                   dtype=torch.float32).to(x.dtype)
+
+
+_FNS = {"translation": translation, "cutout": cutout, "color": color, "flip": flip,
+        "noise": noise}
 
 
 def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator | None = None
