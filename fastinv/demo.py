@@ -71,12 +71,14 @@ class InverterPreset:
     ``--key=value`` overrides on top (as ``fastinv train`` takes them)."""
 
     preset: str = "demo-cpu"
-    # 5,000 with R1 (the demo-cpu preset): judge 0.881 / 0.859 on two seeds where the recipe
-    # without R1 read 0.852 / 0.645 at 5,000 and 0.801 / 0.805 at 4,000 (round 15 in
-    # benchmarks/RESULTS.md: without R1 a class collapses late and more steps do not help).
-    # torch.compile around fastinv's ops pays for those steps: 1.4-1.5x the eager img/s of the
-    # two 1-thread jobs after a cold compile of ~100 s (issue 11, round 8 in RESULTS.md)
-    steps: int = 5000
+    # 6,000 with R1 (the demo-cpu preset). Quality-benchmark runs resumed past 5,000 steps
+    # read 0.857-0.889 (seed 1) and 0.801-0.852 (seed 2) from 5,500 to 8,000, against 0.746 /
+    # 0.854 at 5,000 (RESULTS.md round 18): slow gains, checkpoint-to-checkpoint swings of
+    # ±0.04. Round 15: without R1 a class collapses late and more steps do not help.
+    # torch.compile around fastinv's ops pays for the steps (1.4-1.5x the eager img/s of the
+    # two 1-thread jobs after a cold compile of ~100 s, issue 11 round 8), and running Φ in
+    # channels_last (1.17x, issue 11 round 10) for the 1,000 beyond 5,000: 513-525 s for both
+    steps: int = 6000
     overrides: tuple[str, ...] = ("--run.compile=true",)
 
 
@@ -130,9 +132,9 @@ PRESETS: dict[str, DemoPreset] = {
                                                  judge=dict(epochs=6)),
                         # no R1 and no compile: R1 slows the first 1,000 steps (round 15), and
                         # a cold compile costs more than it saves in so few steps (issue 11
-                        # round 8). 1,000 steps fill the 5 minutes (1,100: judge 0.52 / 0.48
-                        # against 0.30 / 0.40 at 700, 279 s in all; RESULTS.md round 17)
-                        inverter=InverterPreset(steps=1000, overrides=("--optim.r1_gamma=0",)),
+                        # round 8). 1,400 steps fill the 5 minutes with Φ in channels_last
+                        # (RESULTS.md Demo round 18: 1,100 took 230 s, 1,000 in NCHW 264 s)
+                        inverter=InverterPreset(steps=1400, overrides=("--optim.r1_gamma=0",)),
                         deepsim=_deepsim(steps=250),
                         optimization=_optimization(steps=50),
                         evaluation=EvalPreset(n_eval=256, k_resample=4, factor_epochs=6,
