@@ -662,10 +662,10 @@ def test_phi_gradient_to_g_is_scaled_and_named(tmp_path, synthetic_data):
     stats = trainer.train_step()
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
     assert inverter_options(trainer.cfg)["Φ gradient to G"] == "x0.25"
-    # without Φ-feature D there is no Φ gradient to scale: nothing to name
-    assert "Φ gradient to G" not in inverter_options(load_config("tiny", ["--g_phi_grad=0"]))
-    with pytest.raises(ConfigError, match="g_phi_grad"):
-        load_config("tiny", ["--g_phi_grad=1.5"])
+    # without Φ-feature D there is no Φ gradient to scale: a config error, not a silent no-op
+    for bad in (["--g_phi_grad=0"], ["--d_phi_dropout=0.5"], ["--g_phi_grad=1.5"]):
+        with pytest.raises(ConfigError, match="g_phi_grad"):
+            load_config("tiny", bad)
 
 
 def test_phi_map_dropout_zeroes_whole_images_maps_and_is_named(tmp_path, synthetic_data):
@@ -691,4 +691,4 @@ def test_phi_map_dropout_zeroes_whole_images_maps_and_is_named(tmp_path, synthet
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
     assert inverter_options(trainer.cfg)["Φ-map dropout"] == 0.5
     with pytest.raises(ConfigError, match="d_phi_dropout"):
-        load_config("tiny", ["--d_phi_dropout=1"])
+        load_config("tiny", ["--d_phi_dropout=1", "--d_phi_layer=auto"])

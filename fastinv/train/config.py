@@ -495,6 +495,10 @@ def _check(cfg: TrainConfig) -> None:
              f"{o.d_phi_dropout}")
     _require(0.0 <= o.g_phi_grad <= 1.0, f"optim.g_phi_grad must be in [0, 1], got "
              f"{o.g_phi_grad}")
+    # both act on the Φ maps D reads: without them they would change nothing, silently
+    _require(bool(cfg.model.d_phi_layer) or (o.g_phi_grad == 1 and o.d_phi_dropout == 0),
+             "optim.g_phi_grad and optim.d_phi_dropout act on the Φ maps D reads: set "
+             "model.d_phi_layer (e.g. auto:each) or leave them at 1 and 0")
     _require(o.reuse_fakes in ("off", "same", "previous"), f"optim.reuse_fakes must be off, "
              f"same or previous, got {o.reuse_fakes!r}")
     _require(o.reuse_fakes == "off" or o.d_steps == 1 and o.accumulate == 1,

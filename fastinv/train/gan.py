@@ -188,7 +188,8 @@ class InverterTrainer:
         self._last_fakes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _load_classifier(self, classifier: Classifier | None) -> Classifier:
-        """The frozen Φ (given, or loaded from ``cfg.classifier``), on this rank's device."""
+        """The frozen Φ (given, or loaded from ``cfg.classifier``), on this rank's device; on
+        CPU in channels_last (a classifier passed in is switched too: the same outputs)."""
         c = self.cfg.classifier
         torch.manual_seed(self.cfg.run.seed)  # a random-init classifier is the same on every rank
         # Φ runs on every image of a step (the batch's logits, D's maps of reals and fakes,
