@@ -52,6 +52,13 @@ def classifier_input(images: torch.Tensor, input_size: int, mean, std) -> torch.
     return (x - mean) / std
 
 
+def fast_layout(device: torch.device | str) -> torch.memory_format:
+    """The memory format a CNN classifier runs fastest in on ``device``: channels_last on CPU
+    (oneDNN's native layout; ATen's pooling is vectorised over channels only there), the
+    default elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 class Classifier(nn.Module):
     """A frozen classifier: normalised images ``(N, 3, input_size, input_size)`` -> logits.
 
@@ -86,7 +93,7 @@ class Classifier(nn.Module):
         """Moved to ``device``, in the layout it runs fastest there: channels_last on CPU
         (``channels_last``), the input's own elsewhere."""
         self.to(device)
-        return self.channels_last(torch.device(device).type == "cpu")
+        return self.channels_last(fast_layout(device) == torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._layout is not None and x.dim() == 4:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastinv.models.classifiers import FASTINV_ARCHS, save_small_resnet
+from fastinv.models.classifiers import FASTINV_ARCHS, fast_layout, save_small_resnet
 
 NORMS = ("none", "l2", "linf")
 OPTIMIZERS = ("sgd", "adamw")
@@ -200,9 +200,8 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(cfg.init_weights))
-    # channels_last on CPU: oneDNN's layout, and ATen's pooling is vectorised only there
-    # (SmallCNN forward+backward 1.8x its NCHW speed, RESULTS.md issue 11)
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    # channels_last on CPU (SmallCNN forward+backward 1.8x its NCHW speed, RESULTS.md issue 11)
+    layout = fast_layout(device)
     model = model.to(device, memory_format=layout)
     train_loader = _loader(cfg, train_dir, True, device)
     steps = cfg.epochs * len(train_loader)
@@ -254,5 +253,6 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
         extra["val_accuracy"] = evaluate(model, val, cfg, adversarial=False)
         if cfg.adversarial != "none":
             extra["val_robust_accuracy"] = evaluate(model, val, cfg, adversarial=True)
-    return save_small_resnet(model.cpu().to(memory_format=torch.contiguous_format), cfg.out, input_size=cfg.input_size, mean=cfg.mean,
+    model = model.cpu().to(memory_format=torch.contiguous_format)  # safetensors: contiguous
+    return save_small_resnet(model, cfg.out, input_size=cfg.input_size, mean=cfg.mean,
                              std=cfg.std, extra=extra)

@@ -251,9 +251,9 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight,
              "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
              "conditioned G input": m.g_cond_input,
-             "Φ gradient to G": f"x{o.g_phi_grad:g}" if o.g_phi_grad < 1 and m.d_phi_layer
-             else "",
-             "Φ-map dropout": o.d_phi_dropout if m.d_phi_layer else 0,
+             # both need model.d_phi_layer (_check refuses them without it)
+             "Φ gradient to G": f"x{o.g_phi_grad:g}" if o.g_phi_grad < 1 else "",
+             "Φ-map dropout": o.d_phi_dropout,
              "lr decay": f"linear from {o.lr_decay_from:g} of the run" if o.lr_decay_from < 1
              else ""}
     if o.d_head_weight and (o.d_head_loss != "mse" or o.d_head_detach):  # not the default form
