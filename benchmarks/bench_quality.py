@@ -52,6 +52,8 @@ ABLATIONS = {
     # the deepest map
     "no Φ-feature D": ("--model.d_phi_layer=",),
     "one Φ map": ("--model.d_phi_layer=auto",),
+    # D reads the robust classifier's maps (the demo's D feature network): Φ's own instead
+    "D reads Φ's maps": ("--classifier.d_net_weights=",),
     "no D augmentation": ("--optim.diffaug=",),
     "raw logits": ("--model.logit_preprocess=none",),
     # an option the recipe does not use, measured on top of it (λ 1)
@@ -65,8 +67,9 @@ ABLATIONS = {
     "no mode seeking": ("--optim.mode_seeking_weight=0",),
     # D's fakes are the last G update's images (one G forward a step): a draw of their own
     "no fake reuse": ("--optim.reuse_fakes=off",),
-    # R1 at the reals (through Φ's taps too) against the late class swings: off
-    "no R1": ("--optim.r1_gamma=0",),
+    # R1 at the reals (through the tapped maps too), measured on top: the demo's recipe has it
+    # off since D reads the robust maps (round 19); the demo-cpu preset's γ
+    "+ R1": ("--optim.r1_gamma=0.3",),
     # D reads Φ's maps but G's update gets no gradient through them (round 17: judge at chance)
     "no Φ gradient to G": ("--optim.g_phi_grad=0",),
     # each image's Φ maps zeroed in D with probability 0.5: D's own trunk judges it alone
@@ -75,6 +78,7 @@ ABLATIONS = {
     # the same recipe in float32, to show bf16 keeps the quality per step
     "float32": ("--run.amp=none",),
     "paper": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0", "--model.d_phi_layer=",
+              "--classifier.d_net_weights=",
               "--optim.r1_gamma=0",
               "--optim.d_head_weight=0", "--optim.mode_seeking_weight=0",
               "--optim.diffaug=", "--model.logit_preprocess=none", "--model.d_pool=sum"),
@@ -87,18 +91,14 @@ def prepare(work: Path, preset: str, device: str) -> dict:
     from fastinv.data import load_factors, make_synthetic_dataset
     from fastinv.invert import factors as fac
     from fastinv.models.classifiers import load_classifier
-    from fastinv.train.classifier import train_classifier
 
     p = demo.PRESETS[preset]
     if not (work / "data" / "factors.csv").exists():
         make_synthetic_dataset(work / "data", n=p.n_images, resolution=p.resolution, seed=0,
                                val_fraction=p.val_fraction, num_classes=p.num_classes)
-    weights = {}
-    for name in ("standard", "judge"):
-        path = work / "classifiers" / f"{name}.safetensors"
-        if not path.exists():
-            train_classifier(demo._classifier_config(p, work, name, device))
-        weights[name] = path
+    # Φ (standard), the robust classifier (D's feature network in the recipe) and the judge,
+    # as the demo trains them; kept in work/classifiers and reused
+    weights = demo._train_classifiers(p, work, device, reuse=True)
     clf = load_classifier(f"fastinv:{p.classifiers['standard'].arch}", weights=weights["standard"]).place(device)
     judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).place(device)
     val = demo._images(work / "data" / "val", clf, p, p.evaluation.n_eval, device)
@@ -146,7 +146,8 @@ def run_config(env: dict, work: Path, name: str, overrides: tuple[str, ...], ste
     run_dir = work / "runs" / slug / "inverter"
     p = env["p"]
     if not checkpoint.list_checkpoints(run_dir):
-        extra = (f"--run.steps={steps}", f"--run.ckpt_every={eval_every}",
+        extra = (*demo.d_net_overrides(p, env["weights"]),
+                 f"--run.steps={steps}", f"--run.ckpt_every={eval_every}",
                  f"--run.keep_checkpoints={steps // eval_every + 1}", "--run.progress=false",
                  f"--run.seed={seed}", *overrides)
         demo._train_inverter(p, work, f"runs/{slug}", env["weights"]["standard"], device, extra)

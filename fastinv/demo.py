@@ -71,15 +71,22 @@ class InverterPreset:
     ``--key=value`` overrides on top (as ``fastinv train`` takes them)."""
 
     preset: str = "demo-cpu"
-    # 6,000 with R1 (the demo-cpu preset). Quality-benchmark runs resumed past 5,000 steps
-    # read 0.857-0.889 (seed 1) and 0.801-0.852 (seed 2) from 5,500 to 8,000, against 0.746 /
-    # 0.854 at 5,000 (RESULTS.md round 18): slow gains, checkpoint-to-checkpoint swings of
-    # ±0.04. Round 15: without R1 a class collapses late and more steps do not help.
-    # torch.compile around fastinv's ops pays for the steps (1.4-1.5x the eager img/s of the
-    # two 1-thread jobs after a cold compile of ~100 s, issue 11 round 8), and running Φ in
-    # channels_last (1.17x, issue 11 round 10) for the 1,000 beyond 5,000: 513-525 s for both
+    # 6,000 steps. With D reading the robust classifier's maps (d_net) the quality benchmark's
+    # runs read 0.88-0.91 at 3,000 steps and 0.69-0.92 from 4,000 to 6,000 (swings between
+    # checkpoints), 0.898 / 0.898 at 6,000 without R1 (RESULTS.md round 19): R1 (the demo-cpu
+    # preset's γ 0.3, which damped the late swings of D reading Φ's own maps in round 15)
+    # costs 1.2x a step and is off. torch.compile around fastinv's ops pays for the steps
+    # (1.4-1.5x the eager img/s of the two 1-thread jobs after a cold compile of ~100 s,
+    # issue 11 round 8), as does Φ in channels_last (1.17x, issue 11 round 10).
     steps: int = 6000
-    overrides: tuple[str, ...] = ("--run.compile=true",)
+    overrides: tuple[str, ...] = ("--run.compile=true", "--optim.r1_gamma=0")
+    # "D feature network": the demo classifier whose maps D reads, for both inverters ("" =
+    # each inverter's own Φ). With the robust classifier's maps the standard inverter reads
+    # 0.887 / 0.906 at 3,000 steps against 0.598 / 0.600 with Φ's own, and KID 161 / 82 against
+    # 176 / 466 at 6,000 (RESULTS.md round 19): a robust network's input gradients are
+    # perceptually aligned, a standard one's let G draw shapes only Φ reads as the class. Both
+    # inverters then differ only in the logits they invert.
+    d_net: str = "robust"
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,9 @@ PRESETS: dict[str, DemoPreset] = {
                        classifiers=_classifiers(dict(width=8, blocks_per_stage=1, epochs=1,
                                                      max_steps=4),
                                                 judge=dict(blocks_per_stage=2, epochs=1)),
-                       inverter=InverterPreset(preset="tiny", steps=4),
+                       # D reads the robust classifier's maps, as in the default preset
+                       inverter=InverterPreset(preset="tiny", steps=4,
+                                               overrides=("--model.d_phi_layer=auto",)),
                        deepsim=_deepsim(steps=4, width=8, batch_size=8),
                        optimization=_optimization(steps=3, restarts=1),
                        evaluation=EvalPreset(n_eval=24, k_resample=2, factor_epochs=1, select_k=2,
@@ -228,25 +237,36 @@ def _run_jobs(jobs: list[tuple], device: str) -> list:
         return [f.result() for f in futures]
 
 
-def _train_classifiers(p: DemoPreset, out: Path, device: str) -> dict[str, Path]:
+def _train_classifiers(p: DemoPreset, out: Path, device: str,
+                       reuse: bool = False) -> dict[str, Path]:
     """Φ standard, Φ robust (PGD, fine-tuned from the standard one) and the judge, one after
     the other in this process: with batch 64 a classifier step keeps both threads busy (side
     by side, standard + judge took 252 s against 256 s in a row: no gain), and in-process
-    training gives the same classifiers as bench_quality's ``prepare``."""
+    training gives the same classifiers as bench_quality's ``prepare`` (which passes
+    ``reuse``: weights already in ``out`` are kept)."""
     from fastinv.train.classifier import train_classifier
 
     paths = {}
     for name in (*CLASSIFIERS, "judge"):
         init = str(paths["standard"]) if name == "robust" and p.robust_from_standard else ""
-        paths[name] = train_classifier(_classifier_config(p, out, name, device, init))
+        cfg = _classifier_config(p, out, name, device, init)
+        paths[name] = (Path(cfg.out) if reuse and Path(cfg.out).exists()
+                       else train_classifier(cfg))
     return paths
+
+
+def d_net_overrides(p: DemoPreset, weights: dict[str, Path]) -> tuple[str, ...]:
+    """The ``fastinv train`` override that gives D the preset's feature network
+    (``InverterPreset.d_net``), or none."""
+    return (f"--classifier.d_net_weights={weights[p.inverter.d_net]}",) if p.inverter.d_net else ()
 
 
 def _train_inverters(p: DemoPreset, out: Path, weights: dict[str, Path], device: str) -> None:
     """An inverter for each Φ, side by side where that is faster (the progress bar is the
     first one's)."""
     _run_jobs([(_train_inverter, p, out, name, weights[name], device,
-                () if i == 0 or not _split_threads(device) else ("--run.progress=false",))
+                (*d_net_overrides(p, weights),
+                 *(() if i == 0 or not _split_threads(device) else ("--run.progress=false",))))
                for i, name in enumerate(CLASSIFIERS)], device)
 
 

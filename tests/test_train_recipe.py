@@ -692,3 +692,36 @@ def test_phi_map_dropout_zeroes_whole_images_maps_and_is_named(tmp_path, synthet
     assert inverter_options(trainer.cfg)["Φ-map dropout"] == 0.5
     with pytest.raises(ConfigError, match="d_phi_dropout"):
         load_config("tiny", ["--d_phi_dropout=1", "--d_phi_layer=auto"])
+
+
+def test_d_feature_network_gives_d_its_maps_and_phi_the_logits(tmp_path, synthetic_data):
+    """``classifier.d_net_weights``: D reads the maps of that network (not Φ's) in D's and G's
+    passes, gradients to the image run through it, Φ still gives the logits; the option is
+    named, a step trains, and it is refused without ``model.d_phi_layer``."""
+    from fastinv.models.classifiers import SmallCNN, load_classifier, save_small_resnet
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    torch.manual_seed(5)  # another network than the random-init Φ (seed 0)
+    other = save_small_resnet(SmallCNN(10, 16, 1), tmp_path / "other.safetensors", input_size=32,
+                              mean=[0.5] * 3, std=[0.5] * 3)
+    flags = [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}", "--steps=2",
+             "--classifier.spec=fastinv:small_cnn", "--d_phi_layer=features.7"]
+    trainer = InverterTrainer(load_config("tiny", [*flags, f"--d_net_weights={other}"]),
+                              DistInfo())
+    plain = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'p'}"]),
+                            DistInfo())
+    x = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    maps = trainer._phi_of(x, grad=True)
+    net = load_classifier("fastinv:small_cnn", weights=other)
+    expect = net.net.features[:8](net.prepare(x.detach()))  # its features.0 ... features.7
+    torch.testing.assert_close(maps[0], expect, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain._phi_of(x.detach(), grad=False)[0], maps[0].detach())
+    maps[0].square().sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert trainer.phi.classifier is not trainer.classifier  # Φ itself is untouched
+    stats = trainer.train_step()
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in stats.values())
+    assert inverter_options(trainer.cfg)["D feature network"] == "other"
+    with pytest.raises(ConfigError, match="d_net_weights"):
+        load_config("tiny", [f"--d_net_weights={other}"])

@@ -47,6 +47,11 @@ class ClassifierSection:
     weights: str | None = None
     random_init: bool = False  # tests only: an untrained classifier
     num_classes: int | None = None
+    # "D feature network": another classifier (its weights; spec "" = the same spec as Φ's)
+    # whose maps D reads in place of Φ's (model.d_phi_layer picks them). Φ still gives the
+    # logits G inverts and D's projection reads; only what D looks at changes. None = Φ's maps
+    d_net_weights: str | None = None
+    d_net_spec: str = ""
 
 
 @dataclass
@@ -247,7 +252,10 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "R1": o.r1_gamma,
              "logit preprocessing": "" if m.logit_preprocess == "none" else m.logit_preprocess,
              "D pooling": "" if m.d_pool == "sum" else m.d_pool,
-             "Φ-feature D": m.d_phi_layer, "Φ feature statistics": o.phi_stats_weight,
+             "Φ-feature D": m.d_phi_layer,
+             "D feature network": Path(cfg.classifier.d_net_weights).stem
+             if cfg.classifier.d_net_weights else "",
+             "Φ feature statistics": o.phi_stats_weight,
              "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight,
              "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
              "conditioned G input": m.g_cond_input,
@@ -499,6 +507,9 @@ def _check(cfg: TrainConfig) -> None:
     _require(bool(cfg.model.d_phi_layer) or (o.g_phi_grad == 1 and o.d_phi_dropout == 0),
              "optim.g_phi_grad and optim.d_phi_dropout act on the Φ maps D reads: set "
              "model.d_phi_layer (e.g. auto:each) or leave them at 1 and 0")
+    _require(not cfg.classifier.d_net_weights or bool(cfg.model.d_phi_layer),
+             "classifier.d_net_weights names the network whose maps D reads: set "
+             "model.d_phi_layer (e.g. auto:each) too")
     _require(o.reuse_fakes in ("off", "same", "previous"), f"optim.reuse_fakes must be off, "
              f"same or previous, got {o.reuse_fakes!r}")
     _require(o.reuse_fakes == "off" or o.d_steps == 1 and o.accumulate == 1,

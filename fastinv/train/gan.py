@@ -228,8 +228,8 @@ class InverterTrainer:
         if cfg.model.d_phi_layer:
             from fastinv.models.discriminator import trunk_sizes
 
-            self.phi = PhiFeatures(self.classifier, cfg.model.d_phi_layer, cfg.data.resolution,
-                                   trunk_sizes(cfg.data.resolution))
+            self.phi = PhiFeatures(self._d_feature_net(), cfg.model.d_phi_layer,
+                                   cfg.data.resolution, trunk_sizes(cfg.data.resolution))
             shapes = self.phi.shapes(cfg.data.resolution, dev)
             # one map: plain ints, as checkpoints from before several maps store them
             phi_shape = shapes[0] if len(shapes) == 1 else tuple(map(list, zip(*shapes)))
@@ -238,6 +238,19 @@ class InverterTrainer:
             self.phi_stats = PhiStats(self.classifier, cfg.optim.phi_stats_layers,
                                       cfg.data.resolution)
         return phi_shape
+
+    def _d_feature_net(self) -> Classifier:
+        """The classifier whose maps D reads: Φ, or ``classifier.d_net_weights`` (frozen, on
+        this rank's device, prepared for images as Φ is)."""
+        c = self.cfg.classifier
+        if not c.d_net_weights:
+            return self.classifier
+        net = load_classifier(c.d_net_spec or c.spec, weights=c.d_net_weights).place(
+            self.info.device)
+        if net.input_size != self.classifier.input_size:
+            raise ValueError(f"classifier.d_net_weights: its input size {net.input_size} is not "
+                             f"Φ's {self.classifier.input_size}")
+        return net
 
     def _build_models(self, phi_shape) -> None:
         """G, D and G's EMA copy from one seed (identical on every rank), cross-replica BN,
