@@ -98,8 +98,8 @@ class EvalPreset:
     # Φ-consistent sampling (fastinv/invert/selection.py): the methods table's extra row
     # "inverter, best of k": k noise draws per image, the one Φ reads closest to the logits
     # kept (+0.031 [+0.020, +0.043] judge agreement over a single draw on 14 quality-benchmark
-    # generators, RESULTS.md round 16). The single-draw inverter stays the headline; 1 = no
-    # extra row.
+    # generators, RESULTS.md round 16; with D reading the robust maps it gains -0.01 to +0.05,
+    # Demo round 19). The single-draw inverter stays the headline; 1 = no extra row.
     select_k: int = 16
 
 
