@@ -241,16 +241,12 @@ class InverterTrainer:
 
     def _d_feature_net(self) -> Classifier:
         """The classifier whose maps D reads: Φ, or ``classifier.d_net_weights`` (frozen, on
-        this rank's device, prepared for images as Φ is)."""
+        this rank's device; PhiFeatures prepares images for it at its own input size)."""
         c = self.cfg.classifier
         if not c.d_net_weights:
             return self.classifier
-        net = load_classifier(c.d_net_spec or c.spec, weights=c.d_net_weights).place(
+        return load_classifier(c.d_net_spec or c.spec, weights=c.d_net_weights).place(
             self.info.device)
-        if net.input_size != self.classifier.input_size:
-            raise ValueError(f"classifier.d_net_weights: its input size {net.input_size} is not "
-                             f"Φ's {self.classifier.input_size}")
-        return net
 
     def _build_models(self, phi_shape) -> None:
         """G, D and G's EMA copy from one seed (identical on every rank), cross-replica BN,
