@@ -725,3 +725,42 @@ def test_d_feature_network_gives_d_its_maps_and_phi_the_logits(tmp_path, synthet
     assert inverter_options(trainer.cfg)["D feature network"] == "other"
     with pytest.raises(ConfigError, match="d_net_weights"):
         load_config("tiny", [f"--d_net_weights={other}"])
+
+
+def test_class_consistency_reads_the_d_feature_network_and_reaches_g(tmp_path, synthetic_data):
+    """``optim.class_weight``: the logits of the network whose maps D reads come from the same
+    forward as the maps, carry the whole gradient even when G's gradient through the maps is
+    scaled to 0, and the cross-entropy against Φ's class of z enters G's update (G's weights
+    after a step differ from a run without it, D's do not); named, and refused without
+    ``model.d_phi_layer`` or below 0."""
+    from fastinv.models.classifiers import SmallCNN, load_classifier, save_small_resnet
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    torch.manual_seed(5)
+    other = save_small_resnet(SmallCNN(10, 16, 1), tmp_path / "other.safetensors", input_size=32,
+                              mean=[0.5] * 3, std=[0.5] * 3)
+    flags = [f"--root={synthetic_data}", "--steps=2", "--classifier.spec=fastinv:small_cnn",
+             "--d_phi_layer=features.7", f"--d_net_weights={other}"]
+    on = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'on'}",
+                                              "--class_weight=2", "--g_phi_grad=0"]), DistInfo())
+    off = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'off'}",
+                                               "--g_phi_grad=0"]), DistInfo())
+    x = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    net_logits, maps = on._phi_of(x, grad=True, scale=0.0, logits=True)
+    net = load_classifier("fastinv:small_cnn", weights=other)
+    torch.testing.assert_close(net_logits, net(net.prepare(x.detach())), rtol=1e-4, atol=1e-5)
+    assert not maps[0].requires_grad  # scale 0: no gradient through the maps ...
+    net_logits.sum().backward()
+    assert x.grad.abs().sum() > 0  # ... but the logits carry theirs
+    s_on, s_off = on.train_step(), off.train_step()
+    assert torch.isfinite(torch.as_tensor(s_on["class"])) and s_on["class"] > 0
+    assert "class" not in s_off
+    torch.testing.assert_close(dict(on.D.named_parameters()), dict(off.D.named_parameters()))
+    g_on, g_off = dict(on.G.named_parameters()), dict(off.G.named_parameters())
+    assert any(not torch.allclose(g_on[k], g_off[k]) for k in g_on)
+    assert inverter_options(on.cfg)["class consistency"] == 2
+    with pytest.raises(ConfigError, match="class_weight"):
+        load_config("tiny", ["--class_weight=1"])
+    with pytest.raises(ConfigError, match="class_weight"):
+        load_config("tiny", ["--d_phi_layer=features.7", "--class_weight=-1"])

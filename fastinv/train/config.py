@@ -154,6 +154,11 @@ class OptimConfig:
     # "Φ-map dropout": each image D scores in training has Φ's maps zeroed with this
     # probability (in D's and G's updates), so D's own trunk has to judge it alone
     d_phi_dropout: float = 0.0
+    # "class consistency": λ of the cross-entropy between the D feature network's logits on
+    # G's image as D sees it (the network whose maps D reads: classifier.d_net_weights, or Φ)
+    # and Φ's class of the logits G was given. Those logits come from the forward that gives
+    # D its maps, so the term costs no extra network pass; needs model.d_phi_layer
+    class_weight: float = 0.0
 
 
 @dataclass
@@ -262,6 +267,7 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              # both need model.d_phi_layer (_check refuses them without it)
              "Φ gradient to G": f"x{o.g_phi_grad:g}" if o.g_phi_grad < 1 else "",
              "Φ-map dropout": o.d_phi_dropout,
+             "class consistency": o.class_weight,
              "lr decay": f"linear from {o.lr_decay_from:g} of the run" if o.lr_decay_from < 1
              else ""}
     if o.d_head_weight and (o.d_head_loss != "mse" or o.d_head_detach):  # not the default form
@@ -507,6 +513,10 @@ def _check(cfg: TrainConfig) -> None:
     _require(bool(cfg.model.d_phi_layer) or (o.g_phi_grad == 1 and o.d_phi_dropout == 0),
              "optim.g_phi_grad and optim.d_phi_dropout act on the Φ maps D reads: set "
              "model.d_phi_layer (e.g. auto:each) or leave them at 1 and 0")
+    _require(o.class_weight >= 0, f"optim.class_weight must be >= 0, got {o.class_weight}")
+    _require(o.class_weight == 0 or bool(cfg.model.d_phi_layer),
+             "optim.class_weight reads the logits of the network whose maps D reads: set "
+             "model.d_phi_layer (e.g. auto:each) too")
     _require(not cfg.classifier.d_net_weights or bool(cfg.model.d_phi_layer),
              "classifier.d_net_weights names the network whose maps D reads: set "
              "model.d_phi_layer (e.g. auto:each) too")

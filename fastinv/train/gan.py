@@ -414,9 +414,13 @@ class InverterTrainer:
                 if o.reuse_fakes == "previous":  # D's fakes in the next step
                     self._last_fakes = (fake.detach(), z)
                 seen_d = self._augment(fake)
-                out = self.D_judge(seen_d, z, *self._phi_of(seen_d, grad=True, scale=o.g_phi_grad,
-                                                            drop=o.d_phi_dropout),
-                                   head=o.d_head_weight > 0)
+                maps = self._phi_of(seen_d, grad=True, scale=o.g_phi_grad, drop=o.d_phi_dropout,
+                                    logits=o.class_weight > 0)
+                if o.class_weight > 0:  # the D feature network must read Φ's class of z
+                    net_logits, maps = maps
+                    cls = F.cross_entropy(net_logits.float(), z.argmax(1))
+                    stats["class"] = stats.get("class", 0.0) + cls.detach() / acc
+                out = self.D_judge(seen_d, z, *maps, head=o.d_head_weight > 0)
                 if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
                     out, pred = out
                     g_head = self._head_loss(pred, z)
@@ -427,6 +431,8 @@ class InverterTrainer:
                     loss = loss + o.d_head_weight * g_head
                 if o.mode_seeking_weight > 0:
                     loss = loss + o.mode_seeking_weight * ms
+                if o.class_weight > 0:
+                    loss = loss + o.class_weight * cls
                 if o.recon_weight > 0:  # x is the image whose logits z are: G(Φ(x), ε) ≈ x
                     rec = (fake.float() - x.float()).abs().mean()
                     stats["recon"] = stats.get("recon", 0.0) + rec.detach() / acc
@@ -476,22 +482,25 @@ class InverterTrainer:
         return head_loss(pred, z, self.cfg.optim.d_head_loss, self.D.preprocess)
 
     def _phi_of(self, images: torch.Tensor, grad: bool, scale: float = 1.0,
-                drop: float = 0.0) -> tuple[torch.Tensor, ...]:
+                drop: float = 0.0, logits: bool = False):
         """D's extra argument: Φ's feature map of the images D sees (empty when the option is
         off). Φ's weights are frozen; with ``grad`` the gradient flows through it to G,
         multiplied by ``scale`` (0: none; the forward values are the same either way). Each
-        image's maps are zeroed with probability ``drop`` (all its maps together)."""
+        image's maps are zeroed with probability ``drop`` (all its maps together). With
+        ``logits``: (that network's logits, with the whole gradient under ``grad``; the maps)."""
         if self.phi is None:
             return ()
-        grad = grad and scale > 0
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            maps = self.phi(images)[1:]
-        if grad and scale != 1:
+        with torch.set_grad_enabled(grad and (scale > 0 or logits) and torch.is_grad_enabled()):
+            net_logits, *maps = self.phi(images)
+        maps = tuple(maps)
+        if scale == 0:
+            maps = tuple(m.detach() for m in maps)
+        elif grad and scale != 1:
             maps = tuple(m.detach() + scale * (m - m.detach()) for m in maps)
         if drop > 0:
             keep = torch.rand(len(images), generator=self.noise_gen, device=images.device) >= drop
             maps = tuple(m * keep.to(m.dtype).view(-1, 1, 1, 1) for m in maps)
-        return maps
+        return (net_logits, maps) if logits else maps
 
     def _backward_r1(self, r1: torch.Tensor) -> None:
         """R1's gradient into D's ``.grad``. Its double backward runs on D itself, around the
