@@ -50,10 +50,13 @@ ABLATIONS = {
     # D also reads Φ's deepest feature map of each of its trunk sizes (for the demo's SmallCNN
     # at 32 px: the last 16 px map and the final ReLU, the 8 px map Φ max-pools): off, or only
     # the deepest map
-    "no Φ-feature D": ("--model.d_phi_layer=",),
+    "no Φ-feature D": ("--model.d_phi_layer=", "--classifier.d_net_weights=",
+                       "--optim.class_weight=0"),
     "one Φ map": ("--model.d_phi_layer=auto",),
     # D reads the robust classifier's maps (the demo's D feature network): Φ's own instead
     "D reads Φ's maps": ("--classifier.d_net_weights=",),
+    # G asked that the D feature network reads Φ's class in its image (cross-entropy): off
+    "no class consistency": ("--optim.class_weight=0",),
     "no D augmentation": ("--optim.diffaug=",),
     "raw logits": ("--model.logit_preprocess=none",),
     # an option the recipe does not use, measured on top of it (λ 1)
@@ -78,15 +81,16 @@ ABLATIONS = {
     # the same recipe in float32, to show bf16 keeps the quality per step
     "float32": ("--run.amp=none",),
     "paper": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0", "--model.d_phi_layer=",
-              "--classifier.d_net_weights=",
+              "--classifier.d_net_weights=", "--optim.class_weight=0",
               "--optim.r1_gamma=0",
               "--optim.d_head_weight=0", "--optim.mode_seeking_weight=0",
               "--optim.diffaug=", "--model.logit_preprocess=none", "--model.d_pool=sum"),
 }
 
 
-def prepare(work: Path, preset: str, device: str) -> dict:
-    """Data, Φ, judge, evaluation images and factor regressor (cached in ``work``)."""
+def prepare(work: Path, preset: str, device: str, phi: str = "standard") -> dict:
+    """Data, Φ, judge, evaluation images and factor regressor (cached in ``work``). ``phi``:
+    the demo classifier whose logits the inverters invert (``standard`` or ``robust``)."""
     from fastinv import demo
     from fastinv.data import load_factors, make_synthetic_dataset
     from fastinv.invert import factors as fac
@@ -99,7 +103,9 @@ def prepare(work: Path, preset: str, device: str) -> dict:
     # Φ (standard), the robust classifier (D's feature network in the recipe) and the judge,
     # as the demo trains them; kept in work/classifiers and reused
     weights = demo._train_classifiers(p, work, device, reuse=True)
-    clf = load_classifier(f"fastinv:{p.classifiers['standard'].arch}", weights=weights["standard"]).place(device)
+    if phi not in demo.CLASSIFIERS:
+        raise ValueError(f"phi must be one of {demo.CLASSIFIERS}, got {phi!r}")
+    clf = load_classifier(f"fastinv:{p.classifiers[phi].arch}", weights=weights[phi]).place(device)
     judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).place(device)
     val = demo._images(work / "data" / "val", clf, p, p.evaluation.n_eval, device)
     train = demo._images(work / "data" / "train", clf, p, p.n_images, device)
@@ -109,7 +115,7 @@ def prepare(work: Path, preset: str, device: str) -> dict:
     torch.manual_seed(0)
     regressor = fac.train_factor_regressor(train.images, y_train.to(device),
                                            epochs=p.evaluation.factor_epochs, seed=0)
-    return dict(p=p, weights=weights, clf=clf, judge=judge, val=val, train=train,
+    return dict(p=p, weights=weights, phi=phi, clf=clf, judge=judge, val=val, train=train,
                 regressor=regressor, y_val=y_val.to(device), names=names)
 
 
@@ -133,7 +139,8 @@ def score(env: dict, decoder, per_image: bool = False) -> dict:
             "phi_agree": values["phi_agree"].mean().item(),
             "logit_cos": values["logit_cosine"].mean().item(),
             "kid": quality.realism(env["judge"], val.images, rec)["kid"],
-            "factor_r2": sum(r2.values()) / len(r2), "judge_best": judge_best.mean().item()}
+            "factor_r2": sum(r2.values()) / len(r2), "judge_best": judge_best.mean().item(),
+            "factor_r2_each": r2}
 
 
 def run_config(env: dict, work: Path, name: str, overrides: tuple[str, ...], steps: int,
@@ -142,7 +149,9 @@ def run_config(env: dict, work: Path, name: str, overrides: tuple[str, ...], ste
     from fastinv.train import checkpoint
     from fastinv.train.checkpoint import load_inverter
 
-    slug = name.replace(" ", "_") + (f"_seed{seed}" if seed else "")
+    # the robust inverter's runs get their own folders (the standard's keep their old names)
+    slug = ("" if env["phi"] == "standard" else f"{env['phi']}_") + name.replace(" ", "_") + (
+        f"_seed{seed}" if seed else "")
     run_dir = work / "runs" / slug / "inverter"
     p = env["p"]
     if not checkpoint.list_checkpoints(run_dir):
@@ -150,7 +159,7 @@ def run_config(env: dict, work: Path, name: str, overrides: tuple[str, ...], ste
                  f"--run.steps={steps}", f"--run.ckpt_every={eval_every}",
                  f"--run.keep_checkpoints={steps // eval_every + 1}", "--run.progress=false",
                  f"--run.seed={seed}", *overrides)
-        demo._train_inverter(p, work, f"runs/{slug}", env["weights"]["standard"], device, extra)
+        demo._train_inverter(p, work, f"runs/{slug}", env["weights"][env["phi"]], device, extra)
     t0 = (run_dir / "config.yaml").stat().st_mtime
     rows = []
     cks = checkpoint.list_checkpoints(run_dir)
@@ -227,14 +236,19 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
 
 
 def table(rows: list[dict], reference: dict) -> str:
+    # scale: the one factor the demo's logit NN shows the logits carry (R² > 0)
     head = ("| config | seed | step | s | judge | Φ agree | logit cos | KID | factor R² | "
-            "judge best-of-k |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "scale R² | judge best-of-k |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = "| {config} | {seed} | {step} | {seconds:.0f} | {judge:.3f} | {phi_agree:.3f} | " \
-          "{logit_cos:.3f} | {kid:.3f} | {factor_r2:.3f} | {judge_best:.3f} |"
-    lines += [fmt.format(**r) for r in rows]
+          "{logit_cos:.3f} | {kid:.3f} | {factor_r2:.3f} | {scale:.3f} | {judge_best:.3f} |"
+
+    def scale(r):
+        return r.get("factor_r2_each", {}).get("scale", float("nan"))
+
+    lines += [fmt.format(scale=scale(r), **r) for r in rows]
     lines.append(fmt.format(config="logit NN (reference)", seed="–", step="–", seconds=0,
-                            **reference))
+                            scale=scale(reference), **reference))
     return "\n".join(lines)
 
 
@@ -247,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="all",
                     help="comma-separated names of " + ", ".join(ABLATIONS) + " (default all)")
     ap.add_argument("--seeds", type=int, default=1, help="runs per config (--run.seed 0..N-1)")
+    ap.add_argument("--phi", default="standard", choices=("standard", "robust"),
+                    help="the classifier whose logits are inverted (the demo's two)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -262,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown configs {unknown}; choose from {list(ABLATIONS)}")
     work = Path(args.work)
     t0 = time.perf_counter()
-    env = prepare(work, args.preset, args.device)
+    env = prepare(work, args.preset, args.device, args.phi)
     print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
     steps = args.steps or env["p"].inverter.steps
     every = args.eval_every or max(1, steps // 5)
@@ -304,6 +320,38 @@ def test_quality_benchmark_runs_on_the_tiny_preset(tmp_path):
                             device="cpu")[0].state_dict() for d in ("recipe", "recipe_seed1"))
     assert any(not torch.equal(g0[k], g1[k]) for k in g0 if g0[k].is_floating_point())
     assert (tmp_path / "quality.png").is_file()
+
+
+def test_every_ablation_row_is_a_valid_config():
+    """Each row's overrides on top of each CPU preset's recipe (as run_config applies them)
+    pass the config checks: an option the recipe adds must be turned off with what needs it."""
+    from fastinv import demo
+    from fastinv.train.config import apply_overrides, base_config, validate
+
+    weights = {n: f"{n}.safetensors" for n in (*demo.CLASSIFIERS, "judge")}
+    for preset in ("default", "quick", "tiny"):
+        p = demo.PRESETS[preset]
+        for name, overrides in ABLATIONS.items():
+            cfg = base_config(p.inverter.preset)
+            cfg.classifier.spec, cfg.classifier.weights = "fastinv:small_cnn", weights["standard"]
+            cfg.classifier.random_init = False
+            apply_overrides(cfg, [*p.inverter.overrides, *demo.d_net_overrides(p, weights),
+                                  *overrides])
+            validate(cfg)
+
+
+def test_quality_benchmark_inverts_the_robust_classifier(tmp_path):
+    """``--phi robust``: the runs invert the robust classifier's logits (its weights are the
+    run's Φ, the held-out logits are its own) in folders of their own."""
+    assert main(["--preset", "tiny", "--work", str(tmp_path), "--steps", "2", "--eval-every", "2",
+                 "--configs", "recipe", "--phi", "robust"]) == 0
+    from fastinv.train.config import load_config
+
+    run = tmp_path / "runs" / "robust_recipe" / "inverter"
+    cfg = load_config(str(run / "config.yaml"), [])
+    assert cfg.classifier.weights == str(tmp_path / "classifiers" / "robust.safetensors")
+    row = json.loads((tmp_path / "quality.json").read_text())["rows"][0]
+    assert "scale" in row["factor_r2_each"]
 
 
 if __name__ == "__main__":
