@@ -326,18 +326,21 @@ def test_every_ablation_row_is_a_valid_config():
     """Each row's overrides on top of each CPU preset's recipe (as run_config applies them)
     pass the config checks: an option the recipe adds must be turned off with what needs it."""
     from fastinv import demo
-    from fastinv.train.config import apply_overrides, base_config, validate
+    from fastinv.train.config import ConfigError, apply_overrides, base_config, validate
 
     weights = {n: f"{n}.safetensors" for n in (*demo.CLASSIFIERS, "judge")}
     for preset in ("default", "quick", "tiny"):
         p = demo.PRESETS[preset]
         for name, overrides in ABLATIONS.items():
             cfg = base_config(p.inverter.preset)
-            cfg.classifier.spec, cfg.classifier.weights = "fastinv:small_cnn", weights["standard"]
-            cfg.classifier.random_init = False
-            apply_overrides(cfg, [*p.inverter.overrides, *demo.d_net_overrides(p, weights),
-                                  *overrides])
-            validate(cfg)
+            c = cfg.classifier
+            c.spec, c.weights, c.random_init = "fastinv:small_cnn", weights["standard"], False
+            try:
+                apply_overrides(cfg, [*p.inverter.overrides, *demo.d_net_overrides(p, weights),
+                                      *overrides])
+                validate(cfg)
+            except ConfigError as e:
+                raise AssertionError(f"row {name!r} on the {preset} preset: {e}") from e
 
 
 def test_quality_benchmark_inverts_the_robust_classifier(tmp_path):
