@@ -191,3 +191,52 @@ def test_layer_factories_are_passed_down_and_unknown_ones_refused():
     assert not any(isinstance(m, fnn.ConditionalBatchNorm2d) for m in G.modules())
     with pytest.raises(ValueError, match="layer implementation must be one of"):
         _g(layers="cudnn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_downsample2_is_avg_pool_with_its_gradient(dtype, memory_format):
+    """The CPU pairwise-sum path (NCHW) and the avg_pool2d path (channels_last) both equal
+    F.avg_pool2d, values and input gradients, in every dtype."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 5, 8, 6, generator=g, dtype=torch.float64)
+    x = x0.to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+    ref_x = x0.to(dtype).requires_grad_()
+    y, ref = layers.downsample2(x), torch.nn.functional.avg_pool2d(ref_x, 2)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(dtype)
+    y.backward(grad)
+    ref.backward(grad)
+    tol = dict(rtol=1e-14, atol=1e-14) if dtype == torch.float64 else (
+        dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2))
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(layers.downsample2, (x0.clone().requires_grad_(),))
+    odd = torch.randn(2, 3, 5, 7, generator=g)  # odd sizes: avg_pool2d itself (it floors)
+    torch.testing.assert_close(layers.downsample2(odd), torch.nn.functional.avg_pool2d(odd, 2))
+
+
+def test_blocks_compute_biggans_formulas():
+    """GBlock's shortcut up(conv_sc(x)) and DBlock's pool(h + conv_sc(x)) are BigGAN's
+    conv_sc(up(x)) and pool(h) + pool(conv_sc(x)), in float64."""
+    import torch.nn.functional as F
+
+    from fastinv.models.discriminator import DBlock
+    from fastinv.models.generator import GBlock
+
+    torch.manual_seed(0)
+    make = layers.for_implementation("fastinv")
+    gb = GBlock(6, 4, cond_dim=5, bn_eps=1e-5, sn_eps=1e-6, make=make).double()
+    x, cond = torch.randn(3, 6, 4, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    gb(x, cond)  # one training forward: running statistics and (u, v) move; then fixed
+    gb.eval()
+    h = gb.conv2(gb.bn2(gb.conv1(layers.upsample2(gb.bn1(x, cond))), cond))
+    expect = h + gb.conv_sc(F.interpolate(x, scale_factor=2, mode="nearest"))
+    torch.testing.assert_close(gb(x, cond), expect, rtol=1e-12, atol=1e-12)
+
+    db = DBlock(4, 6, downsample=True, preactivation=True, sn_eps=1e-6, make=make).double()
+    db.eval()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    h = db.conv2(torch.relu(db.conv1(torch.relu(x))))
+    expect = F.avg_pool2d(h, 2) + F.avg_pool2d(db.conv_sc(x), 2)
+    torch.testing.assert_close(db(x), expect, rtol=1e-12, atol=1e-12)

@@ -90,6 +90,10 @@ class DBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(x) if self.preactivation else x
         h = self.conv2(torch.relu(self.conv1(h)))
+        if self.downsample and self.preactivation and self.conv_sc is not None:
+            # pool(h) + pool(conv_sc(x)) as pool(h + conv_sc(x)): average pooling is linear,
+            # so one pass over the block's output instead of two (the same function)
+            return layers.downsample2(h + self.conv_sc(x))
         if self.downsample:
             h = layers.downsample2(h)
         return h + self.shortcut(x)

@@ -47,7 +47,10 @@ class GBlock(nn.Module):
         h = layers.upsample2(self.bn1(x, cond))  # bn1, bn2: CBN then ReLU
         h = self.conv1(h)
         h = self.conv2(self.bn2(h, cond))
-        return h + self.conv_sc(layers.upsample2(x))
+        # BigGAN's shortcut is conv_sc(up(x)); a 1x1 convolution commutes with nearest
+        # upsampling, so up(conv_sc(x)) is the same function with the convolution on a
+        # quarter of the pixels
+        return h + layers.upsample2(self.conv_sc(x))
 
 
 @dataclass(frozen=True)
