@@ -77,26 +77,18 @@ class DBlock(nn.Module):
         learnable = in_ch != out_ch or downsample
         self.conv_sc = make.sn_conv2d(in_ch, out_ch, 1, 0, sn_eps) if learnable else None
 
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        # BigGAN order: conv before pool after a pre-activated block, pool first otherwise
-        if self.preactivation:
-            if self.conv_sc is not None:
-                x = self.conv_sc(x)
-            return layers.downsample2(x) if self.downsample else x
-        if self.downsample:
-            x = layers.downsample2(x)
-        return self.conv_sc(x) if self.conv_sc is not None else x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(x) if self.preactivation else x
         h = self.conv2(torch.relu(self.conv1(h)))
-        if self.downsample and self.preactivation and self.conv_sc is not None:
-            # pool(h) + pool(conv_sc(x)) as pool(h + conv_sc(x)): average pooling is linear,
-            # so one pass over the block's output instead of two (the same function)
-            return layers.downsample2(h + self.conv_sc(x))
+        if self.preactivation:
+            # BigGAN pools h and conv_sc(x) separately; average pooling is linear, so one
+            # pool of their sum is the same function with one pass over the output, not two
+            h = h + (self.conv_sc(x) if self.conv_sc is not None else x)
+            return layers.downsample2(h) if self.downsample else h
+        # not pre-activated (D's first block): the shortcut pools first, on the narrow input
         if self.downsample:
-            h = layers.downsample2(h)
-        return h + self.shortcut(x)
+            h, x = layers.downsample2(h), layers.downsample2(x)
+        return h + (self.conv_sc(x) if self.conv_sc is not None else x)
 
 
 @dataclass(frozen=True)
