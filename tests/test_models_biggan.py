@@ -152,6 +152,31 @@ def test_fastinv_layers_match_torch_layers(net):
         torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-8, atol=1e-10 * scale, msg=n)
 
 
+@pytest.mark.parametrize("layers_kind", ["fastinv", "torch"])
+def test_models_in_channels_last_convolve_in_channels_last(layers_kind):
+    """G and D moved to channels_last (``run.channels_last``) run every 3x3 / 1x1 convolution
+    of their blocks in it, from NCHW inputs too (an augmentation's output): oneDNN copies
+    NCHW activations in and out of each bf16 convolution, the copies this layout avoids."""
+    torch.manual_seed(0)
+    G = Generator(num_classes=5, resolution=32, ch=4, noise_dim=12, shared_dim=8,
+                  attention_resolution=0, layers=layers_kind)
+    D = Discriminator(5, resolution=32, ch=4, attention_resolution=0, layers=layers_kind)
+    outs = []
+    for net in (G, D):
+        net.to(memory_format=torch.channels_last)
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda m, a, y: outs.append((m, y)))
+    z = torch.randn(4, 5)
+    x = G(z, G.sample_noise(4))
+    D(torch.randn(4, 3, 32, 32), z).sum().backward()
+    assert len(outs) > 10
+    for m, y in outs:
+        if y.shape[1] > 1 and y.shape[2] > 1:  # a (N, 1, H, W) or 1x1 map is both layouts
+            assert y.is_contiguous(memory_format=torch.channels_last), (m, y.stride())
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_model_configs_are_types_that_round_trip_through_a_checkpoint_dict():
     import dataclasses
 

@@ -304,3 +304,32 @@ def test_reset_power_iteration_finds_sigma_after_reinit_and_state_is_the_matrix_
     assert torch.dot(u, w.detach() @ v) < 0.9 * true_sigma
     conv.reset_power_iteration(100)
     torch.testing.assert_close(torch.dot(u, w.detach() @ v), true_sigma, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_channels_last_convolution_gets_a_channels_last_weight(grouped):
+    """A model moved to channels_last convolves in channels_last: the op writes contiguous
+    outputs, so W/σ is handed back in its raw weight's layout (an NCHW W/σ would make the
+    convolution run, and copy its activations, in NCHW). Same values and gradients as NCHW."""
+    nchw = nn.Sequential(fnn.SNConv2d(3, 6, 3, padding=1), nn.ReLU(), fnn.SNConv2d(6, 5, 3)).double()
+    cl = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    if grouped:
+        fnn.SpectralNormGroup(nchw), fnn.SpectralNormGroup(cl)
+    seen = []
+    for m in cl:
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda m, a, y: seen.append(y))
+    # an NCHW input, as an augmentation or a view hands it over: the layout comes from W/σ
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    y_ref, y = nchw(x), cl(x)
+    assert len(seen) == 2
+    for out in seen:  # a convolution writes channels_last only when it ran in it
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(y, y_ref, **F64)
+    g = torch.randn_like(y_ref)
+    (y_ref * g).sum().backward()
+    (y * g).sum().backward()
+    for a, b in zip(nchw.parameters(), cl.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **F64)
+    # an NCHW model keeps NCHW weights and outputs
+    assert nchw[0].weight.is_contiguous() and y_ref.is_contiguous()

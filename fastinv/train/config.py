@@ -233,9 +233,12 @@ PRESETS: dict[str, dict] = {
                       # without (2 seeds, RESULTS.md round 15)
                       r1_gamma=0.3),
         # amp auto: bf16 autocast on a CPU with AVX512-BF16 / AMX (1.37x per step, the same
-        # judge agreement on two seeds: RESULTS.md round 11), float32 elsewhere
-        "run": dict(steps=1000, device="cpu", amp="auto", log_every=25, image_every=250,
-                    ckpt_every=250, out_dir="runs/demo-cpu"),
+        # judge agreement on two seeds: RESULTS.md round 11), float32 elsewhere.
+        # channels_last: oneDNN's bf16 convolutions copy NCHW tensors in and out; in
+        # channels_last the demo's two 1-thread jobs run 1.40x / 1.64x the NCHW img/s
+        # (RESULTS.md issue 11 round 12)
+        "run": dict(steps=1000, device="cpu", amp="auto", channels_last=True, log_every=25,
+                    image_every=250, ckpt_every=250, out_dir="runs/demo-cpu"),
     },
     "imagenet-128": {
         "data": dict(resolution=128, batch_size=256, backend="auto"),
