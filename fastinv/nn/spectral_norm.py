@@ -39,11 +39,11 @@ def _as_matrix_input(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _from_matrix_output(out: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
     out = out if dim == 0 else out.movedim(0, dim)
-    # W/σ in the raw weight's memory format: the op writes contiguous outputs, and a convolution
-    # runs channels_last only when its input or its weight is, so a model moved to
-    # channels_last would otherwise convolve (and copy its activations) in NCHW
-    # (compared stride for stride: a 1x1 kernel is "contiguous" in both layouts, and only
-    # its exact channels_last strides make the convolution choose channels_last)
+    # W/σ in the raw weight's memory format. The op writes contiguous outputs, and a
+    # convolution runs channels_last only when its input or its weight is: a model moved to
+    # channels_last would otherwise convolve (and copy its activations) in NCHW. Strides are
+    # compared exactly: a 1x1 kernel is "contiguous" in both layouts, and only its
+    # channels_last strides make the convolution choose channels_last.
     if like.dim() == 4 and like.stride() != out.stride() and like.stride() == _channels_last_strides(
             like.shape):
         out = out.clone(memory_format=torch.channels_last)
