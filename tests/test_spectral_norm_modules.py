@@ -333,3 +333,20 @@ def test_channels_last_convolution_gets_a_channels_last_weight(grouped):
         torch.testing.assert_close(b.grad, a.grad, **F64)
     # an NCHW model keeps NCHW weights and outputs
     assert nchw[0].weight.is_contiguous() and y_ref.is_contiguous()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_channels_last_weight_gets_its_gradient_in_its_own_strides(kernel, grouped):
+    """DDP copies each gradient into a bucket laid out like its parameter and warns when the
+    strides differ; autograd re-lays a 3x3 gradient itself, but a 1x1 kernel's NCHW gradient
+    passes as "matching" a channels_last weight unless the op's backward writes it alike.
+    The values are the NCHW model's (test above)."""
+    model = nn.Sequential(fnn.SNConv2d(3, 8, kernel), fnn.SNConv2d(8, 8, kernel))
+    model.to(memory_format=torch.channels_last)
+    if grouped:
+        fnn.SpectralNormGroup(model)
+    model(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    for layer in model:
+        assert layer.weight_orig.stride() != (layer.weight_orig.shape[1] * kernel * kernel, kernel * kernel, kernel, 1)
+        assert layer.weight_orig.grad.stride() == layer.weight_orig.stride()

@@ -268,7 +268,16 @@ def _backward(ctx, grads, _gu, _gv, _gsigma):
         grad_weights = spectral_norm_backward_differentiable(grads, weights, us, vs, ctx.eps)
     else:
         grad_weights = _sn_bwd.default(grads, list(weights), list(us), list(vs), sigma)
-    return grad_weights, [None] * n, [None] * n, None, None
+    return _strided_like(grad_weights, weights), [None] * n, [None] * n, None, None
+
+
+def _strided_like(grads, weights) -> list[torch.Tensor]:
+    """Each gradient with its weight's exact strides. The kernels write contiguous gradients;
+    autograd re-lays a channels_last weight's gradient itself, except for a 1x1 kernel (its
+    size-1 dims make both layouts "match"), whose NCHW gradient DDP then copies into its
+    channels_last bucket with a "grad strides do not match" warning."""
+    return [g if g.stride() == w.stride() else torch.empty_like(w, dtype=g.dtype).copy_(g)
+            for g, w in zip(grads, weights)]
 
 
 torch.library.register_autograd("fastinv::spectral_norm", _backward, setup_context=_setup)
@@ -309,7 +318,7 @@ class _EagerSpectralNorm(torch.autograd.Function):
         else:
             with torch._C._AutoDispatchBelowAutograd():
                 grad_weights = _sn_bwd.default(grads, list(weights), us, vs, saved[3 * n])
-        return (None, None, None, None, *grad_weights)
+        return (None, None, None, None, *_strided_like(grad_weights, weights))
 
 
 # --- public API ----------------------------------------------------------------------------
