@@ -57,11 +57,11 @@ class MemoryLoader:
     def __len__(self):
         return len(self.data)
 
-    def set_epoch(self, epoch):
-        pass
+    def set_epoch(self, epoch, start_batch=0):
+        self._start = start_batch  # the trainer's loader interface (BatchStream resumes mid-epoch)
 
     def __iter__(self):
-        return iter(self.data)
+        return iter(self.data[getattr(self, "_start", 0):])
 
 
 def worker(args) -> dict:

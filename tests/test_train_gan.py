@@ -157,3 +157,21 @@ def test_torch_layers_train_and_reload(tmp_path, synthetic_data):
     G, cfg = checkpoint.load_inverter(run_dir, ema=False)
     assert cfg.model.layers == "torch" and G.config.layers == "torch"
     assert torch.isfinite(G(torch.randn(2, G.num_classes), G.sample_noise(2))).all()
+
+
+def test_training_benchmark_runs_the_trainer(tmp_path):
+    """benchmarks/bench_train.py drives InverterTrainer with its own in-memory loader: when the
+    trainer's loader interface changed (BatchStream's mid-epoch start_batch) every row of it
+    "failed" unnoticed, and gpu_check.sh runs it. One eager step of two implementations."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bt)
+    rows = bt.run_all("cpu", ["fastinv", "reference-eager"], steps=1, warmup=1,
+                      override=[f"--out_dir={tmp_path}", "--channels_last=true"])
+    for name, row in rows:
+        assert row is not None, f"{name} failed (stderr above)"
+        assert row["img_per_s"] > 0 and row["batch"] == 16
