@@ -53,15 +53,16 @@ class MemoryLoader:
             "classifier_input": torch.randn(batch_size, 3, classifier_size, classifier_size,
                                             generator=g).to(device),
         } for _ in range(batches)]
+        self.start = 0
 
     def __len__(self):
         return len(self.data)
 
     def set_epoch(self, epoch, start_batch=0):
-        self._start = start_batch  # the trainer's loader interface (BatchStream resumes mid-epoch)
+        self.start = start_batch  # the trainer's loader interface (BatchStream resumes mid-epoch)
 
     def __iter__(self):
-        return iter(self.data[getattr(self, "_start", 0):])
+        return iter(self.data[self.start:])
 
 
 def worker(args) -> dict:

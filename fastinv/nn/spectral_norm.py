@@ -37,22 +37,9 @@ def _as_matrix_input(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight if dim == 0 else weight.movedim(dim, 0)
 
 
-def _from_matrix_output(out: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
-    out = out if dim == 0 else out.movedim(0, dim)
-    # W/σ in the raw weight's memory format. The op writes contiguous outputs, and a
-    # convolution runs channels_last only when its input or its weight is: a model moved to
-    # channels_last would otherwise convolve (and copy its activations) in NCHW. Strides are
-    # compared exactly: a 1x1 kernel is "contiguous" in both layouts, and only its
-    # channels_last strides make the convolution choose channels_last.
-    if like.dim() == 4 and like.stride() != out.stride() and like.stride() == _channels_last_strides(
-            like.shape):
-        out = out.clone(memory_format=torch.channels_last)
-    return out
-
-
-def _channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
-    _, c, h, w = shape
-    return (h * w * c, 1, w * c, c)
+def _from_matrix_output(out: torch.Tensor, dim: int) -> torch.Tensor:
+    # the op hands W/σ back laid out like its input (a channels_last weight's W/σ included)
+    return out if dim == 0 else out.movedim(0, dim)
 
 
 def convert_keys_for_loading(state_dict: dict, prefix: str, name: str, dim: int, eps: float) -> None:
@@ -105,7 +92,7 @@ class SpectralNormMixin:
             spec.eps,
             self.training,
         )
-        return _from_matrix_output(out, spec.dim, params[name + "_orig"])
+        return _from_matrix_output(out, spec.dim)
 
     @property
     def spectral_norm_names(self) -> tuple[str, ...]:
@@ -334,8 +321,7 @@ class SpectralNormGroup:
                 training,
             )
             for (m, nm), out in zip(items, outs):
-                m._sn_group_cache[nm] = _from_matrix_output(out, m._sn_specs[nm].dim,
-                                                            m._parameters[nm + "_orig"])
+                m._sn_group_cache[nm] = _from_matrix_output(out, m._sn_specs[nm].dim)
 
     def refresh(self) -> None:
         """Compute every ``W/σ`` now (power iteration in training); the next forward of the

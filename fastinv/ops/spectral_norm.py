@@ -271,13 +271,17 @@ def _backward(ctx, grads, _gu, _gv, _gsigma):
     return _strided_like(grad_weights, weights), [None] * n, [None] * n, None, None
 
 
-def _strided_like(grads, weights) -> list[torch.Tensor]:
-    """Each gradient with its weight's exact strides. The kernels write contiguous gradients;
-    autograd re-lays a channels_last weight's gradient itself, except for a 1x1 kernel (its
-    size-1 dims make both layouts "match"), whose NCHW gradient DDP then copies into its
-    channels_last bucket with a "grad strides do not match" warning."""
-    return [g if g.stride() == w.stride() else torch.empty_like(w, dtype=g.dtype).copy_(g)
-            for g, w in zip(grads, weights)]
+def _strided_like(tensors, weights) -> list[torch.Tensor]:
+    """Each of ``tensors`` (W/σ or a gradient) with its weight's exact strides; the kernels
+    write contiguous ones. A channels_last model needs both: a convolution runs in
+    channels_last only when its input or its weight is (an NCHW W/σ meeting an NCHW input, as
+    DiffAugment hands D, convolves and copies activations in NCHW), and DDP copies a gradient
+    whose strides differ from its parameter's with a "grad strides do not match" warning
+    (autograd re-lays most gradients itself, but takes a 1x1 kernel's NCHW gradient as
+    matching: its size-1 dims are "contiguous" in both layouts, so strides are compared
+    exactly)."""
+    return [t if t.stride() == w.stride() else torch.empty_like(w, dtype=t.dtype).copy_(t)
+            for t, w in zip(tensors, weights)]
 
 
 torch.library.register_autograd("fastinv::spectral_norm", _backward, setup_context=_setup)
@@ -332,21 +336,22 @@ def spectral_norm_(
     eps: float = 1e-12,
     training: bool = True,
 ) -> list[torch.Tensor]:
-    """``W/σ`` for every weight, in one op call. In training, runs ``n_power_iterations`` power
-    iterations and writes the new u, v into ``us``/``vs`` in place (one ``_foreach_copy_``);
-    in eval, uses u, v as they are. All weights must share dtype and device."""
+    """``W/σ`` for every weight, in one op call, laid out like its weight (strides and all).
+    In training, runs ``n_power_iterations`` power iterations and writes the new u, v into
+    ``us``/``vs`` in place (one ``_foreach_copy_``); in eval, uses u, v as they are. All
+    weights must share dtype and device."""
     if not weights:
         _check(weights, us, vs, n_power_iterations, eps)
         return []
     n = n_power_iterations if training else 0
     us, vs = list(us), list(vs)
     if not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-        return list(_EagerSpectralNorm.apply(n, eps, us, vs, *weights))
+        return _strided_like(_EagerSpectralNorm.apply(n, eps, us, vs, *weights), weights)
     outs, us_new, vs_new, _ = _sn.default(list(weights), us, vs, n, eps)
     if n > 0:
         with torch.no_grad():
             torch._foreach_copy_(us + vs, list(us_new) + list(vs_new))
-    return list(outs)
+    return _strided_like(outs, weights)
 
 
 def spectral_norm_with_sigma(
