@@ -175,3 +175,21 @@ def test_training_benchmark_runs_the_trainer(tmp_path):
     for name, row in rows:
         assert row is not None, f"{name} failed (stderr above)"
         assert row["img_per_s"] > 0 and row["batch"] == 16
+
+
+def test_trainer_folds_a_copy_of_phi_and_steps_adam_fused(tmp_path, synthetic_data):
+    """Training runs Φ with its batch norms folded into its convolutions (the same outputs:
+    tests/test_fold.py) on a copy: the classifier the caller passed keeps its own modules.
+    Adam takes one fused kernel for all parameters on CPU as on CUDA."""
+    from fastinv.models.classifiers import load_classifier
+
+    clf = load_classifier("fastinv:small_cnn", random_init=True, num_classes=4)
+    keys = list(clf.state_dict())
+    trainer = InverterTrainer(_cfg(tmp_path, synthetic_data, "--spec=fastinv:small_cnn"),
+                              DistInfo(), classifier=clf)
+    assert list(clf.state_dict()) == keys
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.classifier.modules())
+    assert trainer.opt_G.defaults["fused"] and trainer.opt_D.defaults["fused"]
+    stats = trainer.train_step()
+    assert math.isfinite(stats["loss_g"]) and math.isfinite(stats["loss_d"])

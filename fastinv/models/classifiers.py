@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastinv.models.fold import fold_batch_norms
 from fastinv.models.small_cnn import SmallCNN
 from fastinv.models.small_resnet import SmallResNet
 
@@ -94,6 +95,16 @@ class Classifier(nn.Module):
         (``channels_last``), the input's own elsewhere."""
         self.to(device)
         return self.channels_last(fast_layout(device) == torch.channels_last)
+
+    def fold_batch_norm(self, keep=()) -> list[str]:
+        """Every batch norm that follows a convolution folded into it, in place
+        (fastinv.models.fold): the same outputs to rounding, one op less each way per pair.
+        ``keep``: convolutions whose own output is read (a tap by name) stay unfolded.
+        Returns the folded convolutions' names."""
+        folded = fold_batch_norms(self.net, keep)
+        if self._layout is not None:
+            self.net.to(memory_format=self._layout)
+        return folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._layout is not None and x.dim() == 4:
