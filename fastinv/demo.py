@@ -363,6 +363,11 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     _stage("inverters (standard + robust)", timings, _train_inverters, p, out, weights, device)
     for name in CLASSIFIERS:
         clf = load_classifier(f"fastinv:{p.classifiers[name].arch}", weights=weights[name]).place(device)
+        # Φ as its inverter was trained with it (fastinv.train.gan): batch norms folded into the
+        # convolutions, the same logits to rounding, faster under the DeePSiM comparator and
+        # the optimisation baseline's gradients. The judge, the measuring instrument, stays as
+        # it was trained.
+        clf.fold_batch_norm()
         meta = json.loads(sidecar_path(weights[name]).read_text())
         judge_meta = json.loads(sidecar_path(weights["judge"]).read_text())
         judge_cfg = p.classifiers["judge"]
