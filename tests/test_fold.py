@@ -23,8 +23,9 @@ def _random_stats(net: nn.Module) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
     return net
 
 
@@ -115,3 +116,19 @@ def test_training_mode_and_untraceable_nets_are_left_alone():
 
     net = Branchy().eval()
     assert fold_batch_norms(net) == [] and isinstance(net.b, nn.BatchNorm2d)
+
+
+def test_convolution_variants_and_plain_batch_norms_fold_exactly():
+    """A biased, grouped, strided, dilated convolution and a batch norm without affine
+    parameters fold to the same values and input gradients (float64)."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+                        nn.BatchNorm2d(6, affine=False), nn.ReLU(),
+                        nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6))
+    net = _random_stats(net).double().eval()
+    ref = copy.deepcopy(net)
+    assert fold_batch_norms(net) == ["0", "3"]
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    (a, ga), (b, gb) = _values_and_grads(ref, x), _values_and_grads(net, x)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)
