@@ -101,10 +101,7 @@ class Classifier(nn.Module):
         (fastinv.models.fold): the same outputs to rounding, one op less each way per pair.
         ``keep``: convolutions whose own output is read (a tap by name) stay unfolded.
         Returns the folded convolutions' names."""
-        folded = fold_batch_norms(self.net, keep)
-        if self._layout is not None:
-            self.net.to(memory_format=self._layout)
-        return folded
+        return fold_batch_norms(self.net, keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._layout is not None and x.dim() == 4:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -53,11 +52,8 @@ def fold_batch_norms(net: nn.Module, keep: Iterable[str] = ()) -> list[str]:
         if (type(conv) is not nn.Conv2d or conv.training or len(src.users) != 1
                 or src.target in keep or calls[src.target] != 1 or calls[node.target] != 1):
             continue
-        layout = (torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last)
-                  and not conv.weight.is_contiguous() else torch.contiguous_format)
-        fused = fuse_conv_bn_eval(conv, bn)
-        fused.weight.data = fused.weight.data.contiguous(memory_format=layout)
-        for p in fused.parameters():
+        fused = fuse_conv_bn_eval(conv, bn)  # keeps the weight's strides (channels_last too)
+        for p in fused.parameters():  # a bias it creates follows the weight
             p.requires_grad_(conv.weight.requires_grad)
         _set(net, src.target, fused)
         _set(net, node.target, nn.Identity())
