@@ -40,7 +40,8 @@ def test_decoder_shapes_and_rejects_odd_resolutions():
         DeepSimDecoder(5, resolution=24)
 
 
-def test_training_lowers_pixel_error_and_round_trips(tmp_path):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_training_lowers_pixel_error_and_round_trips(tmp_path, amp):
     _, classifier = tiny_pair(seed=0, resolution=16)
     torch.manual_seed(1)
     images = torch.rand(32, 3, 16, 16) * 2 - 1
@@ -50,8 +51,9 @@ def test_training_lowers_pixel_error_and_round_trips(tmp_path):
     torch.manual_seed(0)  # train_deepsim seeds 0 too: the same initial decoder
     untrained = DeepSimDecoder(4, 16, 8)
     before = torch.nn.functional.mse_loss(untrained(logits), images).item()
-    cfg = DeepSimConfig(steps=40, batch_size=16, width=8, lr=1e-3, log_every=20)
+    cfg = DeepSimConfig(steps=40, batch_size=16, width=8, lr=1e-3, log_every=20, amp=amp)
     G, path = train_deepsim(classifier, images, logits, tmp_path, cfg, progress=False)
+    assert all(p.dtype == torch.float32 for p in G.parameters())  # autocast keeps fp32 weights
     with torch.no_grad():
         after = torch.nn.functional.mse_loss(G(logits), images).item()
     assert after < before
@@ -80,3 +82,11 @@ def test_decoder_standardises_its_logits_and_keeps_the_statistics():
     G2.load_state_dict(G.state_dict())
     torch.testing.assert_close(G2(logits[:4]), G(logits[:4]))
     assert {"logit_shift", "logit_scale"} <= set(G.state_dict())
+
+
+def test_a_bad_amp_is_refused_before_training(tmp_path):
+    _, classifier = tiny_pair(seed=0, resolution=16)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        train_deepsim(classifier, torch.zeros(4, 3, 16, 16), torch.zeros(4, 4), tmp_path,
+                      DeepSimConfig(steps=1, amp="fp8"), progress=False)
+    assert not (tmp_path / "deepsim.safetensors").exists()

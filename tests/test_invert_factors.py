@@ -22,13 +22,16 @@ def _synthetic(n, seed, res=32):
     return torch.tensor(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, f
 
 
-@pytest.fixture(scope="module")
-def fitted():
+@pytest.fixture(scope="module", params=["none", "bf16"])
+def fitted(request):
+    """Trained in float32 and under bf16 autocast (the demo's "auto" on a CPU with AMX /
+    AVX512-BF16; emulated, slower, elsewhere): both read the factors."""
     x_train, f_train = _synthetic(900, seed=0)
     x_test, f_test = _synthetic(200, seed=1)
     y_train, names = factor_targets(f_train)
     y_test, _ = factor_targets(f_test)
-    model = train_factor_regressor(x_train, y_train, epochs=8, width=16)
+    model = train_factor_regressor(x_train, y_train, epochs=8, width=16, amp=request.param)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     return model, names, x_test, y_test
 
 
@@ -59,3 +62,9 @@ def test_rotation_becomes_cos_and_sin_and_missing_factors_are_named():
     torch.testing.assert_close(y, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), atol=1e-6, rtol=0)
     with pytest.raises(KeyError, match="'scale' is not in the factor table"):
         factor_targets({"x": [0.1]}, factors=("scale",))
+
+
+def test_a_bad_amp_is_refused_before_training():
+    x, y = torch.zeros(4, 3, 8, 8), torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="amp must be one of"):
+        train_factor_regressor(x, y, epochs=1, amp="fp8")

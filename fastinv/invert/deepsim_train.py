@@ -9,6 +9,7 @@ logits), which keeps this loop independent of the data pipeline.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 from fastinv.invert.metrics import to_classifier_input
 from fastinv.io import atomic_save_safetensors, atomic_write_json
 from fastinv.models.deepsim import DeepSimDecoder, DeepSimDiscriminator
+from fastinv.train.precision import autocast, autocast_dtype
 
 
 @dataclass
@@ -34,6 +36,9 @@ class DeepSimConfig:
     lambda_adv: float = 0.01
     seed: int = 0
     log_every: int = 50
+    # none | bf16 | auto: the forwards (decoder, D, comparator) under bf16 autocast where the
+    # device computes bf16 natively (fastinv.train.precision); losses and weights in float32
+    amp: str = "auto"
 
 
 class ComparatorFeatures(nn.Module):
@@ -81,12 +86,16 @@ def train_deepsim(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = images.device
+    autocast_dtype(cfg.amp, device)  # a bad amp fails here, before any work
     torch.manual_seed(cfg.seed)
     num_classes, resolution = logits.shape[1], images.shape[-1]
-    G = DeepSimDecoder(num_classes, resolution, cfg.width).to(device)
+    # channels_last (as the factor regressor): faster convolutions on CPU; with bf16 autocast a
+    # decoder + D step took 24 ms against 34 in fp32 NCHW (benchmarks/RESULTS.md Demo round 24)
+    cl = torch.channels_last
+    G = DeepSimDecoder(num_classes, resolution, cfg.width).to(device, memory_format=cl)
     G.set_statistics(logits)
     d_logits = G.standardise(logits)  # D sees them on G's scale
-    D = DeepSimDiscriminator(num_classes, resolution, cfg.width).to(device)
+    D = DeepSimDiscriminator(num_classes, resolution, cfg.width).to(device, memory_format=cl)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     comparator = ComparatorFeatures(classifier)
@@ -104,22 +113,28 @@ def train_deepsim(
         steps = tqdm(steps, desc="DeePSiM decoder", unit="step", leave=False)
     t0 = time.perf_counter()
     ones = torch.ones(cfg.batch_size, device=device)
+    amp = functools.partial(autocast, cfg.amp, device)
     for step in steps:
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen).to(device)
         x, z, fx, zd = images[idx], logits[idx], target_feats[idx], d_logits[idx]
-        fake = G(z)
+        x = x.contiguous(memory_format=cl)
+        with amp():
+            fake = G(z)
+            d_real, d_fake = D(x, zd), D(fake.detach(), zd)
         # discriminator: real pairs vs decoded pairs
-        d_loss = F.binary_cross_entropy_with_logits(D(x, zd), ones) + F.binary_cross_entropy_with_logits(
-            D(fake.detach(), zd), torch.zeros_like(ones)
-        )
+        d_loss = (F.binary_cross_entropy_with_logits(d_real.float(), ones)
+                  + F.binary_cross_entropy_with_logits(d_fake.float(), torch.zeros_like(ones)))
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
         # decoder
-        feats, _ = comparator(fake)
+        with amp():
+            feats, _ = comparator(fake)
+            d_gen = D(fake, zd)
+        fake = fake.float()
         pix = F.mse_loss(fake, x)
-        feat = F.mse_loss(feats, fx)
-        adv = F.binary_cross_entropy_with_logits(D(fake, zd), ones)
+        feat = F.mse_loss(feats.float(), fx)
+        adv = F.binary_cross_entropy_with_logits(d_gen.float(), ones)
         g_loss = cfg.lambda_pix * pix + cfg.lambda_feat * feat + cfg.lambda_adv * adv
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()

@@ -83,14 +83,25 @@ def train_factor_regressor(
     lr: float = 2e-3,
     width: int = 32,
     seed: int = 0,
+    amp: str = "auto",
     progress: bool = False,
 ) -> FactorRegressor:
-    """Fit a ``FactorRegressor`` on real images (N, 3, H, W) in [-1, 1] and targets (N, T)."""
+    """Fit a ``FactorRegressor`` on real images (N, 3, H, W) in [-1, 1] and targets (N, T).
+
+    ``amp`` (``fastinv.train.precision``): the forward under bf16 autocast where the device
+    computes bf16 natively ("auto"), as the classifiers train; the loss and the weights stay
+    float32, and ``predict`` (the measurement) runs in float32."""
+    from fastinv.train.precision import autocast, autocast_dtype
+
     if images.shape[0] != targets.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} target rows")
     torch.manual_seed(seed)
     device = images.device
-    model = FactorRegressor(targets.shape[1], width).to(device)
+    autocast_dtype(amp, device)  # a bad amp fails here, before any work
+    # channels_last: oneDNN's convolutions run faster in it on CPU (and with bf16 on CUDA);
+    # with bf16 autocast one training step at the demo's sizes took 19 ms against 42 in fp32 NCHW
+    # (2-core AMX Xeon, benchmarks/RESULTS.md Demo round 24)
+    model = FactorRegressor(targets.shape[1], width).to(device, memory_format=torch.channels_last)
     model.target_mean.copy_(targets.mean(0))
     model.target_std.copy_(targets.std(0).clamp_min(1e-6))
     y = (targets.to(device) - model.target_mean) / model.target_std
@@ -107,7 +118,9 @@ def train_factor_regressor(
     for _ in it:
         perm = torch.randperm(images.shape[0], generator=gen).to(device)
         for idx in perm.split(batch_size):
-            loss = nn.functional.mse_loss(model(images[idx]), y[idx])
+            with autocast(amp, device):
+                pred = model(images[idx].contiguous(memory_format=torch.channels_last))
+            loss = nn.functional.mse_loss(pred.float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
