@@ -84,11 +84,13 @@ class InverterPreset:
     # runs read 0.88-0.91 at 3,000 steps and 0.69-0.92 from 4,000 to 6,000 (swings between
     # checkpoints), 0.898 / 0.898 at 6,000 without R1 (RESULTS.md round 19): R1 (the demo-cpu
     # preset's γ 0.3, which damped the late swings of D reading Φ's own maps in round 15)
-    # costs 1.2x a step and is off. torch.compile around fastinv's ops pays for the steps
-    # (1.4-1.5x the eager img/s of the two 1-thread jobs after a cold compile of ~100 s,
-    # issue 11 round 8), as does Φ in channels_last (1.17x, issue 11 round 10).
+    # costs 1.2x a step and is off. Eager: torch.compile around fastinv's ops was 1.4-1.5x the
+    # eager img/s in issue 11 round 8, but since G, D and Φ run in channels_last with Φ's batch
+    # norms folded (rounds 10-13) compiled and eager steps are equally fast (0.92x / 1.08x in
+    # two swapped pairs, 223 img/s eager in the demo against 204-218 compiled), and a cold
+    # compile cost each job ~100 s (Demo round 24).
     steps: int = 6000
-    overrides: tuple[str, ...] = ("--run.compile=true", "--optim.r1_gamma=0", CLASS_CONSISTENCY)
+    overrides: tuple[str, ...] = ("--optim.r1_gamma=0", CLASS_CONSISTENCY)
     # "D feature network": the demo classifier whose maps D reads, for both inverters ("" =
     # each inverter's own Φ). With the robust classifier's maps the standard inverter reads
     # 0.887 / 0.906 at 3,000 steps against 0.598 / 0.600 with Φ's own, and KID 161 / 82 against
@@ -316,10 +318,24 @@ def _images(root: Path, classifier, p: DemoPreset, n: int, device: str):
     return collect_images(loader, classifier, n, device, dataset_size=len(loader.source.paths))
 
 
-def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
-             seed: int = 0) -> dict:
-    """The whole pipeline; returns the summary (also written to ``out/summary.json``)."""
-    from fastinv.data import CLASS_NAMES, load_factors, make_synthetic_dataset
+def _load_phi(p: DemoPreset, weights: dict[str, Path], name: str, device: str):
+    """Classifier ``name`` as its inverter was trained with it (fastinv.train.gan): batch norms
+    folded into the convolutions, the same logits to rounding, faster under the DeePSiM
+    comparator and the optimisation baseline's gradients. (The judge, the measuring
+    instrument, is loaded as it was trained.)"""
+    from fastinv.models.classifiers import load_classifier
+
+    clf = load_classifier(f"fastinv:{p.classifiers[name].arch}", weights=weights[name]).place(device)
+    clf.fold_batch_norm()
+    return clf
+
+
+def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], device: str,
+              seed: int, factor_model, val_factors: dict, progress: bool = True):
+    """Everything scored for the inverter of Φ ``name``: classifier.json, the analyses, a
+    DeePSiM decoder, the method comparison (methods.json) and the factor table. Returns
+    (methods, factor table, stage timings with their CPU seconds under "cpu")."""
+    from fastinv.data import CLASS_NAMES
     from fastinv.invert import factors as fac
     from fastinv.invert.deepsim_train import train_deepsim
     from fastinv.invert.evaluate import (
@@ -329,11 +345,63 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
         write_classifier_info,
     )
     from fastinv.invert.quality import NearestNeighbour
-    from fastinv.invert.report import write_report
     from fastinv.invert.selection import inverter_methods
     from fastinv.models.classifiers import load_classifier, sidecar_path
     from fastinv.train.checkpoint import load_inverter
     from fastinv.train.config import inverter_options
+
+    timings: dict = {"cpu": {}}
+    class_names = list(CLASS_NAMES[: p.num_classes])
+    judge_cfg = p.classifiers["judge"]
+    judge = load_classifier(f"fastinv:{judge_cfg.arch}", weights=weights["judge"]).place(device)
+    clf = _load_phi(p, weights, name, device)
+    meta = json.loads(sidecar_path(weights[name]).read_text())
+    judge_meta = json.loads(sidecar_path(weights["judge"]).read_text())
+    _, gan_cfg = load_inverter(out / name / "inverter", device="cpu")
+    write_classifier_info(out / name, {
+        "name": name, "robust": name == "robust", "weights": str(weights[name]),
+        "arch": p.classifiers[name].arch, "width": p.classifiers[name].width,
+        "blocks": p.classifiers[name].blocks_per_stage,
+        "num_classes": clf.num_classes,
+        "val_accuracy": meta.get("val_accuracy"),
+        "val_robust_accuracy": meta.get("val_robust_accuracy"),
+        "judge": {"arch": judge_cfg.arch, "width": judge_cfg.width,
+                  "blocks": judge_cfg.blocks_per_stage, "seed": judge_cfg.seed,
+                  "val_accuracy": judge_meta.get("val_accuracy")},
+        "inverter_options": inverter_options(gan_cfg), "inverter_steps": gan_cfg.run.steps})
+    G, _ = load_inverter(out / name / "inverter", device=device)
+    val = _images(out / "data" / "val", clf, p, p.evaluation.n_eval, device)
+    train = _images(out / "data" / "train", clf, p, p.n_images, device)
+    _stage(f"analyses for {name}", timings, run_analyses, G, clf, val, out / name / "analyses",
+           class_names=class_names, k=p.evaluation.k_resample, seed=seed, progress=progress)
+    dcfg = dataclasses.replace(p.deepsim, seed=seed)
+    deepsim, _ = _stage(f"DeePSiM decoder for {name}", timings, train_deepsim, clf,
+                        train.images, train.logits, out / name / "deepsim", dcfg, progress=progress)
+    ocfg = dataclasses.replace(p.optimization, seed=seed)
+    decoders = {**inverter_methods(G, clf, p.evaluation.select_k), "deepsim": deepsim,
+                "logit NN": NearestNeighbour(train.logits, train.images)}
+    methods, recs = _stage(f"method comparison for {name}", timings, compare_methods, clf, val,
+                           decoders, out / name / "methods.json", judge=judge, optimization=ocfg,
+                           n_optimization=p.evaluation.n_optimization, seed=seed,
+                           class_names=class_names)
+    y_val, fnames = fac.factor_targets({k: v[val.index.numpy()] for k, v in val_factors.items()})
+    y_val = y_val.to(device)
+    feedforward = {k: v for k, v in recs.items() if k != "optimization"}
+    table = fac.factor_retention(factor_model, y_val, fnames, val.images, feedforward)
+    table["_intervals"] = fac.factor_intervals(factor_model, y_val, fnames, feedforward, seed=seed)
+    if "optimization" in recs:
+        idx = optimization_subset(len(val), p.evaluation.n_optimization).to(y_val.device)
+        table[f"optimization ({len(idx)} images)"] = fac.r2_per_factor(
+            factor_model.predict(recs["optimization"]), y_val[idx], fnames)
+    return methods, table, timings
+
+
+def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
+             seed: int = 0) -> dict:
+    """The whole pipeline; returns the summary (also written to ``out/summary.json``)."""
+    from fastinv.data import load_factors, make_synthetic_dataset
+    from fastinv.invert import factors as fac
+    from fastinv.invert.report import write_report
 
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -352,72 +420,33 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
            num_classes=p.num_classes)
     weights = _stage("classifiers (standard + PGD-robust + judge)", timings, _train_classifiers,
                      p, out, device)
-    judge = load_classifier(f"fastinv:{p.classifiers['judge'].arch}", weights=weights["judge"]).place(device)
-    class_names = list(CLASS_NAMES[: p.num_classes])
     val_factors = load_factors(out / "data", split="val")
     train_factors = load_factors(out / "data", split="train")
 
-    factor_model = None
-    factor_table: dict[str, dict] = {}
-    methods_table: dict[str, dict] = {}
     _stage("inverters (standard + robust)", timings, _train_inverters, p, out, weights, device)
-    for name in CLASSIFIERS:
-        clf = load_classifier(f"fastinv:{p.classifiers[name].arch}", weights=weights[name]).place(device)
-        # Φ as its inverter was trained with it (fastinv.train.gan): batch norms folded into the
-        # convolutions, the same logits to rounding, faster under the DeePSiM comparator and
-        # the optimisation baseline's gradients. The judge, the measuring instrument, stays as
-        # it was trained.
-        clf.fold_batch_norm()
-        meta = json.loads(sidecar_path(weights[name]).read_text())
-        judge_meta = json.loads(sidecar_path(weights["judge"]).read_text())
-        judge_cfg = p.classifiers["judge"]
-        _, gan_cfg = load_inverter(out / name / "inverter", device="cpu")
-        write_classifier_info(out / name, {
-            "name": name, "robust": name == "robust", "weights": str(weights[name]),
-            "arch": p.classifiers[name].arch, "width": p.classifiers[name].width,
-            "blocks": p.classifiers[name].blocks_per_stage,
-            "num_classes": clf.num_classes,
-            "val_accuracy": meta.get("val_accuracy"),
-            "val_robust_accuracy": meta.get("val_robust_accuracy"),
-            "judge": {"arch": judge_cfg.arch, "width": judge_cfg.width,
-                      "blocks": judge_cfg.blocks_per_stage, "seed": judge_cfg.seed,
-                      "val_accuracy": judge_meta.get("val_accuracy")},
-            "inverter_options": inverter_options(gan_cfg), "inverter_steps": gan_cfg.run.steps})
-        G, _ = load_inverter(out / name / "inverter", device=device)
-        val = _images(out / "data" / "val", clf, p, p.evaluation.n_eval, device)
-        train = _images(out / "data" / "train", clf, p, p.n_images, device)
-        _stage(f"analyses for {name}", timings, run_analyses, G, clf, val, out / name / "analyses",
-               class_names=class_names, k=p.evaluation.k_resample, seed=seed, progress=True)
-        dcfg = dataclasses.replace(p.deepsim, seed=seed)
-        deepsim, _ = _stage(f"DeePSiM decoder for {name}", timings, train_deepsim, clf,
-                            train.images, train.logits, out / name / "deepsim", dcfg)
-        ocfg = dataclasses.replace(p.optimization, seed=seed)
-        nn_baseline = NearestNeighbour(train.logits, train.images)
-        decoders = {**inverter_methods(G, clf, p.evaluation.select_k), "deepsim": deepsim,
-                    "logit NN": nn_baseline}
-        methods, recs = _stage(f"method comparison for {name}", timings, compare_methods, clf, val,
-                               decoders,
-                               out / name / "methods.json", judge=judge, optimization=ocfg,
-                               n_optimization=p.evaluation.n_optimization, seed=seed,
-                               class_names=class_names)
-        methods_table[name] = methods
-        if factor_model is None:  # one regressor of the factors, trained on real train images
-            y_train, fnames = fac.factor_targets(
-                {k: v[train.index.numpy()] for k, v in train_factors.items()})
-            factor_model = _stage("factor regressor", timings, fac.train_factor_regressor,
-                                  train.images, y_train.to(device), epochs=p.evaluation.factor_epochs,
-                                  seed=seed, progress=True)
-        y_val, fnames = fac.factor_targets({k: v[val.index.numpy()] for k, v in val_factors.items()})
-        y_val = y_val.to(device)
-        feedforward = {k: v for k, v in recs.items() if k != "optimization"}
-        table = fac.factor_retention(factor_model, y_val, fnames, val.images, feedforward)
-        table["_intervals"] = fac.factor_intervals(factor_model, y_val, fnames, feedforward,
-                                                   seed=seed)
-        if "optimization" in recs:
-            idx = optimization_subset(len(val), p.evaluation.n_optimization).to(y_val.device)
-            table[f"optimization ({len(idx)} images)"] = fac.r2_per_factor(
-                factor_model.predict(recs["optimization"]), y_val[idx], fnames)
-        factor_table[name] = table
+    # One regressor of the nuisance factors for both Φ, trained on the real training images
+    # (they do not depend on Φ; the standard Φ's logits come along unused).
+    clf = _load_phi(p, weights, "standard", device)
+    train = _images(out / "data" / "train", clf, p, p.n_images, device)
+    y_train, _ = fac.factor_targets({k: v[train.index.numpy()] for k, v in train_factors.items()})
+    factor_model = _stage("factor regressor", timings, fac.train_factor_regressor, train.images,
+                          y_train.to(device), epochs=p.evaluation.factor_epochs, seed=seed,
+                          progress=True)
+    del train, clf
+    # Each inverter's analyses, DeePSiM decoder and method comparison: side by side where that
+    # is faster (_run_jobs), as the inverters train; each job returns its stage timings.
+    jobs = [(_evaluate, p, out, name, weights, device, seed, factor_model, val_factors,
+             i == 0 or not _split_threads(device)) for i, name in enumerate(CLASSIFIERS)]
+    methods_table: dict[str, dict] = {}
+    factor_table: dict[str, dict] = {}
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for name, (methods, table, job_timings) in zip(CLASSIFIERS, _run_jobs(jobs, device)):
+        methods_table[name], factor_table[name] = methods, table
+        timings["cpu"].update(job_timings.pop("cpu"))
+        timings.update(job_timings)
+    if _split_threads(device):  # the jobs' stages overlapped: the wall time of the pair too
+        timings["evaluation (standard + robust, side by side)"] = time.perf_counter() - t0
+        timings["cpu"]["evaluation (standard + robust, side by side)"] = _cpu_seconds() - c0
     atomic_write_text(out / "factors.json", json.dumps(factor_table, indent=2))
 
     cpu = timings.pop("cpu")

@@ -37,6 +37,10 @@ def test_demo_leaves_everything_a_user_looks_at(demo_dir):
     assert {"real", "inverter", "deepsim"} <= set(factors["standard"])
     summary = json.loads((demo_dir / "summary.json").read_text())
     assert summary["preset"] == "tiny" and summary["total_seconds"] > 0
+    stages = summary["stage_seconds"]  # every stage timed, each Φ's evaluation stages by name
+    assert {"factor regressor", "analyses for robust", "DeePSiM decoder for standard",
+            "method comparison for robust", "report"} <= set(stages)
+    assert set(stages) == set(summary["stage_cpu_seconds"])
     assert "The paper's findings on this data" in (demo_dir / "report.md").read_text()
     # per-class judge agreement, with the data's class names
     per = json.loads((demo_dir / "standard" / "per_image.json").read_text())
