@@ -331,10 +331,11 @@ def _load_phi(p: DemoPreset, weights: dict[str, Path], name: str, device: str):
 
 
 def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], device: str,
-              seed: int, factor_model, val_factors: dict, progress: bool = True):
+              seed: int, factor_model, val_factors: dict, progress: bool = True, train=None):
     """Everything scored for the inverter of Φ ``name``: classifier.json, the analyses, a
-    DeePSiM decoder, the method comparison (methods.json) and the factor table. Returns
-    (methods, factor table, stage timings with their CPU seconds under "cpu")."""
+    DeePSiM decoder, the method comparison (methods.json) and the factor table. ``train``:
+    the training images with this Φ's logits where the caller has them (else collected here).
+    Returns (methods, factor table, stage timings with their CPU seconds under "cpu")."""
     from fastinv.data import CLASS_NAMES
     from fastinv.invert import factors as fac
     from fastinv.invert.deepsim_train import train_deepsim
@@ -357,7 +358,7 @@ def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], dev
     clf = _load_phi(p, weights, name, device)
     meta = json.loads(sidecar_path(weights[name]).read_text())
     judge_meta = json.loads(sidecar_path(weights["judge"]).read_text())
-    _, gan_cfg = load_inverter(out / name / "inverter", device="cpu")
+    G, gan_cfg = load_inverter(out / name / "inverter", device=device)
     write_classifier_info(out / name, {
         "name": name, "robust": name == "robust", "weights": str(weights[name]),
         "arch": p.classifiers[name].arch, "width": p.classifiers[name].width,
@@ -369,9 +370,9 @@ def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], dev
                   "blocks": judge_cfg.blocks_per_stage, "seed": judge_cfg.seed,
                   "val_accuracy": judge_meta.get("val_accuracy")},
         "inverter_options": inverter_options(gan_cfg), "inverter_steps": gan_cfg.run.steps})
-    G, _ = load_inverter(out / name / "inverter", device=device)
     val = _images(out / "data" / "val", clf, p, p.evaluation.n_eval, device)
-    train = _images(out / "data" / "train", clf, p, p.n_images, device)
+    if train is None:
+        train = _images(out / "data" / "train", clf, p, p.n_images, device)
     _stage(f"analyses for {name}", timings, run_analyses, G, clf, val, out / name / "analyses",
            class_names=class_names, k=p.evaluation.k_resample, seed=seed, progress=progress)
     dcfg = dataclasses.replace(p.deepsim, seed=seed)
@@ -424,19 +425,20 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     train_factors = load_factors(out / "data", split="train")
 
     _stage("inverters (standard + robust)", timings, _train_inverters, p, out, weights, device)
-    # One regressor of the nuisance factors for both Φ, trained on the real training images
-    # (they do not depend on Φ; the standard Φ's logits come along unused).
-    clf = _load_phi(p, weights, "standard", device)
-    train = _images(out / "data" / "train", clf, p, p.n_images, device)
+    # One regressor of the nuisance factors for both Φ, trained on the real training images;
+    # the standard Φ's evaluation reuses them with their logits.
+    train = _images(out / "data" / "train", _load_phi(p, weights, "standard", device), p,
+                    p.n_images, device)
     y_train, _ = fac.factor_targets({k: v[train.index.numpy()] for k, v in train_factors.items()})
     factor_model = _stage("factor regressor", timings, fac.train_factor_regressor, train.images,
                           y_train.to(device), epochs=p.evaluation.factor_epochs, seed=seed,
                           progress=True)
-    del train, clf
     # Each inverter's analyses, DeePSiM decoder and method comparison: side by side where that
     # is faster (_run_jobs), as the inverters train; each job returns its stage timings.
     jobs = [(_evaluate, p, out, name, weights, device, seed, factor_model, val_factors,
-             i == 0 or not _split_threads(device)) for i, name in enumerate(CLASSIFIERS)]
+             i == 0 or not _split_threads(device), train if name == "standard" else None)
+            for i, name in enumerate(CLASSIFIERS)]
+    del train
     methods_table: dict[str, dict] = {}
     factor_table: dict[str, dict] = {}
     t0, c0 = time.perf_counter(), _cpu_seconds()

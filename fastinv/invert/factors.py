@@ -21,6 +21,8 @@ import torch
 from sklearn.metrics import r2_score
 from torch import nn
 
+from fastinv.train.precision import autocast, autocast_dtype
+
 DEFAULT_FACTORS = (
     "fg_r", "fg_g", "fg_b", "bg_r", "bg_g", "bg_b", "texture", "x", "y", "scale", "rotation",
 )
@@ -91,8 +93,6 @@ def train_factor_regressor(
     ``amp`` (``fastinv.train.precision``): the forward under bf16 autocast where the device
     computes bf16 natively ("auto"), as the classifiers train; the loss and the weights stay
     float32, and ``predict`` (the measurement) runs in float32."""
-    from fastinv.train.precision import autocast, autocast_dtype
-
     if images.shape[0] != targets.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} target rows")
     torch.manual_seed(seed)
