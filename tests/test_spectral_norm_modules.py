@@ -142,6 +142,39 @@ def test_group_compiles_fullgraph():
     torch.testing.assert_close(model[0].weight_u, ref[0].weight_u, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_small_linear_runs_in_float32_under_cpu_autocast(compiled):
+    # oneDNN's bf16 GEMM costs several times float32's at BigGAN's CBN-projection sizes
+    # (fastinv/nn/spectral_norm.py): a small SNLinear leaves autocast, a large one stays in it
+    from fastinv.nn.spectral_norm import SMALL_CPU_LINEAR_MACS
+
+    small, large = fnn.SNLinear(80, 32), fnn.SNLinear(256, 1024)
+    for layer in (small, large):
+        layer.eval()  # no power iteration: every call sees the same W/σ
+    x_small = torch.randn(24, 80, requires_grad=True)
+    x_large = torch.randn(64, 256)
+    assert x_small.numel() * 32 <= SMALL_CPU_LINEAR_MACS < x_large.numel() * 1024
+    run_small = torch.compile(small, fullgraph=True) if compiled else small
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_small, y_large = run_small(x_small), large(x_large)
+    assert y_small.dtype == torch.float32 and y_large.dtype == torch.bfloat16
+    ref = x_small.detach().requires_grad_() @ small.weight.detach().T + small.bias.detach()
+    torch.testing.assert_close(y_small, ref, rtol=1e-5, atol=1e-5)  # float32, not bf16's 1e-2
+    y_small.sum().backward()
+    ref.sum().backward()
+    assert small.weight_orig.grad is not None and small.weight_orig.grad.dtype == torch.float32
+    # compiled, AOTAutograd traces the backward under the caller's autocast: its products run
+    # in bf16 there (as they all did before), eager ones in float32
+    tol = 2e-2 if compiled else 1e-5
+    torch.testing.assert_close(x_small.grad, torch.ones(24, 32) @ small.weight.detach(),
+                               rtol=tol, atol=tol)
+    # outside autocast, or with weights other than float32, a layer is plain nn.Linear
+    assert small(x_small).dtype == torch.float32
+    small.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert small(x_small.detach().double()).dtype == torch.float64  # autocast's own rule
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_weights_keep_fp32_u_v(dtype):
     model = _model()

@@ -237,8 +237,29 @@ def is_spectral_norm(module: nn.Module) -> bool:
     return isinstance(module, SpectralNormMixin) and bool(getattr(module, "_sn_specs", None))
 
 
+# A CPU linear of at most this many multiply-adds runs in float32 under bf16 / fp16 autocast.
+# oneDNN's reduced-precision GEMM has a fixed cost that dwarfs these products: on the 2-core
+# Xeon (AMX) of RESULTS.md a 24x80 @ 80x32 forward + backward took 175-346 µs under bf16 autocast
+# against 60-96 µs in float32; the two were even at 64x128 @ 128x512 (4.2M), and bf16 won from
+# 64x256 @ 256x1024 up. BigGAN's per-layer CBN projections, its first linear and D's class
+# embedding are all of the small kind at the demo's sizes (issue 11, round 15).
+SMALL_CPU_LINEAR_MACS = 1 << 21
+
+
+def _float32_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` is a small CPU GEMM that autocast would run in low precision."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.get_autocast_dtype("cpu") == torch.float32:
+        return False
+    return x.numel() * weight.shape[0] <= SMALL_CPU_LINEAR_MACS
+
+
 class SNLinear(SpectralNormMixin, nn.Linear):
-    """``nn.Linear`` with a spectral-normed weight (dim 0)."""
+    """``nn.Linear`` with a spectral-normed weight (dim 0).
+
+    Under CPU autocast a small product (``SMALL_CPU_LINEAR_MACS``) runs in float32 and
+    returns float32: faster there, and at least as precise."""
 
     weight = _property("weight")
 
@@ -246,6 +267,13 @@ class SNLinear(SpectralNormMixin, nn.Linear):
                  dtype=None, *, n_power_iterations: int = 1, eps: float = 1e-12) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         _convert(self, "weight", n_power_iterations, eps, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if weight.dtype == torch.float32 and _float32_on_cpu(x, weight):
+            with torch.autocast("cpu", enabled=False):
+                return F.linear(x.float(), weight, self.bias)
+        return F.linear(x, weight, self.bias)
 
 
 class SNConv2d(SpectralNormMixin, nn.Conv2d):
