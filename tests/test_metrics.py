@@ -41,6 +41,33 @@ def test_shifted_image_has_psnr_from_its_mse_and_ssim_below_one():
     assert m["ssim"] < 0.5  # uniform noise shifted by 3 px is nearly uncorrelated
 
 
+@pytest.mark.parametrize("shape", [(6, 3, 32, 32), (3, 1, 24, 40), (2, 3, 16, 16), (2, 2, 7, 9)],
+                         ids=str)
+def test_ssim_equals_torchmetrics(shape):
+    # fastinv's SSIM is torchmetrics' definition computed as matrix products: the same number
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    for y in (torch.rand(shape, generator=g, dtype=torch.float64),  # unrelated
+              (x + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(0, 1),
+              x.flip(-1), x * 0.5 + 0.25):
+        expected = structural_similarity_index_measure(y, x, data_range=1.0)
+        got = metrics.ssim(y, x, data_range=1.0)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        # float32 inputs: within float32 rounding of the float64 value
+        torch.testing.assert_close(metrics.ssim(y.float(), x.float()).double(), expected,
+                                   rtol=1e-5, atol=1e-6)
+    assert metrics.ssim(x, x.clone()).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ssim_refuses_images_smaller_than_its_window_and_mismatched_shapes():
+    with pytest.raises(ValueError, match="more than 5 pixels"):
+        metrics.ssim(torch.rand(1, 3, 5, 16), torch.rand(1, 3, 5, 16))
+    with pytest.raises(ValueError, match="of one shape"):
+        metrics.ssim(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 8))
+
+
 def test_identical_logits_agree_fully():
     logits = torch.randn(10, 7)
     labels = logits.argmax(1)
