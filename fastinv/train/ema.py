@@ -29,6 +29,6 @@ class EMA:
         else:
             torch._foreach_lerp_(ema_params, live, 1.0 - decay)
         src_b = dict(self.model.named_buffers())
-        ema_b = [b for _, b in self.ema_model.named_buffers()]
-        if ema_b:  # one call for all (~70 in the demo's G: u, v, running statistics)
-            torch._foreach_copy_(ema_b, [src_b[n] for n, _ in self.ema_model.named_buffers()])
+        pairs = [(b, src_b[name]) for name, b in self.ema_model.named_buffers()]
+        if pairs:  # one call for all (~70 in the demo's G: u, v, running statistics)
+            torch._foreach_copy_(*map(list, zip(*pairs)))
