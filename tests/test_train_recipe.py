@@ -174,6 +174,68 @@ def test_memory_loader_serves_every_image_once_per_epoch(synthetic_data):
     assert torch.allclose(batch["image"], full[:4], atol=1 / 127.5)
 
 
+def test_memory_loader_serves_cached_logits_of_each_image_as_served(synthetic_data):
+    """``cache_logits``: every batch carries the classifier's logits of its own classifier
+    input, mirrored images' included (the two views are computed once)."""
+    from fastinv.data import make_loader
+    from fastinv.data.memory import MemoryLoader
+
+    common = dict(resolution=16, classifier_size=16, classifier_mean=(0.5,) * 3,
+                  classifier_std=(0.5,) * 3, backend="pil", device="cpu", num_workers=0)
+    decoder = make_loader(synthetic_data / "train", batch_size=7, train=False, **common)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(5)).double()
+    calls = []
+
+    def fn(t):  # an asymmetric function: a mirrored image gets other logits
+        calls.append(len(t))
+        return net(t.double()).float()
+
+    ml = MemoryLoader(decoder, batch_size=6, seed=3)
+    assert "logits" not in next(iter(ml))
+    ml.cache_logits(fn, batch_size=16)
+    assert sum(calls) == 2 * len(ml.images)  # each image once as stored, once mirrored
+    flipped = 0
+    for batch in ml:
+        torch.testing.assert_close(batch["logits"], fn(batch["classifier_input"]),
+                                   rtol=1e-5, atol=1e-5)
+        stored = ml.classifier_inputs[batch["index"]].float()
+        flipped += sum(not torch.equal(a, b) for a, b in zip(batch["classifier_input"], stored))
+    assert flipped > 0
+
+
+def test_trainer_caches_the_logits_of_in_memory_data_when_that_is_cheaper(tmp_path,
+                                                                          synthetic_data):
+    """In-memory data: Φ's logits are computed once (two views an image) when the run would
+    otherwise compute more of them, and a step's z is then Φ of its batch; fewer steps than
+    that, and Φ runs per step."""
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    def trainer(steps):
+        cfg = load_config("tiny", [f"--out_dir={tmp_path / str(steps)}", f"--root={synthetic_data}",
+                                   f"--steps={steps}", "--in_memory=true",
+                                   "--crop_min_scale=1"])
+        return InverterTrainer(cfg, DistInfo()), cfg
+
+    t, cfg = trainer(4)  # 4 steps of 8 images < two views of each image
+    assert t.batches.loader.logits is None and "logits" not in t.batches.next()
+    t, cfg = trainer(1000)
+    loader = t.batches.loader
+    assert loader.logits is not None and loader.logits.shape == (2, len(loader.images),
+                                                                 t.classifier.num_classes)
+    calls = []
+    t.classifier.register_forward_hook(lambda m, a, out: calls.append(1))
+    batch = t.batches.next()
+    with torch.no_grad(), t._autocast():
+        direct = t.classifier(t._input(batch["classifier_input"])).float()
+    torch.testing.assert_close(batch["logits"], direct, rtol=0.02, atol=0.02)  # (bf16 on AMX)
+    calls.clear()
+    t.train_step()
+    assert not calls  # the step took the cached logits
+
+
 def test_flip_mirrors_about_half_the_images_and_passes_gradients():
     from fastinv.train.augment import flip
 
@@ -627,11 +689,66 @@ def test_reuse_fakes_previous_resumes_bit_for_bit(tmp_path, synthetic_data):
         assert torch.equal(straight["D"][k], resumed["D"][k]), k
 
 
+def test_reuse_fakes_previous_seen_gives_d_the_fakes_and_maps_g_was_scored_on(tmp_path,
+                                                                               synthetic_data):
+    """``previous_seen``: D's fakes are the last G update's images as that update's D saw
+    them (the same augmentation) with the D feature network's maps of that forward; the
+    feature network then runs on the reals only in D's update."""
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    cfg = load_config("tiny", [f"--out_dir={tmp_path / 'run'}", f"--root={synthetic_data}",
+                               "--steps=3", "--reuse_fakes=previous_seen",
+                               "--diffaug=translation,cutout", "--d_phi_layer=auto:each",
+                               "--class_weight=1", "--mismatch_weight=1"])
+    trainer = InverterTrainer(cfg, DistInfo())
+    d_in, net_in = [], []
+    trainer.D.register_forward_pre_hook(lambda m, args: d_in.append(args))
+    trainer.phi.classifier.register_forward_pre_hook(lambda m, args: net_in.append(len(args[0])))
+    n = cfg.data.batch_size
+    trainer.train_step()  # no last images yet: a draw of its own, augmented with the reals
+    # (Φ is D's feature network here: its first call is the batch's logits)
+    assert net_in[-2:] == [3 * n, n]  # D's update: reals, fakes, mismatched reals; G's update
+    seen, maps = trainer._last_seen
+    assert len(seen) == n and len(maps) >= 1 and all(not m.requires_grad for m in maps)
+    g_images, g_logits, *g_maps = d_in[1]  # what D read in G's update
+    assert torch.equal(seen, g_images.detach())
+    assert all(torch.equal(a, b.detach()) for a, b in zip(maps, g_maps))
+    d_in.clear(), net_in.clear()
+    trainer.train_step()
+    assert net_in[-2:] == [2 * n, n]  # D's update: only the reals (and the mismatched reals)
+    images, zs, *d_maps = d_in[0]
+    assert torch.equal(images[n:2 * n], seen.to(images.dtype))
+    assert torch.equal(images[2 * n:], images[:n])  # mismatched: the same augmented reals
+    assert torch.equal(zs[n:2 * n], g_logits)
+    for m, old in zip(d_maps, maps):
+        assert torch.equal(m[n:2 * n], old.to(m.dtype))
+        assert torch.equal(m[2 * n:], m[:n])
+
+
+def test_reuse_fakes_previous_seen_resumes_bit_for_bit(tmp_path, synthetic_data):
+    """The last step's augmented images and their maps travel in the checkpoint."""
+    def run(out, steps, *extra):
+        cfg = load_config("tiny", [f"--out_dir={out}", f"--root={synthetic_data}",
+                                   f"--steps={steps}", "--reuse_fakes=previous_seen",
+                                   "--diffaug=translation,cutout", "--d_phi_layer=auto:each",
+                                   "--ckpt_every=100", *extra])
+        return checkpoint.load(checkpoint.latest_checkpoint(train_inverter(cfg)))
+
+    straight = run(tmp_path / "a", 4)
+    stopped = run(tmp_path / "b", 2)
+    assert len(stopped["last_seen"]) >= 2  # the images and at least one map, one rank each
+    resumed = run(tmp_path / "b", 4, "--resume=true")
+    for net in ("G", "D"):
+        for k in straight[net]:
+            assert torch.equal(straight[net][k], resumed[net][k]), (net, k)
+
+
 def test_reuse_fakes_needs_one_d_step_and_no_accumulation():
     for bad in (["--d_steps=2"], ["--accumulate=2"]):
         with pytest.raises(ConfigError, match="reuse_fakes"):
             load_config("tiny", ["--reuse_fakes=same", *bad])
-    with pytest.raises(ConfigError, match="off, same or previous"):
+    with pytest.raises(ConfigError, match="off, same, previous or previous_seen"):
         load_config("tiny", ["--reuse_fakes=true"])
 
 

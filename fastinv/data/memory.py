@@ -53,6 +53,20 @@ class MemoryLoader(ImageLoader):
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.drop_last, self.flip = rank, world_size, drop_last, flip
         self._epoch, self._start_batch = 0, 0
+        self.logits: torch.Tensor | None = None  # (2, N, classes) once cache_logits ran
+
+    @torch.no_grad()
+    def cache_logits(self, classifier_fn, batch_size: int = 256) -> None:
+        """Compute ``classifier_fn(classifier_input)`` once for every image, as stored and
+        mirrored (the two views a batch can serve), and serve it with each batch as
+        ``"logits"``. For a frozen classifier these are the logits a training step would
+        compute from the batch's ``classifier_input`` (to the rounding of the batch size)."""
+        dev, out = self.device, []
+        for view in (lambda t: t, lambda t: t.flip(3)):
+            out.append(torch.cat([
+                classifier_fn(view(self.classifier_inputs[i: i + batch_size].to(dev).float())).float()
+                for i in range(0, len(self.classifier_inputs), batch_size)]))
+        self.logits = torch.stack(out)
 
     def __len__(self) -> int:
         return num_batches(len(self.images), rank=self.rank, world_size=self.world_size,
@@ -72,6 +86,10 @@ class MemoryLoader(ImageLoader):
             img = self.images[r].to(dev).float().div_(127.5).sub_(1.0)
             cls = self.classifier_inputs[r].to(dev).float()
             f = torch.from_numpy(flips[rows]).to(dev).view(-1, 1, 1, 1)
-            yield {"image": torch.where(f, img.flip(3), img),
-                   "classifier_input": torch.where(f, cls.flip(3), cls),
-                   "label": self.labels[r].to(dev), "index": self.index[r].to(dev)}
+            batch = {"image": torch.where(f, img.flip(3), img),
+                     "classifier_input": torch.where(f, cls.flip(3), cls),
+                     "label": self.labels[r].to(dev), "index": self.index[r].to(dev)}
+            if self.logits is not None:
+                rd = r.to(dev)
+                batch["logits"] = torch.where(f.view(-1, 1), self.logits[1, rd], self.logits[0, rd])
+            yield batch

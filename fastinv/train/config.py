@@ -145,7 +145,10 @@ class OptimConfig:
     # draw of their own without gradients. "same": this step's (drawn before D's update, as
     # pix2pix / CycleGAN do; G's gradient then comes from a D just trained to reject those very
     # images); "previous": the last step's (one G update old; G's gradient comes from images D
-    # has not seen). "off": the usual second draw. Needs d_steps = accumulate = 1.
+    # has not seen); "previous_seen": those images as G's update saw them, augmented and with
+    # the D feature network's maps that forward computed (no second augmentation and feature
+    # pass on the fakes in D's update). "off": the usual second draw. Needs d_steps =
+    # accumulate = 1.
     reuse_fakes: str = "off"
     # "Φ gradient to G": the scale of G's gradient through the Φ maps D reads (Φ-feature D).
     # 1 = all of it; 0 = none (D still reads Φ's maps, G learns only through D's own trunk and
@@ -226,8 +229,11 @@ PRESETS: dict[str, dict] = {
                       mode_seeking_weight=1.0,
                       # D's fakes are the last G update's images: one G forward a step, 1.12x
                       # the img/s of the demo's two 1-thread jobs, judge 0.789 / 0.803 against
-                      # 0.775 / 0.701 without at 3,000 steps (2 seeds, RESULTS.md round 14)
-                      reuse_fakes="previous",
+                      # 0.775 / 0.701 without at 3,000 steps (2 seeds, RESULTS.md round 14);
+                      # as that update's D saw them, with the D feature network's maps of
+                      # that forward: its augmentation and pass on 16 images, 2.7-4.2 ms of a
+                      # 74-101 ms step, are not run again (RESULTS.md round 26)
+                      reuse_fakes="previous_seen",
                       # R1 (through Φ's taps too): slower early, but the late class swings
                       # damped: judge 0.881 / 0.859 at 5,000 steps against 0.852 / 0.645
                       # without (2 seeds, RESULTS.md round 15)
@@ -523,8 +529,9 @@ def _check(cfg: TrainConfig) -> None:
     _require(not cfg.classifier.d_net_weights or bool(cfg.model.d_phi_layer),
              "classifier.d_net_weights names the network whose maps D reads: set "
              "model.d_phi_layer (e.g. auto:each) too")
-    _require(o.reuse_fakes in ("off", "same", "previous"), f"optim.reuse_fakes must be off, "
-             f"same or previous, got {o.reuse_fakes!r}")
+    _require(o.reuse_fakes in ("off", "same", "previous", "previous_seen"),
+             f"optim.reuse_fakes must be off, same, previous or previous_seen, "
+             f"got {o.reuse_fakes!r}")
     _require(o.reuse_fakes == "off" or o.d_steps == 1 and o.accumulate == 1,
              f"optim.reuse_fakes={o.reuse_fakes} feeds one G draw to one D update: it needs "
              f"optim.d_steps=1 and optim.accumulate=1 (got {o.d_steps} and {o.accumulate})")

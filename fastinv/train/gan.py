@@ -176,6 +176,7 @@ class InverterTrainer:
         self.run_dir = Path(cfg.run.out_dir)
         self.classifier = self._load_classifier(classifier)
         self.batches = BatchStream(loader if loader is not None else self._make_loader())
+        self._cache_logits()
         phi_shape = self._attach_phi()
         self._build_models(phi_shape)
         self._make_optimizers()
@@ -187,6 +188,9 @@ class InverterTrainer:
         self.step = self.d_step = 0
         # optim.reuse_fakes=previous: the last G update's (images, logits), D's next fakes
         self._last_fakes: tuple[torch.Tensor, torch.Tensor] | None = None
+        # optim.reuse_fakes=previous_seen: those images augmented as G's update saw them, and
+        # the D feature network's maps of them (D's next fakes as they are)
+        self._last_seen: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
     def _load_classifier(self, classifier: Classifier | None) -> Classifier:
         """The frozen Φ (a copy of the one given, or loaded from ``cfg.classifier``), on this
@@ -232,6 +236,33 @@ class InverterTrainer:
         return make_loader(split, batch_size=d.batch_size, train=True, rank=info.rank,
                            world_size=info.world_size, seed=d.seed, drop_last=True,
                            crop_scale=(d.crop_min_scale, 1.0), **common)
+
+    def _cache_logits(self) -> None:
+        """Φ's logits of every training image (as stored and mirrored), computed once where the
+        data is in memory and that costs less than computing them every step (two views of
+        each image against batch_size x steps): Φ is frozen, so a step would compute the same
+        numbers, to the rounding of the batch size. On the demo's data Φ's forward was 3.3% of
+        a step (benchmarks/RESULTS.md, issue 10 round 26)."""
+        loader, c = self.batches.loader, self.cfg
+        if not hasattr(loader, "cache_logits"):
+            return
+        per_run = c.data.batch_size * c.optim.d_steps * c.optim.accumulate * c.run.steps
+        if 2 * len(loader.images) > per_run:
+            return
+
+        def logits(t: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.classifier(self._input(t))
+
+        loader.cache_logits(logits)
+
+    def _logits(self, batch: dict) -> torch.Tensor:
+        """Φ's float32 logits of a batch's classifier input (cached ones where the loader has
+        them); call under no_grad."""
+        if "logits" in batch:
+            return batch["logits"]
+        with self._autocast():
+            return self.classifier(self._input(batch["classifier_input"])).float()
 
     def _attach_phi(self):
         """Taps on Φ's feature maps for D (``model.d_phi_layer``) and for the feature-statistics
@@ -314,7 +345,7 @@ class InverterTrainer:
         zs, n = [], 0
         self.batches.loader.set_epoch(0)
         for batch in self.batches.loader:
-            zs.append(self.classifier(self._input(batch["classifier_input"])).float())
+            zs.append(self._logits(batch))
             n += len(zs[-1])
             if n >= max_images:
                 break
@@ -362,16 +393,19 @@ class InverterTrainer:
                 with _scope("data"):
                     batch = self.batches.next()
                     x = self._input(batch["image"])
-                with torch.no_grad(), self._autocast(), _scope("classifier"):
-                    z = self.classifier(self._input(batch["classifier_input"])).float()
+                with torch.no_grad(), _scope("classifier"):
+                    z = self._logits(batch)
                 z_fake = z  # the logits D's fakes were drawn for
+                reused = None  # (previous_seen) the fakes as G's update saw them, and their maps
                 if o.reuse_fakes == "same":  # G's update below backpropagates through these
                     with self._autocast(), _scope("G forward"):
                         g_fake, g_ms = self._generate(z, stats, acc)
                     fake = g_fake.detach()
-                elif (o.reuse_fakes == "previous" and self._last_fakes is not None
+                elif (o.reuse_fakes in ("previous", "previous_seen")
+                      and self._last_fakes is not None
                       and len(self._last_fakes[0]) == len(z)):  # (a loader's short last batch)
                     fake, z_fake = self._last_fakes  # the last G update's images and logits
+                    reused = self._last_seen
                 else:
                     with torch.no_grad(), self._autocast(), _scope("G forward (D step)"):
                         fake = self.G_fake(z, self._noise(len(z)))
@@ -379,12 +413,23 @@ class InverterTrainer:
                 reals.append(x)
                 with self._sync(self.D_train, micro, acc), self._autocast(), _scope("D forward"):
                     # real and fake in one call: DDP sees one forward per backward
-                    both = self._augment(torch.cat([x, fake.to(x.dtype)]))
+                    if reused is None:
+                        both = self._augment(torch.cat([x, fake.to(x.dtype)]))
+                    else:
+                        both = torch.cat([self._augment(x), reused[0].to(x.dtype)])
                     zs = torch.cat([z, z_fake])
+                    n_x = len(x)
                     if o.mismatch_weight > 0:  # the same augmented reals, other images' logits
                         z_other, keep = mismatched_logits(z, self.noise_gen)
-                        both, zs = torch.cat([both, both[: len(x)]]), torch.cat([zs, z_other])
-                    out = self.D_train(both, zs, *self._phi_of(both, grad=False, drop=o.d_phi_dropout),
+                        both, zs = torch.cat([both, both[:n_x]]), torch.cat([zs, z_other])
+                    if reused is None:
+                        maps = self._phi_of(both, grad=False, drop=o.d_phi_dropout)
+                    else:  # only the reals through the feature network; the fakes' maps reused
+                        real_maps = self._phi_of(torch.cat([both[:n_x], both[2 * n_x:]]),
+                                                 grad=False, drop=o.d_phi_dropout)
+                        maps = tuple(torch.cat([m[:n_x], f.to(m.dtype), m[n_x:]])
+                                     for m, f in zip(real_maps, reused[1]))
+                    out = self.D_train(both, zs, *maps,
                                        head=o.d_head_weight > 0, head_detach=o.d_head_detach)
                     out, pred = out if o.d_head_weight > 0 else (out, None)
                     d_real, d_fake = out[: len(x)], out[len(x): 2 * len(x)]
@@ -426,7 +471,7 @@ class InverterTrainer:
                     fake, ms = g_fake, g_ms
                 else:
                     fake, ms = self._generate(z, stats, acc)
-                if o.reuse_fakes == "previous":  # D's fakes in the next step
+                if o.reuse_fakes in ("previous", "previous_seen"):  # D's fakes in the next step
                     self._last_fakes = (fake.detach(), z)
                 seen_d = self._augment(fake)
                 maps = self._phi_of(seen_d, grad=True, scale=o.g_phi_grad, drop=o.d_phi_dropout,
@@ -435,6 +480,8 @@ class InverterTrainer:
                     net_logits, maps = maps
                     cls = F.cross_entropy(net_logits.float(), z.argmax(1))
                     stats["class"] = stats.get("class", 0.0) + cls.detach() / acc
+                if o.reuse_fakes == "previous_seen":  # and as D saw them, with their maps
+                    self._last_seen = (seen_d.detach(), tuple(m.detach() for m in maps))
                 out = self.D_judge(seen_d, z, *maps, head=o.d_head_weight > 0)
                 if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
                     out, pred = out
@@ -578,6 +625,8 @@ class InverterTrainer:
             # the run that was not stopped
             **({"last_fakes": [self._gather(t) for t in self._last_fakes]}
                if self._last_fakes is not None else {}),
+            **({"last_seen": [self._gather(t) for t in (self._last_seen[0], *self._last_seen[1])]}
+               if self._last_seen is not None else {}),
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -598,6 +647,9 @@ class InverterTrainer:
         if "last_fakes" in ckpt:
             dev = self.info.device
             self._last_fakes = tuple(t[self.info.rank].to(dev) for t in ckpt["last_fakes"])
+        if "last_seen" in ckpt:
+            seen, *maps = (t[self.info.rank].to(self.info.device) for t in ckpt["last_seen"])
+            self._last_seen = (seen, tuple(maps))
 
     def save(self) -> Path | None:
         state = self.state_dict()
