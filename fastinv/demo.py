@@ -200,6 +200,27 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs since boot from ``/proc/stat`` (Linux; None
+    elsewhere). Steal is time a hypervisor gave this VM's CPUs to someone else: on a shared
+    2-vCPU VM it made the same demo take 25-60% longer in some hours (RESULTS.md Demo round 26),
+    so the summary records the run's share of it next to its seconds."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (ticks[7], sum(ticks)) if fields[0] == "cpu" and len(ticks) == 8 else None
+
+
+def _steal_fraction(start: tuple[int, int] | None) -> float | None:
+    """The share of the CPUs' time stolen by the host since ``start`` (``_cpu_ticks()``)."""
+    end = _cpu_ticks()
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def _stage(name: str, timings: dict, fn, *args, **kwargs):
     """Run one stage; record wall seconds in ``timings`` and this process's CPU seconds in
     ``timings["cpu"]`` (with finished child processes; on a shared machine the wall time says more about the neighbours)."""
@@ -413,7 +434,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict = {}
-    c_start = _cpu_seconds()
+    c_start, ticks_start = _cpu_seconds(), _cpu_ticks()
     torch.manual_seed(seed)
 
     _stage("synthetic data", timings, make_synthetic_dataset, out / "data", n=p.n_images,
@@ -456,6 +477,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
                "images": p.n_images, "resolution": p.resolution,
                "total_seconds": time.perf_counter() - t_start,
                "total_cpu_seconds": _cpu_seconds() - c_start,
+               "cpu_steal_fraction": _steal_fraction(ticks_start),
                "stage_seconds": timings, "stage_cpu_seconds": cpu,
                "settings": dataclasses.asdict(p)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -463,6 +485,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     summary["stage_cpu_seconds"].update(timings.pop("cpu"))
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["total_cpu_seconds"] = _cpu_seconds() - c_start
+    summary["cpu_steal_fraction"] = _steal_fraction(ticks_start)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     write_report(out)  # again, so the report's timing table includes the report itself
     print_summary(out, methods_table, summary)
@@ -472,8 +495,11 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
 def print_summary(out: Path, methods: dict[str, dict], summary: dict) -> None:
     from fastinv.invert.report import collect, findings
 
+    steal = summary.get("cpu_steal_fraction")
+    stolen = (f" (the host took {steal:.0%} of this VM's CPU time: a busy host makes every "
+              "stage slower)" if steal is not None and steal >= 0.05 else "")
     print(f"\nfastinv demo ({summary['preset']}, {summary['device']}): "
-          f"{summary['total_seconds']:.0f} s in all\n")
+          f"{summary['total_seconds']:.0f} s in all{stolen}\n")
     head = (f"{'classifier':<10} {'method':<12} {'judge=y':>8} {'KID':>7} {'Φ top1':>7} "
             f"{'cos':>6} {'PSNR':>6} {'s/img':>8}")
     print(head)

@@ -41,6 +41,8 @@ def test_demo_leaves_everything_a_user_looks_at(demo_dir):
     assert {"factor regressor", "analyses for robust", "DeePSiM decoder for standard",
             "method comparison for robust", "report"} <= set(stages)
     assert set(stages) == set(summary["stage_cpu_seconds"])
+    steal = summary["cpu_steal_fraction"]  # the host's share of the CPUs, where Linux says
+    assert steal is None or 0 <= steal <= 1
     assert "The paper's findings on this data" in (demo_dir / "report.md").read_text()
     # per-class judge agreement, with the data's class names
     per = json.loads((demo_dir / "standard" / "per_image.json").read_text())
@@ -141,3 +143,26 @@ def test_demo_runs_independent_trainings_side_by_side_on_a_cpu():
         assert [r[2] for r in _run_jobs([(_job, "a"), (_job, "b")], "cpu")] == [os.getpid()] * 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_steal_fraction_reads_the_hosts_share_of_the_cpus_from_proc_stat(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from fastinv import demo
+
+    stat = tmp_path / "stat"
+    real_read = Path.read_text
+
+    def read(self, *a, **k):
+        return real_read(stat if str(self) == "/proc/stat" else self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", read)
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text("cpu  100 0 20 60 0 0 0 20 0 0\ncpu0 50 0 10 30 0 0 0 10 0 0\n")
+    start = demo._cpu_ticks()
+    assert start == (20, 200)
+    stat.write_text("cpu  250 0 30 80 0 0 0 40 0 0\n")  # +200 ticks, 20 of them stolen
+    assert demo._steal_fraction(start) == pytest.approx(0.1)
+    assert demo._steal_fraction(None) is None
+    stat.write_text("not a stat file\n")
+    assert demo._cpu_ticks() is None and demo._steal_fraction(start) is None
