@@ -202,9 +202,10 @@ def _cpu_seconds() -> float:
 
 def _cpu_ticks() -> tuple[int, int] | None:
     """(steal, total) clock ticks of all CPUs since boot from ``/proc/stat`` (Linux; None
-    elsewhere). Steal is time a hypervisor gave this VM's CPUs to someone else: on a shared
-    2-vCPU VM it made the same demo take 25-60% longer in some hours (RESULTS.md Demo round 26),
-    so the summary records the run's share of it next to its seconds."""
+    elsewhere). Steal is time a hypervisor gave this VM's CPUs to someone else; it lengthens
+    every stage, so the summary records the run's share of it next to its seconds. (It does
+    not see a host that slows the CPUs it does give: the slow hours of RESULTS.md Demo rounds
+    24-26 had under 1% steal, the same work took more CPU seconds.)"""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
         ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
