@@ -232,7 +232,7 @@ PRESETS: dict[str, dict] = {
                       # 0.775 / 0.701 without at 3,000 steps (2 seeds, RESULTS.md round 14);
                       # as that update's D saw them, with the D feature network's maps of
                       # that forward: its augmentation and pass on 16 images, 2.7-4.2 ms of a
-                      # 74-101 ms step, are not run again (RESULTS.md round 26)
+                      # 74-101 ms step, are not run again (RESULTS.md Demo round 26)
                       reuse_fakes="previous_seen",
                       # R1 (through Φ's taps too): slower early, but the late class swings
                       # damped: judge 0.881 / 0.859 at 5,000 steps against 0.852 / 0.645

@@ -242,7 +242,7 @@ class InverterTrainer:
         data is in memory and that costs less than computing them every step (two views of
         each image against batch_size x steps): Φ is frozen, so a step would compute the same
         numbers, to the rounding of the batch size. On the demo's data Φ's forward was 3.3% of
-        a step (benchmarks/RESULTS.md, issue 10 round 26)."""
+        a step (benchmarks/RESULTS.md, Demo round 26)."""
         loader, c = self.batches.loader, self.cfg
         if not hasattr(loader, "cache_logits"):
             return
