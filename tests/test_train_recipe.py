@@ -709,7 +709,7 @@ def test_reuse_fakes_previous_seen_gives_d_the_fakes_and_maps_g_was_scored_on(tm
     trainer.train_step()  # no last images yet: a draw of its own, augmented with the reals
     # (Φ is D's feature network here: its first call is the batch's logits)
     assert net_in[-2:] == [3 * n, n]  # D's update: reals, fakes, mismatched reals; G's update
-    seen, maps = trainer._last_seen
+    seen, maps = trainer._last_fakes[0], trainer._last_maps
     assert len(seen) == n and len(maps) >= 1 and all(not m.requires_grad for m in maps)
     g_images, g_logits, *g_maps = d_in[1]  # what D read in G's update
     assert torch.equal(seen, g_images.detach())
@@ -737,7 +737,8 @@ def test_reuse_fakes_previous_seen_resumes_bit_for_bit(tmp_path, synthetic_data)
 
     straight = run(tmp_path / "a", 4)
     stopped = run(tmp_path / "b", 2)
-    assert len(stopped["last_seen"]) >= 2  # the images and at least one map, one rank each
+    # the augmented images with their logits, and at least one map, one rank each
+    assert [len(t) for t in stopped["last_fakes"]] == [1, 1] and len(stopped["last_maps"]) >= 1
     resumed = run(tmp_path / "b", 4, "--resume=true")
     for net in ("G", "D"):
         for k in straight[net]:

@@ -186,11 +186,11 @@ class InverterTrainer:
         self.augment = parse_policy(cfg.optim.diffaug)
         self.aux_augment = parse_policy(cfg.optim.aux_augment)
         self.step = self.d_step = 0
-        # optim.reuse_fakes=previous: the last G update's (images, logits), D's next fakes
+        # optim.reuse_fakes=previous: the last G update's (images, logits), D's next fakes;
+        # previous_seen: those images augmented as G's update saw them, and the D feature
+        # network's maps of them in _last_maps (D's next fakes as they are)
         self._last_fakes: tuple[torch.Tensor, torch.Tensor] | None = None
-        # optim.reuse_fakes=previous_seen: those images augmented as G's update saw them, and
-        # the D feature network's maps of them (D's next fakes as they are)
-        self._last_seen: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
+        self._last_maps: tuple[torch.Tensor, ...] | None = None
 
     def _load_classifier(self, classifier: Classifier | None) -> Classifier:
         """The frozen Φ (a copy of the one given, or loaded from ``cfg.classifier``), on this
@@ -396,7 +396,7 @@ class InverterTrainer:
                 with torch.no_grad(), _scope("classifier"):
                     z = self._logits(batch)
                 z_fake = z  # the logits D's fakes were drawn for
-                reused = None  # (previous_seen) the fakes as G's update saw them, and their maps
+                reused = None  # (previous_seen) the maps of the fakes as G's update saw them
                 if o.reuse_fakes == "same":  # G's update below backpropagates through these
                     with self._autocast(), _scope("G forward"):
                         g_fake, g_ms = self._generate(z, stats, acc)
@@ -405,7 +405,8 @@ class InverterTrainer:
                       and self._last_fakes is not None
                       and len(self._last_fakes[0]) == len(z)):  # (a loader's short last batch)
                     fake, z_fake = self._last_fakes  # the last G update's images and logits
-                    reused = self._last_seen
+                    if o.reuse_fakes == "previous_seen":  # augmented already, maps with them
+                        reused = self._last_maps
                 else:
                     with torch.no_grad(), self._autocast(), _scope("G forward (D step)"):
                         fake = self.G_fake(z, self._noise(len(z)))
@@ -416,7 +417,7 @@ class InverterTrainer:
                     if reused is None:
                         both = self._augment(torch.cat([x, fake.to(x.dtype)]))
                     else:
-                        both = torch.cat([self._augment(x), reused[0].to(x.dtype)])
+                        both = torch.cat([self._augment(x), fake.to(x.dtype)])
                     zs = torch.cat([z, z_fake])
                     n_x = len(x)
                     if o.mismatch_weight > 0:  # the same augmented reals, other images' logits
@@ -428,7 +429,7 @@ class InverterTrainer:
                         real_maps = self._phi_of(torch.cat([both[:n_x], both[2 * n_x:]]),
                                                  grad=False, drop=o.d_phi_dropout)
                         maps = tuple(torch.cat([m[:n_x], f.to(m.dtype), m[n_x:]])
-                                     for m, f in zip(real_maps, reused[1]))
+                                     for m, f in zip(real_maps, reused))
                     out = self.D_train(both, zs, *maps,
                                        head=o.d_head_weight > 0, head_detach=o.d_head_detach)
                     out, pred = out if o.d_head_weight > 0 else (out, None)
@@ -471,7 +472,7 @@ class InverterTrainer:
                     fake, ms = g_fake, g_ms
                 else:
                     fake, ms = self._generate(z, stats, acc)
-                if o.reuse_fakes in ("previous", "previous_seen"):  # D's fakes in the next step
+                if o.reuse_fakes == "previous":  # D's fakes in the next step
                     self._last_fakes = (fake.detach(), z)
                 seen_d = self._augment(fake)
                 maps = self._phi_of(seen_d, grad=True, scale=o.g_phi_grad, drop=o.d_phi_dropout,
@@ -480,8 +481,9 @@ class InverterTrainer:
                     net_logits, maps = maps
                     cls = F.cross_entropy(net_logits.float(), z.argmax(1))
                     stats["class"] = stats.get("class", 0.0) + cls.detach() / acc
-                if o.reuse_fakes == "previous_seen":  # and as D saw them, with their maps
-                    self._last_seen = (seen_d.detach(), tuple(m.detach() for m in maps))
+                if o.reuse_fakes == "previous_seen":  # D's next fakes as D saw them, and maps
+                    self._last_fakes = (seen_d.detach(), z)
+                    self._last_maps = tuple(m.detach() for m in maps)
                 out = self.D_judge(seen_d, z, *maps, head=o.d_head_weight > 0)
                 if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
                     out, pred = out
@@ -625,8 +627,8 @@ class InverterTrainer:
             # the run that was not stopped
             **({"last_fakes": [self._gather(t) for t in self._last_fakes]}
                if self._last_fakes is not None else {}),
-            **({"last_seen": [self._gather(t) for t in (self._last_seen[0], *self._last_seen[1])]}
-               if self._last_seen is not None else {}),
+            **({"last_maps": [self._gather(t) for t in self._last_maps]}
+               if self._last_maps is not None else {}),
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -644,12 +646,11 @@ class InverterTrainer:
                                    ckpt["data"]["position"])
         checkpoint.set_rng_state(ckpt["rng"])
         self.noise_gen.set_state(ckpt["noise_rng"][self.info.rank])
+        dev = self.info.device
         if "last_fakes" in ckpt:
-            dev = self.info.device
             self._last_fakes = tuple(t[self.info.rank].to(dev) for t in ckpt["last_fakes"])
-        if "last_seen" in ckpt:
-            seen, *maps = (t[self.info.rank].to(self.info.device) for t in ckpt["last_seen"])
-            self._last_seen = (seen, tuple(maps))
+        if "last_maps" in ckpt:
+            self._last_maps = tuple(t[self.info.rank].to(dev) for t in ckpt["last_maps"])
 
     def save(self) -> Path | None:
         state = self.state_dict()
@@ -672,7 +673,7 @@ class InverterTrainer:
     @torch.no_grad()
     def reconstruction_grid(self, batch: dict, noise: torch.Tensor) -> torch.Tensor:
         """Columns: original | EMA reconstruction | live-G reconstruction."""
-        z = self.classifier(self._input(batch["classifier_input"])).float()
+        z = self._logits(batch)
         was = self.G.training
         self.G.eval()
         rows = [batch["image"], self.G_ema(z, noise), self.G(z, noise)]
