@@ -41,6 +41,35 @@ def test_shifted_image_has_psnr_from_its_mse_and_ssim_below_one():
     assert m["ssim"] < 0.5  # uniform noise shifted by 3 px is nearly uncorrelated
 
 
+@pytest.mark.parametrize("shape", [(6, 3, 32, 32), (3, 1, 24, 40), (2, 2, 7, 9)], ids=str)
+def test_psnr_equals_torchmetrics(shape):
+    # fastinv's PSNR is torchmetrics' (data range 1, per image, then the mean), computed here
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    for y in (torch.rand(shape, generator=g, dtype=torch.float64),
+              (x + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(0, 1)):
+        expected = peak_signal_noise_ratio(y, x, data_range=1.0, reduction="none",
+                                           dim=tuple(range(1, len(shape))))
+        m = metrics.pixel_fidelity(y * 2 - 1, x * 2 - 1)  # the metrics take images in [-1, 1]
+        assert m["psnr"] == pytest.approx(expected.mean().item(), rel=1e-6)
+        torch.testing.assert_close(metrics.psnr_per_image(y * 2 - 1, x * 2 - 1).double(),
+                                   expected, rtol=1e-6, atol=1e-5)
+
+
+def test_training_and_the_demo_do_not_import_torchmetrics():
+    # torchmetrics (with torchvision and scipy) takes ~3 s to import: every spawned demo worker
+    # and every CLI call would pay it; only LPIPS / FID need it
+    import subprocess
+    import sys
+
+    code = ("import sys, fastinv.cli, fastinv.demo, fastinv.train.gan, fastinv.invert.evaluate, "
+            "fastinv.invert.deepsim_train; print('torchmetrics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("shape", [(6, 3, 32, 32), (3, 1, 24, 40), (2, 3, 16, 16), (2, 2, 7, 9)],
                          ids=str)
 def test_ssim_equals_torchmetrics(shape):

@@ -5,9 +5,11 @@ is a frozen module with ``input_size``, ``mean``, ``std`` (see ``fastinv.models.
 ``classifier_logits`` is the one place where generator images become classifier inputs, so the
 inverter, the baselines and the metrics all see the classifier the same way.
 
-PSNR comes from torchmetrics; SSIM is torchmetrics' definition (11x11 Gaussian window, σ 1.5,
-reflect padding) computed as two small matrix products per image (``ssim``), 7x faster on CPU
-and equal to it in float64 (tests/test_metrics.py). LPIPS and FID need backbone weights that fastinv never
+PSNR and SSIM are torchmetrics' definitions, computed here: PSNR per image as
+``-10 log10(MSE)`` on [0, 1] images, SSIM (11x11 Gaussian window, σ 1.5, reflect padding) as two
+small matrix products per image (``ssim``), 7x faster on CPU; both equal torchmetrics' in
+float64 (tests/test_metrics.py). torchmetrics is imported only for LPIPS / FID: importing it
+pulls in torchvision and scipy, 3 s of every process that scores an image (every demo worker). LPIPS and FID need backbone weights that fastinv never
 downloads: they are computed only when the user passes local weight files, and otherwise
 reported as ``"not computed"`` with what to pass.
 """
@@ -20,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from fastinv.models.classifiers import classifier_input
 
@@ -83,8 +84,12 @@ def pixel_fidelity(rec: torch.Tensor, orig: torch.Tensor) -> dict[str, float]:
         )
     x = ((rec.float() + 1) / 2).clamp(0, 1)
     y = ((orig.float() + 1) / 2).clamp(0, 1)
-    psnr = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return {"psnr": psnr.mean().item(), "ssim": float(ssim(x, y, data_range=1.0))}
+    return {"psnr": _psnr01(x, y).mean().item(), "ssim": float(ssim(x, y, data_range=1.0))}
+
+
+def _psnr01(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) of each pair of (N, ...) images in [0, 1] (data range 1): ``inf`` when equal."""
+    return -10 * torch.log10((x - y).pow(2).flatten(1).mean(1))
 
 
 @functools.lru_cache(maxsize=32)
@@ -132,8 +137,8 @@ def ssim(preds: torch.Tensor, target: torch.Tensor, data_range: float = 1.0,
 
 def psnr_per_image(rec: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
     """PSNR (dB) of each image pair (N,), images in [-1, 1]; 100 dB for identical images."""
-    mse = (((rec.float() + 1) / 2).clamp(0, 1) - ((orig.float() + 1) / 2).clamp(0, 1)).pow(2)
-    return -10 * torch.log10(mse.flatten(1).mean(1).clamp_min(1e-10))
+    x, y = ((rec.float() + 1) / 2).clamp(0, 1), ((orig.float() + 1) / 2).clamp(0, 1)
+    return _psnr01(x, y).clamp(max=100.0)
 
 
 def noise_std(resamples: torch.Tensor) -> torch.Tensor:
