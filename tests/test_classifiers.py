@@ -188,6 +188,26 @@ def test_train_classifier_writes_loadable_weights(tmp_path, synthetic_data, adve
     assert clf.num_classes == meta["num_classes"] == len(meta["classes"])
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_train_classifier_steps_its_optimizer_fused(tmp_path, synthetic_data, monkeypatch,
+                                                    optimizer):
+    # one kernel for all parameters on CPU (fastinv.train.optim.fused), as the inverter's Adam
+    made = []
+    for name in ("AdamW", "SGD"):
+        cls = getattr(torch.optim, name)
+
+        def record(*args, _cls=cls, **kwargs):
+            made.append(_cls(*args, **kwargs))
+            return made[-1]
+
+        monkeypatch.setattr(torch.optim, name, record)
+    cfg = ClassifierConfig(data=str(synthetic_data), out=str(tmp_path / "clf.safetensors"),
+                           width=4, blocks_per_stage=1, max_steps=2, batch_size=8, workers=0,
+                           device="cpu", backend="pil", optimizer=optimizer)
+    train_classifier(cfg)
+    assert len(made) == 1 and made[0].defaults["fused"] is True
+
+
 def test_classifier_config_errors():
     with pytest.raises(ValueError, match="--data DIR"):
         train_classifier(ClassifierConfig())

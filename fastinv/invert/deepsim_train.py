@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from fastinv.invert.metrics import to_classifier_input
 from fastinv.io import atomic_save_safetensors, atomic_write_json
 from fastinv.models.deepsim import DeepSimDecoder, DeepSimDiscriminator
+from fastinv.train.optim import fused
 from fastinv.train.precision import autocast, autocast_dtype
 
 
@@ -96,8 +97,8 @@ def train_deepsim(
     G.set_statistics(logits)
     d_logits = G.standardise(logits)  # D sees them on G's scale
     D = DeepSimDiscriminator(num_classes, resolution, cfg.width).to(device, memory_format=cl)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999), fused=fused(device))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999), fused=fused(device))
     comparator = ComparatorFeatures(classifier)
     with torch.no_grad():
         target_feats = torch.cat([comparator(x)[0] for x in images.split(256)])

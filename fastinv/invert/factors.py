@@ -21,6 +21,7 @@ import torch
 from sklearn.metrics import r2_score
 from torch import nn
 
+from fastinv.train.optim import fused
 from fastinv.train.precision import autocast, autocast_dtype
 
 DEFAULT_FACTORS = (
@@ -105,7 +106,7 @@ def train_factor_regressor(
     model.target_mean.copy_(targets.mean(0))
     model.target_std.copy_(targets.std(0).clamp_min(1e-6))
     y = (targets.to(device) - model.target_mean) / model.target_std
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4, fused=fused(device))
     steps = epochs * max(1, -(-images.shape[0] // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)

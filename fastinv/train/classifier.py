@@ -183,6 +183,7 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
     """Train the small ResNet (or ``cfg.arch``); returns the written ``.safetensors`` path (sidecar next to it)."""
     from fastinv.data.sources import dataset_classes
     from fastinv.train.distributed import resolve_device
+    from fastinv.train.optim import fused
     from fastinv.train.precision import autocast
 
     cfg.validate()
@@ -208,10 +209,11 @@ def train_classifier(cfg: ClassifierConfig) -> Path:
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                fused=fused(device))
     else:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, nesterov=True)
+                              weight_decay=cfg.weight_decay, nesterov=True, fused=fused(device))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)

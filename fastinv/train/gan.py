@@ -37,6 +37,7 @@ from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA
 from fastinv.train.feature_stats import PhiStats, stats_loss
 from fastinv.train.monitor import Monitor, image_grid
+from fastinv.train.optim import fused
 from fastinv.train.phi_taps import PhiFeatures
 from fastinv.train.regularizers import r1_due, r1_loss
 
@@ -314,13 +315,10 @@ class InverterTrainer:
 
     def _make_optimizers(self) -> None:
         o, dev = self.cfg.optim, self.info.device
-        # one kernel for all parameters: on CPU 0.51 ms a step for demo-cpu's G and D against
-        # 2.08 ms for torch's default there, a loop of ~8 ops a parameter (issue 11 round 13)
-        fused = True if dev.type in ("cuda", "cpu") else None
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=o.g_lr, betas=(o.beta1, o.beta2),
-                                      eps=o.adam_eps, fused=fused)
+                                      eps=o.adam_eps, fused=fused(dev))
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=o.d_lr, betas=(o.beta1, o.beta2),
-                                      eps=o.adam_eps, fused=fused)
+                                      eps=o.adam_eps, fused=fused(dev))
 
     def _wrap_for_training(self) -> None:
         """G_train / D_train take the gradient-carrying passes (DDP-wrapped under torchrun);
