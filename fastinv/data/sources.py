@@ -36,9 +36,9 @@ log = logging.getLogger("fastinv.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VALIDATE_MODES = ("header", "decode", "none")
 _JPEG_EOI = b"\xff\xd9"
-# A scan reads every file's header: 6,800 PNGs in 1.0 s, 0.25 s from the cache (measured);
-# `fastinv demo --quick` opens its 6,800 training images seven times (3 classifiers, 2 inverters,
-# evaluation): from 4,000 files on the cache saves about 5 s of its run
+# A scan reads every file's header: 6,800 PNGs in 1.0 s, 0.24-0.26 s from the cache (measured,
+# RESULTS.md Demo round 27); `fastinv demo --quick` opens its 6,800 training images seven times
+# (3 classifiers, 2 inverters, evaluation), six of them now from the cache
 CACHE_MIN_FILES = 4_000
 PROCESS_SCAN_MIN_FILES = 20_000
 _JPEG_TAIL = 4096  # bytes searched for the end-of-image marker (some writers pad after it)
