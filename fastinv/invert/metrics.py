@@ -9,9 +9,10 @@ PSNR and SSIM are torchmetrics' definitions, computed here: PSNR per image as
 ``-10 log10(MSE)`` on [0, 1] images, SSIM (11x11 Gaussian window, σ 1.5, reflect padding) as two
 small matrix products per image (``ssim``), 7x faster on CPU; both equal torchmetrics' in
 float64 (tests/test_metrics.py). torchmetrics is imported only for LPIPS / FID: importing it
-pulls in torchvision and scipy, 3 s of every process that scores an image (every demo worker). LPIPS and FID need backbone weights that fastinv never
-downloads: they are computed only when the user passes local weight files, and otherwise
-reported as ``"not computed"`` with what to pass.
+pulls in torchvision and scipy, 3 s of every process that scores an image (every demo worker).
+LPIPS and FID need backbone weights that fastinv never downloads: they are computed only when
+the user passes local weight files, and otherwise reported as ``"not computed"`` with what to
+pass.
 """
 
 from __future__ import annotations
@@ -82,9 +83,13 @@ def pixel_fidelity(rec: torch.Tensor, orig: torch.Tensor) -> dict[str, float]:
             f"pixel_fidelity needs images of the same shape, got {tuple(rec.shape)} and "
             f"{tuple(orig.shape)}; resize the reconstructions to the originals' size first"
         )
-    x = ((rec.float() + 1) / 2).clamp(0, 1)
-    y = ((orig.float() + 1) / 2).clamp(0, 1)
+    x, y = _unit(rec), _unit(orig)
     return {"psnr": _psnr01(x, y).mean().item(), "ssim": float(ssim(x, y, data_range=1.0))}
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as float32 in [0, 1], where they stay on."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def _psnr01(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -137,8 +142,7 @@ def ssim(preds: torch.Tensor, target: torch.Tensor, data_range: float = 1.0,
 
 def psnr_per_image(rec: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
     """PSNR (dB) of each image pair (N,), images in [-1, 1]; 100 dB for identical images."""
-    x, y = ((rec.float() + 1) / 2).clamp(0, 1), ((orig.float() + 1) / 2).clamp(0, 1)
-    return _psnr01(x, y).clamp(max=100.0)
+    return _psnr01(_unit(rec), _unit(orig)).clamp(max=100.0)
 
 
 def noise_std(resamples: torch.Tensor) -> torch.Tensor:
@@ -249,8 +253,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor, inception_weights: str | Path | 
             return self.m((x - mean) / std)
 
     metric = FrechetInceptionDistance(feature=_Features(net), normalize=True).to(real.device)
-    metric.update(((real.float() + 1) / 2).clamp(0, 1), real=True)
-    metric.update(((fake.float() + 1) / 2).clamp(0, 1), real=False)
+    metric.update(_unit(real), real=True)
+    metric.update(_unit(fake), real=False)
     return metric.compute().item()
 
 
