@@ -32,7 +32,7 @@ class _TorchConditionalBatchNorm2d(nn.Module):
     the parameter and buffer names of fastinv.nn.ConditionalBatchNorm2d; ``relu``: then
     ``torch.relu``, as its own op (what the fused kernels' ReLU replaces)."""
 
-    def __init__(self, num_features: int, cond_dim: int, eps: float, momentum: float,
+    def __init__(self, num_features: int, cond_dim: int, eps: float, momentum: float | None,
                  spectral_norm: bool = True, relu: bool = False):
         super().__init__()
         self.eps, self.momentum, self.relu = eps, momentum, relu
@@ -44,11 +44,19 @@ class _TorchConditionalBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        momentum = self.momentum
         if self.training:
             self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked)
         h = F.batch_norm(x, self.running_mean, self.running_var, training=self.training,
-                         momentum=self.momentum, eps=self.eps)
+                         momentum=0.0 if momentum is None else momentum, eps=self.eps)
         gain = (1 + self.gain(cond)).to(x.dtype).view(cond.shape[0], -1, 1, 1)
         bias = self.bias(cond).to(x.dtype).view(cond.shape[0], -1, 1, 1)
         h = h * gain + bias

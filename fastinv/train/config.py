@@ -96,6 +96,11 @@ class OptimConfig:
     accumulate: int = 1  # micro-batches per update
     ema_decay: float = 0.9999
     ema_start: int = 1000  # before this G step the EMA copies G
+    # "standing statistics" (BigGAN): before the EMA G is saved (and drawn in the image grids),
+    # its batch norms' running statistics are recomputed for its own weights over this many
+    # batches of training logits (fastinv.train.ema.standing_statistics); 0 = keep the live
+    # G's, which it copies every step
+    ema_standing_batches: int = 16
     # "lr decay": from this fraction of run.steps on, both learning rates fall linearly to 0 at
     # the last step (a pure function of the step, so a resumed run follows the same schedule);
     # 1 = constant learning rates (the paper's schedule)
@@ -536,6 +541,8 @@ def _check(cfg: TrainConfig) -> None:
              f"optim.reuse_fakes={o.reuse_fakes} feeds one G draw to one D update: it needs "
              f"optim.d_steps=1 and optim.accumulate=1 (got {o.d_steps} and {o.accumulate})")
     _require(0 <= o.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+    _require(o.ema_standing_batches >= 0,
+             f"optim.ema_standing_batches must be >= 0, got {o.ema_standing_batches}")
     _require(o.ema_start >= 0 and o.aux_logit_weight >= 0,
              "optim.ema_start and optim.aux_logit_weight must be >= 0")
     _require(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")

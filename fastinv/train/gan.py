@@ -4,7 +4,8 @@ discriminator ``D(x, z)``, ``z = Φ(x)`` the raw logits (Teterwak et al., ICML 2
 One training step is ``d_steps`` discriminator updates then one generator update, each over
 ``accumulate`` micro-batches, with the hinge loss (fused op) and Adam(β=(0, 0.999)). The
 generator update conditions on the logits of the last real micro-batches seen by D, with fresh
-noise. G's EMA (from ``ema_start``) is what evaluation and ``load_inverter`` use.
+noise. G's EMA (from ``ema_start``), saved with its batch norms' standing statistics, is what
+evaluation and ``load_inverter`` use.
 
 Under torchrun, G and D are wrapped in DDP: D's update goes through D's wrapper (gradients
 averaged over ranks), G's through G's; the other network is called unwrapped and without
@@ -34,7 +35,7 @@ from fastinv.ops import hinge_loss_d, hinge_loss_g
 from fastinv.train import checkpoint, distributed, precision
 from fastinv.train.augment import diff_augment, parse_policy
 from fastinv.train.config import TrainConfig, save_yaml, validate
-from fastinv.train.ema import EMA
+from fastinv.train.ema import EMA, standing_statistics
 from fastinv.train.feature_stats import PhiStats, stats_loss
 from fastinv.train.monitor import Monitor, image_grid
 from fastinv.train.optim import fused
@@ -306,8 +307,15 @@ class InverterTrainer:
 
             # every batch norm of G on the fused op's cross-replica path (gloo or NCCL)
             self.G = convert_sync_batchnorm(self.G)
-        if cfg.model.logit_preprocess == "affine":
-            self._fit_logit_statistics()
+        # Φ's logits of the first training images: the affine statistics (up to 4,096) and
+        # the EMA's standing statistics (optim.ema_standing_batches batches), one pass
+        n_standing = cfg.optim.ema_standing_batches * cfg.data.batch_size
+        affine = cfg.model.logit_preprocess == "affine"
+        z = self._training_logits(4096 if affine else n_standing) if affine or n_standing else None
+        if affine:
+            self._fit_logit_statistics(z)
+        self._standing_z = z[:n_standing].to(dev) if n_standing else None
+        self._standing_step = -1  # the step whose standing statistics G_ema holds
         fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         for net in (self.G, self.D, self.G_ema):
             net.to(dev, memory_format=fmt)
@@ -336,10 +344,10 @@ class InverterTrainer:
             self.G_fake, self.D_judge = torch.compile(self.G), torch.compile(self.D)
 
     @torch.no_grad()
-    def _fit_logit_statistics(self, max_images: int = 4096) -> None:
-        """Per-logit mean and std of Φ over (up to ``max_images``) training images, averaged
-        over ranks so every rank's models are identical; fixed for the whole run (a checkpoint
-        carries them)."""
+    def _training_logits(self, max_images: int) -> torch.Tensor:
+        """Φ's logits of this rank's first (at least ``max_images``, whole batches) training
+        images of epoch 0, in the loader's shuffled order; the stream starts epoch 0 again
+        after."""
         zs, n = [], 0
         self.batches.loader.set_epoch(0)
         for batch in self.batches.loader:
@@ -347,7 +355,12 @@ class InverterTrainer:
             n += len(zs[-1])
             if n >= max_images:
                 break
-        z = torch.cat(zs)
+        self.batches.loader.set_epoch(0)
+        return torch.cat(zs)
+
+    def _fit_logit_statistics(self, z: torch.Tensor) -> None:
+        """Per-logit mean and std of Φ over training logits ``z``, averaged over ranks so every
+        rank's models are identical; fixed for the whole run (a checkpoint carries them)."""
         moments = torch.stack([z.mean(0), z.pow(2).mean(0)])
         if self.info.distributed:
             import torch.distributed as dist
@@ -357,7 +370,17 @@ class InverterTrainer:
         mean, std = moments[0], (moments[1] - moments[0] ** 2).clamp_min(0).sqrt()
         for net in (self.G, self.D, self.G_ema):
             net.preprocess.set_statistics(mean, std)
-        self.batches.loader.set_epoch(0)
+
+    def _standing_ema(self) -> None:
+        """G_ema's batch-norm statistics recomputed for its own weights (standing statistics,
+        ``fastinv.train.ema``), once per step, before it is saved or drawn: a pure function of
+        its weights (the same logits and noise every time), so a resumed run saves what the
+        run that was not stopped saves. The next EMA update copies the live G's again."""
+        if self._standing_z is None or self._standing_step == self.step:
+            return
+        gen = torch.Generator(self.info.device).manual_seed(self.cfg.run.seed * 7919 + 2)
+        standing_statistics(self.G_ema, self._standing_z, self.cfg.data.batch_size, gen)
+        self._standing_step = self.step
 
     # --- one training step -------------------------------------------------------------------
 
@@ -609,6 +632,7 @@ class InverterTrainer:
         return [g.cpu() for g in gathered]
 
     def state_dict(self) -> dict:
+        self._standing_ema()
         noise = self._gather(self.noise_gen.get_state())  # a collective: every rank calls this
         return {
             "format": checkpoint.FORMAT,
@@ -672,6 +696,7 @@ class InverterTrainer:
     def reconstruction_grid(self, batch: dict, noise: torch.Tensor) -> torch.Tensor:
         """Columns: original | EMA reconstruction | live-G reconstruction."""
         z = self._logits(batch)
+        self._standing_ema()
         was = self.G.training
         self.G.eval()
         rows = [batch["image"], self.G_ema(z, noise), self.G(z, noise)]
