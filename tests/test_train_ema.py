@@ -44,7 +44,6 @@ def test_standing_statistics_are_the_average_batch_statistics(layers):
               if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     cond = torch.randn(11, 10, dtype=torch.float64) * 3
     gen = torch.Generator().manual_seed(1)
-    G.double()
     assert standing_statistics(G, cond, batch_size=4, generator=gen) == 3  # 4 + 4 + 3
     for h in hooks:
         h.remove()
@@ -68,8 +67,8 @@ def test_standing_statistics_are_the_average_batch_statistics(layers):
 
 def test_checkpoint_holds_the_ema_with_standing_statistics(tmp_path, synthetic_data):
     """With ``optim.ema_standing_batches`` the saved EMA G differs from a run without it only
-    in its batch norms' statistics, which are its own: recomputing them on the loaded G over
-    the trainer's logits and noise changes nothing. Training itself is not touched."""
+    in its batch norms' statistics (counted over that many batches); training itself (G, D)
+    is not touched."""
     def run(name, batches):
         cfg = load_config("tiny", [f"--out_dir={tmp_path / name}", f"--root={synthetic_data}",
                                    "--steps=3", "--ckpt_every=3",

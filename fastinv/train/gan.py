@@ -307,11 +307,12 @@ class InverterTrainer:
 
             # every batch norm of G on the fused op's cross-replica path (gloo or NCCL)
             self.G = convert_sync_batchnorm(self.G)
-        # Φ's logits of the first training images: the affine statistics (up to 4,096) and
-        # the EMA's standing statistics (optim.ema_standing_batches batches), one pass
+        # Φ's logits of the first training images, one pass: the affine statistics (4,096)
+        # and the EMA's standing statistics (optim.ema_standing_batches batches)
         n_standing = cfg.optim.ema_standing_batches * cfg.data.batch_size
         affine = cfg.model.logit_preprocess == "affine"
-        z = self._training_logits(4096 if affine else n_standing) if affine or n_standing else None
+        n = max(4096 if affine else 0, n_standing)
+        z = self._training_logits(n) if n else None
         if affine:
             self._fit_logit_statistics(z)
         self._standing_z = z[:n_standing].to(dev) if n_standing else None
