@@ -64,6 +64,9 @@ def test_verdict_reproduced_contradicted_inconclusive():
     weak = verdict(up, +1, [Gate("judge agreement", 0.3, 0.5)])
     assert weak.outcome == "inconclusive" and "judge agreement" in weak.reason
     assert verdict(None, +1, ok).outcome == "inconclusive"
+    # no interval because a gate failed (one misclassified image): the gate is the reason given
+    few = verdict(None, +1, ok + [Gate("misclassified images", 1, 5)])
+    assert few.outcome == "inconclusive" and "misclassified images 1 < 5" in few.reason
 
 
 def test_gate_with_nan_does_not_hold():

@@ -199,8 +199,9 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
         iv = bootstrap_diff(own, other) if n >= 2 else None
         gates = _gates(r) + [Gate(f"{r.name} misclassified images", n, MIN_MISCLASSIFIED)]
         v = verdict(iv, +1, gates)
-        out.append(_row(claim, v, f"{n} images: PSNR of x̂ to its own x minus to another "
-                                  f"held-out image: {iv if iv else '–'} dB"))
+        out.append(_row(claim, v, f"{n} misclassified held-out image{'' if n == 1 else 's'} of "
+                                  f"{int(m.get('n_images') or 0)}: PSNR of x̂ to its own x minus "
+                                  f"to another held-out image: {iv if iv else '–'} dB"))
 
     for clf, table in factors.items():
         claim = (f"Logits keep more than the class: nuisance factors can be read off "
@@ -365,7 +366,9 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                    "The judge is a classifier of another architecture and seed trained only on "
                    "real images (the `real images` row is its accuracy on the originals: the "
                    "ceiling); KID is measured in its feature space against the real held-out "
-                   "images (lower is more realistic). Noise std is the inverter's mean per-pixel "
+                   "images (lower is more realistic; an unbiased estimate, in the judge's feature "
+                   "units, so it can fall below 0 when two sets are alike, most often on the "
+                   "small `_opt_subset`). Noise std is the inverter's mean per-pixel "
                    "std over noise draws (the other methods are deterministic)."))
     header = ["classifier", "method"] + [h for _, h in METHOD_KEYS] + ["noise std"]
     rows = []

@@ -128,7 +128,9 @@ class Gate:
         return not math.isnan(self.value) and self.value >= self.threshold
 
     def __str__(self) -> str:
-        return f"{self.name} {self.value:.3f} {'≥' if self.holds else '<'} {self.threshold:g}"
+        count = self.threshold >= 1 and float(self.value).is_integer()  # a number of images
+        value = f"{self.value:.0f}" if count else f"{self.value:.3f}"
+        return f"{self.name} {value} {'≥' if self.holds else '<'} {self.threshold:g}"
 
 
 @dataclass
@@ -142,9 +144,9 @@ class Verdict:
 def verdict(interval: Interval | None, direction: int, gates: list[Gate]) -> Verdict:
     """``direction`` +1: the paper predicts a positive difference; -1: negative."""
     failed = [g for g in gates if not g.holds]
-    if interval is None:
+    if interval is None and not failed:
         return Verdict("inconclusive", "no measurement", None, gates)
-    if failed:
+    if failed:  # named first: a gate that fails (e.g. too few images) is why there is no interval
         return Verdict("inconclusive", "quality gate not met: " + "; ".join(map(str, failed)),
                        interval, gates)
     if not interval.excludes_zero():
