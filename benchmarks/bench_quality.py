@@ -62,10 +62,18 @@ ABLATIONS = {
     # an option the recipe does not use, measured on top of it (λ 1)
     "+ logit consistency": ("--optim.aux_logit_weight=1",),
     "+ mismatched-logit D": ("--optim.mismatch_weight=1",),
+    # the mismatched pairs from another image of the same class: D must read the logits
+    # beyond the class (what the factor R² of scale asks of G)
+    "+ same-class mismatched-logit D": ("--optim.mismatch_weight=1",
+                                        "--optim.mismatch_pairs=same_class"),
     # the D logit head (ACGAN-style): off, and in ACGAN's cross-entropy form instead of MSE
     "no D logit head": ("--optim.d_head_weight=0",),
     "D logit head as cross-entropy": ("--optim.d_head_loss=ce",),
     "+ detached D logit head": ("--optim.d_head_detach=true",),
+    # G's input linear layer reads the logit embedding (BigGAN-deep) / a two-layer logit
+    # embedding, measured on top of the recipe
+    "+ conditioned G input": ("--model.g_cond_input=true",),
+    "+ MLP logit embedding": ("--model.g_shared_mlp=true",),
     # "mode seeking" (MSGAN) against the per-class collapse: off
     "no mode seeking": ("--optim.mode_seeking_weight=0",),
     # D's fakes are the last G update's images (one G forward a step): a draw of their own

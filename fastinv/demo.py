@@ -395,8 +395,13 @@ def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], dev
     val = _images(out / "data" / "val", clf, p, p.evaluation.n_eval, device)
     if train is None:
         train = _images(out / "data" / "train", clf, p, p.n_images, device)
+    # misclassified images from the whole held-out split: Φ is right on 99-99.9% of it, so the
+    # evaluation subset alone holds one or two (the finding needs 5, fastinv.invert.report)
+    all_val = _images(out / "data" / "val", clf, p, 10**9, device)
     _stage(f"analyses for {name}", timings, run_analyses, G, clf, val, out / name / "analyses",
-           class_names=class_names, k=p.evaluation.k_resample, seed=seed, progress=progress)
+           class_names=class_names, k=p.evaluation.k_resample, seed=seed, progress=progress,
+           misclassified_data=all_val)
+    del all_val
     dcfg = dataclasses.replace(p.deepsim, seed=seed)
     deepsim, _ = _stage(f"DeePSiM decoder for {name}", timings, train_deepsim, clf,
                         train.images, train.logits, out / name / "deepsim", dcfg, progress=progress)

@@ -445,6 +445,19 @@ def test_mismatched_logits_pairs_other_classes_only():
     assert keep1.sum() == 0  # a batch of one has no other image
 
 
+def test_same_class_mismatched_logits_pair_another_image_of_the_class():
+    from fastinv.train.gan import mismatched_logits
+
+    z = torch.eye(4)[[0, 0, 0, 1, 1, 2]] * 5 + torch.arange(6.0)[:, None] * 0.01  # class 2 alone
+    for seed in range(20):
+        other, keep = mismatched_logits(z, torch.Generator().manual_seed(seed), "same_class")
+        assert keep.tolist() == [1, 1, 1, 1, 1, 0]
+        rows = [int((z == o).all(1).nonzero()) for o in other[:5]]
+        assert all(r != i and z[r].argmax() == z[i].argmax() for i, r in enumerate(rows))
+    with pytest.raises(ValueError, match="same_class"):
+        mismatched_logits(z, torch.Generator(), "nearest")
+
+
 def test_mismatched_logit_d_trains_and_is_named(tmp_path, synthetic_data):
     cfg, run_dir = _train_option(tmp_path, synthetic_data, "--mismatch_weight=1")
     values = _scalars(run_dir, "d_mismatch")
@@ -452,6 +465,12 @@ def test_mismatched_logit_d_trains_and_is_named(tmp_path, synthetic_data):
     assert inverter_options(cfg) == {"mismatched-logit D": 1.0}
     with pytest.raises(ConfigError, match="mismatch_weight"):
         load_config("tiny", ["--mismatch_weight=-1"])
+    with pytest.raises(ConfigError, match="mismatch_pairs"):
+        load_config("tiny", ["--mismatch_pairs=nearest"])
+    cfg, run_dir = _train_option(tmp_path / "same", synthetic_data, "--mismatch_weight=0.5",
+                                 "--mismatch_pairs=same_class")
+    assert all(math.isfinite(v) for v in _scalars(run_dir, "d_mismatch"))
+    assert inverter_options(cfg) == {"mismatched-logit D": "0.5 (same class)"}
 
 
 def test_d_logit_head_trains_and_is_named(tmp_path, synthetic_data):
@@ -584,6 +603,29 @@ def test_conditioned_g_input_makes_the_first_map_depend_on_the_logits(tmp_path, 
     assert inverter_options(cfg) == {"conditioned G input": True}
     loaded, _ = checkpoint.load_inverter(checkpoint.list_checkpoints(run_dir)[-1], device="cpu")
     assert loaded.cond_input and loaded.config.cond_input
+
+
+def test_mlp_logit_embedding_is_not_linear_in_the_logits(tmp_path, synthetic_data):
+    from fastinv.models.generator import Generator
+
+    torch.manual_seed(0)
+    G = Generator(num_classes=4, resolution=16, ch=4, noise_dim=12, shared_dim=8,
+                  attention_resolution=0, shared_mlp=True).eval()
+    a, b = torch.randn(1, 4), torch.randn(1, 4)
+    emb = G.shared(torch.cat([a, b, a + b]))
+    # one linear map (BigGAN's, no bias) is additive: e(a + b) = e(a) + e(b); the MLP is not
+    assert not torch.allclose(emb[2], emb[0] + emb[1], atol=1e-4)
+    plain = Generator(num_classes=4, resolution=16, ch=4, noise_dim=12, shared_dim=8,
+                      attention_resolution=0).eval()
+    assert sum(p.numel() for p in G.parameters()) == (
+        sum(p.numel() for p in plain.parameters()) + 8 * 8 + 8)  # one hidden 8 -> 8 layer
+    noise = G.sample_noise(3)
+    assert G(torch.randn(3, 4), noise).shape == (3, 3, 16, 16)
+    # the option trains, is named, and a checkpoint rebuilds the same G
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--g_shared_mlp=true")
+    assert inverter_options(cfg) == {"MLP logit embedding": True}
+    loaded, _ = checkpoint.load_inverter(checkpoint.list_checkpoints(run_dir)[-1], device="cpu")
+    assert loaded.config.shared_mlp and isinstance(loaded.shared, torch.nn.Sequential)
 
 
 def test_detached_d_head_trains_the_head_but_not_the_trunk():

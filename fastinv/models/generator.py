@@ -70,6 +70,7 @@ class GeneratorConfig:
     sn_eps: float = 1e-6
     layers: str = "fastinv"
     cond_input: bool = False
+    shared_mlp: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> GeneratorConfig:
@@ -95,6 +96,11 @@ class Generator(nn.Module):
             ``cat(noise chunk, shared(logits))`` (BigGAN-deep's input) so the 4x4 map the
             blocks start from already depends on the logits; False is BigGAN (noise only,
             the logits reach G only through the batch norms' gains and biases).
+        shared_mlp: the "MLP logit embedding" option: ``shared`` is linear -> ReLU -> linear
+            (hidden width ``shared_dim``) instead of one linear map. A one-hot class needs
+            no more than BigGAN's linear embedding; what logits carry beyond the class can
+            be class-dependent (on the synthetic shapes, a shape's size is a different
+            direction of the logits for each class), which one linear map cannot unmix.
     """
 
     def __init__(self, config: GeneratorConfig | int | None = None, /, *args, **kwargs):
@@ -102,10 +108,12 @@ class Generator(nn.Module):
         self.config = c = layers.model_config(GeneratorConfig, config, args, kwargs, "Generator")
         self._build(c.num_classes, c.resolution, c.ch, c.noise_dim, c.shared_dim,
                     c.attention_resolution, c.logit_preprocess, c.logit_temperature,
-                    c.bn_eps, c.sn_eps, c.cond_input, layers.for_implementation(c.layers))
+                    c.bn_eps, c.sn_eps, c.cond_input, layers.for_implementation(c.layers),
+                    c.shared_mlp)
 
     def _build(self, num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
-               logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input, make):
+               logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input, make,
+               shared_mlp=False):
         if resolution not in G_ARCH:
             raise ValueError(f"Generator resolution must be one of {sorted(G_ARCH)}, got {resolution}")
         if num_classes < 1 or ch < 1 or shared_dim < 1:
@@ -122,7 +130,9 @@ class Generator(nn.Module):
         cond_dim = shared_dim + self.chunk
 
         self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
-        self.shared = make.sn_linear(num_classes, shared_dim, sn_eps)
+        self.shared = (nn.Sequential(make.sn_linear(num_classes, shared_dim, sn_eps), nn.ReLU(),
+                                     make.sn_linear(shared_dim, shared_dim, sn_eps))
+                       if shared_mlp else make.sn_linear(num_classes, shared_dim, sn_eps))
         self.linear = make.sn_linear(self.chunk + (shared_dim if cond_input else 0), ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()

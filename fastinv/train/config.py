@@ -81,6 +81,9 @@ class ModelConfig:
     # "conditioned G input": G's input linear layer reads the logit embedding beside the noise
     # (BigGAN-deep), not only the batch norms; False = BigGAN
     g_cond_input: bool = False
+    # "MLP logit embedding": G embeds the logits with linear -> ReLU -> linear, not one linear
+    # map (models/generator.py: shared_mlp); False = BigGAN
+    g_shared_mlp: bool = False
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -125,6 +128,9 @@ class OptimConfig:
     # the logits of a real image of another Φ class and must score it fake (hinge, weight λ),
     # so D's score depends on whether image and logits belong together, not only on realism
     mismatch_weight: float = 0.0
+    # whose logits the mismatched pairs take: "other_class" (GAN-CLS, above) or "same_class"
+    # (another image of the same Φ class: D must read what the logits say beyond the class)
+    mismatch_pairs: str = "other_class"
     # "D logit head" (ACGAN-style): D gets a linear head on its pooled feature that regresses
     # the preprocessed logits of real images (weight λ in D's loss); G is asked (weight λ) that
     # the head reads z's logits in G(z, ε)
@@ -275,9 +281,12 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "D feature network": Path(cfg.classifier.d_net_weights).stem
              if cfg.classifier.d_net_weights else "",
              "Φ feature statistics": o.phi_stats_weight,
-             "mismatched-logit D": o.mismatch_weight, "D logit head": o.d_head_weight,
+             "mismatched-logit D": (f"{o.mismatch_weight:g} (same class)"
+                                    if o.mismatch_weight and o.mismatch_pairs == "same_class"
+                                    else o.mismatch_weight),
+             "D logit head": o.d_head_weight,
              "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
-             "conditioned G input": m.g_cond_input,
+             "conditioned G input": m.g_cond_input, "MLP logit embedding": m.g_shared_mlp,
              # both need model.d_phi_layer (_check refuses them without it)
              "Φ gradient to G": f"x{o.g_phi_grad:g}" if o.g_phi_grad < 1 else "",
              "Φ-map dropout": o.d_phi_dropout,
@@ -508,6 +517,8 @@ def _check(cfg: TrainConfig) -> None:
     _require(o.recon_weight >= 0, "optim.recon_weight must be >= 0")
     _require(o.phi_stats_weight >= 0, "optim.phi_stats_weight must be >= 0")
     _require(o.mismatch_weight >= 0, "optim.mismatch_weight must be >= 0")
+    _require(o.mismatch_pairs in ("other_class", "same_class"),
+             f"optim.mismatch_pairs must be other_class or same_class, got {o.mismatch_pairs!r}")
     _require(o.d_head_weight >= 0, "optim.d_head_weight must be >= 0")
     _require(o.mode_seeking_weight >= 0, "optim.mode_seeking_weight must be >= 0")
     _require(o.d_head_loss in ("mse", "ce"), f"optim.d_head_loss must be mse or ce, "

@@ -84,7 +84,8 @@ def build_models(cfg: TrainConfig, num_classes: int,
                   attention_resolution=m.attention_resolution, logit_preprocess=m.logit_preprocess,
                   logit_temperature=m.logit_temperature, sn_eps=m.sn_eps, layers=m.layers)
     g = GeneratorConfig(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim,
-                        bn_eps=m.bn_eps, cond_input=m.g_cond_input, **common)
+                        bn_eps=m.bn_eps, cond_input=m.g_cond_input,
+                        shared_mlp=m.g_shared_mlp, **common)
     d = DiscriminatorConfig(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
                             phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
                             mbstd_group=m.d_mbstd, **common)
@@ -129,13 +130,28 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def mismatched_logits(z: torch.Tensor, generator: torch.Generator
+def mismatched_logits(z: torch.Tensor, generator: torch.Generator, pairs: str = "other_class"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "mismatched-logit D" pairs: each row's partner logits from a random row of the
-    batch, and a 0/1 mask of the pairs whose Φ classes differ (a same-class partner is a true
-    pair, so it is left out of the loss)."""
-    perm = torch.randperm(len(z), generator=generator, device=z.device)
-    return z[perm], (z.argmax(1) != z[perm].argmax(1)).float()
+    """The "mismatched-logit D" pairs: each row's partner logits and a 0/1 mask of the rows
+    whose pair enters the loss.
+
+    ``other_class`` (GAN-CLS): the partner is a random row of the batch; pairs of the same Φ
+    class are left out (for a one-hot class they would be true pairs). ``same_class``: the
+    partner is a random *other* row of the same Φ class (rows with none are left out), so D
+    must tell which of two same-class logit vectors belongs to the image: what logits carry
+    beyond the class (on the synthetic shapes, the size), which a D trained on other-class
+    pairs never needs to read."""
+    if pairs == "other_class":
+        perm = torch.randperm(len(z), generator=generator, device=z.device)
+        return z[perm], (z.argmax(1) != z[perm].argmax(1)).float()
+    if pairs != "same_class":
+        raise ValueError(f"mismatch pairs must be other_class or same_class, got {pairs!r}")
+    cls = z.argmax(1)
+    ok = (cls[:, None] == cls[None, :]) & ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    # a random valid partner per row: the largest of uniform scores over the valid columns
+    scores = torch.rand(len(z), len(z), generator=generator, device=z.device)
+    partner = scores.masked_fill(~ok, -1.0).argmax(1)
+    return z[partner], ok.any(1).float()
 
 
 def lr_scale(step: int, total: int, decay_from: float) -> float:
@@ -443,7 +459,7 @@ class InverterTrainer:
                     zs = torch.cat([z, z_fake])
                     n_x = len(x)
                     if o.mismatch_weight > 0:  # the same augmented reals, other images' logits
-                        z_other, keep = mismatched_logits(z, self.noise_gen)
+                        z_other, keep = mismatched_logits(z, self.noise_gen, o.mismatch_pairs)
                         both, zs = torch.cat([both, both[:n_x]]), torch.cat([zs, z_other])
                     if reused is None:
                         maps = self._phi_of(both, grad=False, drop=o.d_phi_dropout)
