@@ -119,3 +119,11 @@ def test_collect_images_spreads_over_a_class_sorted_dataset():
     spread = analyses.collect_images(batches, C, 8, "cpu", dataset_size=40)
     assert len(spread) == 8 and len(spread.labels.unique()) > 1
     assert torch.equal(spread.labels, labels[spread.index])
+    # the same subset taken from a whole-dataset collection, without a second pass
+    whole = analyses.collect_images(batches, C, 10**9, "cpu", dataset_size=40)
+    assert len(whole) == 40 and whole.sample(40) is whole
+    again = whole.sample(8)
+    assert torch.equal(again.index, spread.index) and torch.equal(again.labels, spread.labels)
+    assert torch.allclose(again.logits, spread.logits, atol=1e-6)
+    with pytest.raises(ValueError, match="dataset index"):
+        analyses.Images(whole.images, whole.labels, whole.logits).sample(8)

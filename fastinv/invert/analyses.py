@@ -52,10 +52,30 @@ class Images:
         index = None if self.index is None else self.index[idx.to(self.index.device)]
         return Images(self.images[idx], self.labels[idx], self.logits[idx], index)
 
+    def sample(self, n: int, seed: int = 0) -> Images:
+        """The ``n`` images ``collect_images(..., n, dataset_size=len(self), seed=seed)`` keeps,
+        taken from this whole-dataset collection (no second pass over the files)."""
+        if self.index is None:
+            raise ValueError("Images.sample needs the dataset index of each image")
+        keep = kept_rows(len(self), n, seed)
+        if keep is None:
+            return self
+        return self.subset(keep[self.index.cpu()].nonzero().flatten()[:n])
+
     @classmethod
     def from_images(cls, classifier, images: torch.Tensor, labels: torch.Tensor) -> Images:
         with torch.no_grad():
             return cls(images, labels, classifier_logits(classifier, images))
+
+
+def kept_rows(dataset_size: int, n: int, seed: int = 0) -> torch.Tensor | None:
+    """The seeded random ``n`` of ``dataset_size`` dataset rows an evaluation keeps, as a mask
+    over the rows (None: all of them)."""
+    if dataset_size <= n:
+        return None
+    keep = torch.zeros(dataset_size, dtype=torch.bool)
+    keep[torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed))[:n]] = True
+    return keep
 
 
 def collect_images(
@@ -73,11 +93,7 @@ def collect_images(
     ``n`` would cover only the first classes. With ``dataset_size`` given, a seeded random
     subset of ``n`` dataset indices is kept instead (all batches are read, only those kept).
     """
-    keep = None
-    if dataset_size is not None and dataset_size > n:
-        gen = torch.Generator().manual_seed(seed)
-        keep = torch.zeros(dataset_size, dtype=torch.bool)
-        keep[torch.randperm(dataset_size, generator=gen)[:n]] = True
+    keep = None if dataset_size is None else kept_rows(dataset_size, n, seed)
     imgs, labels, logits, index = [], [], [], []
     count = 0
     with torch.no_grad():

@@ -128,9 +128,8 @@ class Gate:
         return not math.isnan(self.value) and self.value >= self.threshold
 
     def __str__(self) -> str:
-        count = self.threshold >= 1 and float(self.value).is_integer()  # a number of images
-        value = f"{self.value:.0f}" if count else f"{self.value:.3f}"
-        return f"{self.name} {value} {'≥' if self.holds else '<'} {self.threshold:g}"
+        # 3 decimals for a rate, a count as a count: "0.958 < 0.99", "1 < 5"
+        return f"{self.name} {round(self.value, 3):g} {'≥' if self.holds else '<'} {self.threshold:g}"
 
 
 @dataclass
