@@ -68,3 +68,45 @@ def test_a_bad_amp_is_refused_before_training():
     x, y = torch.zeros(4, 3, 8, 8), torch.zeros(4, 2)
     with pytest.raises(ValueError, match="amp must be one of"):
         train_factor_regressor(x, y, epochs=1, amp="fp8")
+
+
+def _probe_data(n, seed, classes=5):
+    """Logits of ``classes`` classes and two factors: "size" moves a different logit direction
+    in each class (as the synthetic shapes' size does, RESULTS.md Demo round 29), "noise" is
+    not in the logits at all."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, classes, (n,), generator=g)
+    size = torch.rand(n, generator=g)
+    direction = torch.randn(classes, classes, generator=torch.Generator().manual_seed(99))
+    logits = 6 * torch.nn.functional.one_hot(label, classes).float()
+    logits = logits + size[:, None] * direction[label] + 0.05 * torch.randn(n, classes, generator=g)
+    noise = torch.rand(n, generator=g)
+    return logits, torch.stack([size, noise], 1)
+
+
+def test_logit_probe_reads_a_factor_each_class_codes_in_its_own_logit_direction():
+    from fastinv.invert.factors import logit_probe
+
+    train_z, train_y = _probe_data(4000, 0)
+    z, y = _probe_data(600, 1)
+    r2, intervals = logit_probe(train_z, train_y, z, y, ["size", "noise"], n_boot=200)
+    assert r2["size"] > 0.9 and intervals["size"]["lo"] > 0.9
+    assert r2["noise"] < 0.02 and intervals["noise"]["lo"] < 0 < intervals["noise"]["hi"]
+    # one linear map of the logits for all classes reads the size far worse: the probe's
+    # per-class blocks are what find it
+    x = torch.cat([train_z, torch.ones(len(train_z), 1)], 1).double()
+    w = torch.linalg.lstsq(x, train_y.double()).solution
+    pred = torch.cat([z, torch.ones(len(z), 1)], 1).double() @ w
+    shared = 1 - ((pred[:, 0] - y[:, 0]) ** 2).sum() / ((y[:, 0] - y[:, 0].mean()) ** 2).sum()
+    assert shared < r2["size"] - 0.3
+
+
+def test_logit_probe_refuses_mismatched_rows_and_survives_an_empty_class():
+    from fastinv.invert.factors import logit_probe
+
+    z, y = _probe_data(300, 0)
+    with pytest.raises(ValueError, match="same rows"):
+        logit_probe(z, y[:-1], z, y, ["size", "noise"])
+    keep = z.argmax(1) != 0  # no training image of class 0: its block is all zeros
+    r2, _ = logit_probe(z[keep], y[keep], z, y, ["size", "noise"], n_boot=20)
+    assert np.isfinite(r2["size"])

@@ -20,7 +20,7 @@ def _write(path, obj):
 
 
 def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0, noise_scale=1.0,
-              nn_r2=None, options=None):
+              nn_r2=None, probe_r2=None, options=None):
     """A hand-made run whose per-image numbers differ by ``diff`` in the paper's direction
     (diff > 0), against it (diff < 0) or not at all (diff = 0: noise only)."""
     rng = np.random.default_rng(seed)
@@ -47,6 +47,9 @@ def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0, noise_s
     intervals = {"inverter": {"x": r2}}
     if nn_r2 is not None:  # the logit NN's R² of x
         intervals["logit NN"] = {"x": {"mean": nn_r2, "lo": nn_r2 - 0.05, "hi": nn_r2 + 0.05, "n": n}}
+    if probe_r2 is not None:  # the logit probe's R² of x
+        intervals["logit probe"] = {"x": {"mean": probe_r2, "lo": probe_r2 - 0.05,
+                                          "hi": probe_r2 + 0.05, "n": n}}
     _write(root / "factors.json", {"standard": {"real": {"x": 0.9}, "inverter": {"x": r2["mean"]},
                                                 "_intervals": intervals}})
 
@@ -65,7 +68,9 @@ def test_verdict_reproduced_when_every_interval_excludes_zero_in_the_papers_dire
 def test_verdict_contradicted_when_the_intervals_exclude_zero_the_other_way(tmp_path):
     _fake_run(tmp_path, diff=-1.0)
     assert _verdicts(tmp_path) == {"Robust": "contradicted", "Noise": "contradicted",
-                                   "Misclassified": "contradicted", "Logits": "contradicted"}
+                                   "Misclassified": "contradicted",
+                                   # an R² below 0 is no proof a factor is absent (below)
+                                   "Logits": "inconclusive"}
 
 
 def test_verdict_inconclusive_when_the_intervals_include_zero(tmp_path):
@@ -110,8 +115,23 @@ def test_factors_the_logit_nn_reads_are_not_evidence_against_the_paper(tmp_path)
     runs, factors, _ = report.collect(tmp_path / "nn_reads")
     rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
     assert rows["Logits"][0] == "inconclusive" and "logit NN" in rows["Logits"][1]
-    _fake_run(tmp_path / "nn_blind", diff=-1.0, nn_r2=-0.5)  # nor do the logits: contradicted
-    assert _verdicts(tmp_path / "nn_blind")["Logits"] == "contradicted"
+    _fake_run(tmp_path / "probe_reads", diff=-1.0, nn_r2=-0.1, probe_r2=0.6)
+    runs, factors, _ = report.collect(tmp_path / "probe_reads")
+    rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
+    assert rows["Logits"][0] == "inconclusive"
+    assert "the logits carry x (logit probe R² +0.6" in rows["Logits"][1]
+    assert "logit NN" not in rows["Logits"][1].split("inverter outputs")[1]  # not a reader here
+
+
+def test_factor_finding_is_never_contradicted_by_r2_below_zero(tmp_path):
+    # neither the inverter's outputs nor the logits (NN, probe) give an R² interval above 0:
+    # R² < 0 says the regressor reads x̂ worse than a constant guess, not that the logits
+    # lack the factor (a factor that follows x's weakly but varies more scores below 0)
+    _fake_run(tmp_path, diff=-1.0, nn_r2=-0.5, probe_r2=-0.2)
+    runs, factors, _ = report.collect(tmp_path)
+    rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
+    assert rows["Logits"][0] == "inconclusive"
+    assert "no factor's R² interval lies above 0" in rows["Logits"][1]
 
 
 def test_findings_without_evidence_are_not_tested(tmp_path):
