@@ -141,11 +141,14 @@ class DemoPreset:
     optimization: object = dataclasses.field(default_factory=_optimization)  # OptimizationConfig
     evaluation: EvalPreset = EvalPreset()
     workers: int | None = 0  # data loader processes; 0: in the main process
+    # the wall-clock budget on 2 CPU cores with native bf16 (None: no budget); the summary and
+    # the report record it next to the run's seconds
+    budget_s: float | None = None
 
 
 PRESETS: dict[str, DemoPreset] = {
-    "default": DemoPreset(),
-    "quick": DemoPreset(n_images=8000,
+    "default": DemoPreset(budget_s=900),
+    "quick": DemoPreset(n_images=8000, budget_s=300,
                         classifiers=_classifiers(standard=dict(epochs=7), robust=dict(epochs=3),
                                                  judge=dict(epochs=5)),
                         # no R1 and no compile: R1 slows the first 1,000 steps (round 15), and
@@ -192,6 +195,29 @@ PRESETS: dict[str, DemoPreset] = {
                                             n_optimization=64),
                       workers=None),
 }
+
+
+# What the CPU budgets took on a 2-core CPU without native bf16, where amp=auto trains in
+# float32 (the budgets were sized on 2-core CPUs with AVX512-BF16 / AMX): RESULTS.md Demo round
+# 30, a 2-core AMD EPYC (Zen 3, AVX2): --quick seed 0 809 s (inverters 572 s), default seed 0
+# 1,885 s (inverters 1,382 s), against 248-368 s and 531-873 s with bf16 (rounds 24-29)
+FLOAT32_SECONDS = {"quick": 809, "default": 1885}
+
+
+def budget_note(preset: str, device: str, bf16: bool) -> str:
+    """What the preset's budget means on this machine (printed before a run): on a CPU without
+    native bf16 the demo trains in float32 and takes a few times its budget (measured)."""
+    budget = PRESETS[preset].budget_s
+    if device != "cpu" or budget is None:
+        return ""
+    if bf16:
+        return f"the {preset} preset is sized for {budget / 60:g} min on 2 CPU cores"
+    took = FLOAT32_SECONDS.get(preset)
+    measured = (f"; a 2-core AVX2 CPU took {took / 60:.0f} min (benchmarks/RESULTS.md)"
+                if took else "")
+    return (f"this CPU computes bf16 only by emulation (no AVX512-BF16 / AMX), so the demo "
+            f"trains in float32: the {preset} preset is sized for {budget / 60:g} min on 2 CPU "
+            f"cores with native bf16{measured}")
 
 
 def _cpu_seconds() -> float:
@@ -353,10 +379,13 @@ def _load_phi(p: DemoPreset, weights: dict[str, Path], name: str, device: str):
 
 
 def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], device: str,
-              seed: int, factor_model, val_factors: dict, progress: bool = True, train=None):
+              seed: int, factor_model, factors: tuple[dict, dict], progress: bool = True,
+              train=None):
     """Everything scored for the inverter of Φ ``name``: classifier.json, the analyses, a
-    DeePSiM decoder, the method comparison (methods.json) and the factor table. ``train``:
-    the training images with this Φ's logits where the caller has them (else collected here).
+    DeePSiM decoder, the method comparison (methods.json) and the factor table (with the
+    logit probe: what Φ's logits carry of each factor, read off the logits alone).
+    ``factors``: the (train, val) factor columns. ``train``: the training images with this
+    Φ's logits where the caller has them (else collected here).
     Returns (methods, factor table, stage timings with their CPU seconds under "cpu")."""
     from fastinv.data import CLASS_NAMES
     from fastinv.invert import factors as fac
@@ -413,11 +442,15 @@ def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], dev
                            decoders, out / name / "methods.json", judge=judge, optimization=ocfg,
                            n_optimization=p.evaluation.n_optimization, seed=seed,
                            class_names=class_names)
+    train_factors, val_factors = factors
     y_val, fnames = fac.factor_targets({k: v[val.index.numpy()] for k, v in val_factors.items()})
+    y_train, _ = fac.factor_targets({k: v[train.index.numpy()] for k, v in train_factors.items()})
     y_val = y_val.to(device)
     feedforward = {k: v for k, v in recs.items() if k != "optimization"}
     table = fac.factor_retention(factor_model, y_val, fnames, val.images, feedforward)
     table["_intervals"] = fac.factor_intervals(factor_model, y_val, fnames, feedforward, seed=seed)
+    table["logit probe"], table["_intervals"]["logit probe"] = fac.logit_probe(
+        train.logits, y_train, val.logits, y_val, fnames, seed=seed)
     if "optimization" in recs:
         idx = optimization_subset(len(val), p.evaluation.n_optimization).to(y_val.device)
         table[f"optimization ({len(idx)} images)"] = fac.r2_per_factor(
@@ -439,6 +472,10 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     if (out / "data").exists():
         raise FileExistsError(f"{out} already holds a demo run; pass another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
+    machine = _machine(device)
+    note = budget_note(preset, device, machine.get("cpu_native_bf16", False))
+    if note:
+        print(f"[demo] note: {note}", flush=True)
     t_start = time.perf_counter()
     timings: dict = {}
     c_start, ticks_start = _cpu_seconds(), _cpu_ticks()
@@ -463,7 +500,8 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
                           progress=True)
     # Each inverter's analyses, DeePSiM decoder and method comparison: side by side where that
     # is faster (_run_jobs), as the inverters train; each job returns its stage timings.
-    jobs = [(_evaluate, p, out, name, weights, device, seed, factor_model, val_factors,
+    jobs = [(_evaluate, p, out, name, weights, device, seed, factor_model,
+             (train_factors, val_factors),
              i == 0 or not _split_threads(device), train if name == "standard" else None)
             for i, name in enumerate(CLASSIFIERS)]
     del train
@@ -483,6 +521,7 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     summary = {"preset": preset, "device": device, "threads": torch.get_num_threads(),
                "images": p.n_images, "resolution": p.resolution,
                "total_seconds": time.perf_counter() - t_start,
+               "budget_seconds": p.budget_s, **machine,
                "total_cpu_seconds": _cpu_seconds() - c_start,
                "cpu_steal_fraction": _steal_fraction(ticks_start),
                "stage_seconds": timings, "stage_cpu_seconds": cpu,
@@ -499,14 +538,30 @@ def run_demo(out: str | Path, *, preset: str = "default", device: str = "cpu",
     return summary
 
 
+def _machine(device: str) -> dict:
+    """What the run's seconds depend on: the CPU (model, vector ISA, whether it computes bf16
+    natively, which decides the training precision) or the GPU."""
+    if device == "cuda":
+        return {"gpu": torch.cuda.get_device_name()}
+    from fastinv.info import cpu_model
+    from fastinv.train.precision import native_bf16
+
+    bf16 = native_bf16("cpu")
+    return {"cpu": cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": bf16, "precision": "bf16 autocast" if bf16 else "float32"}
+
+
 def print_summary(out: Path, methods: dict[str, dict], summary: dict) -> None:
     from fastinv.invert.report import collect, findings
 
     steal = summary.get("cpu_steal_fraction")
     stolen = (f" (the host took {steal:.0%} of this VM's CPU time: a busy host makes every "
               "stage slower)" if steal is not None and steal >= 0.05 else "")
+    budget = summary.get("budget_seconds")
+    within = (f" (sized for {budget:.0f} s on 2 cores with native bf16; this run: "
+              f"{summary.get('precision', '?')} on {summary.get('cpu', '?')})" if budget else "")
     print(f"\nfastinv demo ({summary['preset']}, {summary['device']}): "
-          f"{summary['total_seconds']:.0f} s in all{stolen}\n")
+          f"{summary['total_seconds']:.0f} s in all{within}{stolen}\n")
     head = (f"{'classifier':<10} {'method':<12} {'judge=y':>8} {'KID':>7} {'Φ top1':>7} "
             f"{'cos':>6} {'PSNR':>6} {'s/img':>8}")
     print(head)

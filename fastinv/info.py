@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,27 @@ def cpu_capability_line(ext: dict) -> str:
     return f"{used} ({why}{more}; FASTINV_CPU_CAPABILITY=default|avx2|avx512 caps it)"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_line() -> str:
+    """The CPU, the vector instructions torch's CPU kernels use, and the precision fastinv's
+    ``amp=auto`` trains in on it (the demo's seconds depend on all three: RESULTS.md)."""
+    from fastinv.train.precision import native_bf16
+
+    precision = ("bf16 native (AVX512-BF16 / AMX): amp=auto trains in bf16" if native_bf16("cpu")
+                 else "no native bf16: amp=auto trains in float32")
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {precision}"
+
+
 def collect() -> dict:
     def version(dist: str) -> str | None:
         try:
@@ -75,6 +97,7 @@ def collect() -> dict:
         "gpus": gpus,
         "gpu_kernels": gpu_kernels,
         "cpu_threads": torch.get_num_threads(),
+        "cpu": cpu_line(),
         "ops": ops.backend_info(),
     }
 
@@ -100,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             if ext["with_cuda"] and ext["cuda_archs"] else name
             for name, image in zip(info["gpus"], info["gpu_kernels"])]
     print(f"GPUs: {', '.join(gpus) if gpus else 'none visible'}; CPU threads: {info['cpu_threads']}")
+    print(f"CPU: {info['cpu']}")
     if ext["loaded"]:
         print(f"CPU kernels: {cpu_capability_line(ext)}")
     width = max(len(name) for name in info["ops"]) + 2

@@ -43,6 +43,12 @@ def test_demo_leaves_everything_a_user_looks_at(demo_dir):
     assert set(stages) == set(summary["stage_cpu_seconds"])
     steal = summary["cpu_steal_fraction"]  # the host's share of the CPUs, where Linux says
     assert steal is None or 0 <= steal <= 1
+    # what the seconds depend on: the CPU and the precision its training ran in
+    from fastinv.train.precision import native_bf16
+
+    assert summary["budget_seconds"] is None  # tiny has no budget
+    assert summary["cpu"] and summary["cpu_native_bf16"] == native_bf16("cpu")
+    assert summary["precision"] == ("bf16 autocast" if native_bf16("cpu") else "float32")
     assert "The paper's findings on this data" in (demo_dir / "report.md").read_text()
     # per-class judge agreement, with the data's class names
     per = json.loads((demo_dir / "standard" / "per_image.json").read_text())
@@ -166,3 +172,14 @@ def test_steal_fraction_reads_the_hosts_share_of_the_cpus_from_proc_stat(monkeyp
     assert demo._steal_fraction(None) is None
     stat.write_text("not a stat file\n")
     assert demo._cpu_ticks() is None and demo._steal_fraction(start) is None
+
+
+def test_budget_note_says_what_a_cpu_without_native_bf16_costs():
+    from fastinv.demo import FLOAT32_SECONDS, budget_note
+
+    assert budget_note("quick", "cpu", bf16=True) == "the quick preset is sized for 5 min on 2 CPU cores"
+    note = budget_note("quick", "cpu", bf16=False)
+    assert "trains in float32" in note and "sized for 5 min" in note
+    assert f"took {FLOAT32_SECONDS['quick'] / 60:.0f} min" in note
+    assert budget_note("tiny", "cpu", bf16=False) == ""  # no budget
+    assert budget_note("default", "cuda", bf16=False) == ""  # the budgets are CPU budgets

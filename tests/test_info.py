@@ -35,3 +35,14 @@ def test_the_extension_reports_its_targets():
         assert all(a.startswith(("sm_", "compute_")) for a in status["cuda_archs"])
     else:
         assert status["cuda_archs"] == []
+
+
+def test_cpu_line_names_the_precision_amp_auto_trains_in(monkeypatch):
+    import fastinv.train.precision as precision
+    from fastinv.info import cpu_line, cpu_model
+
+    assert cpu_model()  # /proc/cpuinfo's model name, or platform's answer
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert cpu_line().endswith("no native bf16: amp=auto trains in float32")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert "amp=auto trains in bf16" in cpu_line()
