@@ -123,8 +123,10 @@ def prepare(work: Path, preset: str, device: str, phi: str = "standard") -> dict
     torch.manual_seed(0)
     regressor = fac.train_factor_regressor(train.images, y_train.to(device),
                                            epochs=p.evaluation.factor_epochs, seed=0)
+    # what the logits carry of each factor, read off them directly (the target for scale R²)
+    probe, _ = fac.logit_probe(train.logits, y_train, val.logits, y_val, names)
     return dict(p=p, weights=weights, phi=phi, clf=clf, judge=judge, val=val, train=train,
-                regressor=regressor, y_val=y_val.to(device), names=names)
+                regressor=regressor, y_val=y_val.to(device), names=names, probe=probe)
 
 
 @torch.no_grad()
@@ -243,8 +245,10 @@ def plot(rows: list[dict], reference: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def table(rows: list[dict], reference: dict) -> str:
-    # scale: the one factor the demo's logit NN shows the logits carry (R² > 0)
+def table(rows: list[dict], reference: dict, probe: dict | None = None) -> str:
+    """The rows, the logit NN's row and (``probe``: R² per factor) the logit probe's factor
+    R²s: what the logits carry, with no image model (fastinv.invert.factors.logit_probe)."""
+    # scale: the factor the logits carry most (logit probe R² 0.38-0.57, RESULTS.md Demo round 30)
     head = ("| config | seed | step | s | judge | Φ agree | logit cos | KID | factor R² | "
             "scale R² | judge best-of-k |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -257,6 +261,9 @@ def table(rows: list[dict], reference: dict) -> str:
     lines += [fmt.format(scale=scale(r), **r) for r in rows]
     lines.append(fmt.format(config="logit NN (reference)", seed="–", step="–", seconds=0,
                             scale=scale(reference), **reference))
+    if probe:
+        lines.append(f"| logit probe (reference: read off the logits) | – | – | – | – | – | – | – "
+                     f"| {sum(probe.values()) / len(probe):.3f} | {probe.get('scale', float('nan')):.3f} | – |")
     return "\n".join(lines)
 
 
@@ -299,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(args.seeds):  # seed-major: a stopped run still has every config once
         for name in names:
             rows += run_config(env, work, name, ABLATIONS[name], steps, every, args.device, seed)
-    md = table(rows, reference) + "\n\n" + summary(rows)
+    md = table(rows, reference, env["probe"]) + "\n\n" + summary(rows)
     print(md)
     from fastinv.io import atomic_write_text
 
     atomic_write_text(work / "quality.md", md + "\n")
-    atomic_write_text(work / "quality.json", json.dumps({"rows": rows, "reference": reference},
-                                                        indent=2))
+    atomic_write_text(work / "quality.json", json.dumps(
+        {"rows": rows, "reference": reference, "logit_probe": env["probe"]}, indent=2))
     plot(rows, reference, work / "quality.png")
     print(f"wrote {work / 'quality.md'}, quality.json, quality.png", flush=True)
     return 0
@@ -320,6 +327,8 @@ def test_quality_benchmark_runs_on_the_tiny_preset(tmp_path):
                                                         for s in (0, 1)}
     md = (tmp_path / "quality.md").read_text()
     assert "| paper | 2 | 4 |" in md  # the summary row: 2 seeds at the last step
+    assert "| logit probe (reference: read off the logits) |" in md
+    assert "scale" in json.loads((tmp_path / "quality.json").read_text())["logit_probe"]
     # the seeds are separate runs: different initial weights, so different generators
     from fastinv.train import checkpoint
     from fastinv.train.checkpoint import load_inverter
