@@ -281,3 +281,24 @@ def test_classifier_train_takes_the_override_syntax_of_fastinv_train(capsys):
     assert "epochs must be an integer" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a command without overrides still refuses extras
         cli.main(["info", "--bogus=1"])
+
+
+def test_small_resnet_shortcut_is_a_strided_1x1_convolution():
+    # the projection shortcut subsamples, then convolves at stride 1 (a stride-2 1x1
+    # convolution's oneDNN AVX2 backward corrupts the heap for < 8 input channels in
+    # channels_last): the same map as the stride-2 convolution, in float64
+    from fastinv.models.small_resnet import BasicBlock
+
+    block = BasicBlock(4, 8, stride=2).double().eval()
+    x = torch.randn(3, 4, 15, 15, dtype=torch.float64)
+    conv, bn = block.shortcut
+    want = bn(torch.nn.functional.conv2d(x, conv.weight, stride=2))
+    got = bn(conv(x[:, :, ::2, ::2]))
+    torch.testing.assert_close(got, want)
+    out = block(x)
+    assert out.shape == (3, 8, 8, 8)  # conv1's stride-2 output size, odd input too
+    # forward + backward in channels_last with every thread count the tests use: completes
+    net = SmallResNet(3, width=4, blocks_per_stage=1).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    net(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in net.parameters())

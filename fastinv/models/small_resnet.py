@@ -21,15 +21,22 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
+        # The projection shortcut is a 1x1 convolution of every stride-th pixel, so the input
+        # is subsampled first and the convolution runs at stride 1: the same arithmetic (and
+        # weights) as a stride-2 1x1 convolution, whose oneDNN AVX2 backward kernel corrupts
+        # the heap or hangs for fewer than 8 input channels in channels_last (torch 2.14.1 on
+        # a 2-core Zen 3 EPYC; the classifier tests hung there: RESULTS.md Demo round 30).
+        self.shortcut_stride = stride
         self.shortcut = nn.Sequential()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, 1, bias=False),
                                           nn.BatchNorm2d(out_ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
-        return F.relu(h + self.shortcut(x))
+        s = self.shortcut_stride
+        return F.relu(h + self.shortcut(x[:, :, ::s, ::s] if s > 1 else x))
 
 
 class SmallResNet(nn.Module):
