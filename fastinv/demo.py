@@ -543,12 +543,9 @@ def _machine(device: str) -> dict:
     natively, which decides the training precision) or the GPU."""
     if device == "cuda":
         return {"gpu": torch.cuda.get_device_name()}
-    from fastinv.info import cpu_model
-    from fastinv.train.precision import native_bf16
+    from fastinv.info import cpu_facts
 
-    bf16 = native_bf16("cpu")
-    return {"cpu": cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
-            "cpu_native_bf16": bf16, "precision": "bf16 autocast" if bf16 else "float32"}
+    return cpu_facts()
 
 
 def print_summary(out: Path, methods: dict[str, dict], summary: dict) -> None:

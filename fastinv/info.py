@@ -59,14 +59,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_line() -> str:
-    """The CPU, the vector instructions torch's CPU kernels use, and the precision fastinv's
-    ``amp=auto`` trains in on it (the demo's seconds depend on all three: RESULTS.md)."""
+def cpu_facts() -> dict:
+    """What a CPU run's seconds depend on: the CPU's model, the vector instructions torch's CPU
+    kernels use, whether it computes bf16 natively and so the precision ``amp=auto`` trains in
+    (``fastinv demo`` records these in its summary: RESULTS.md)."""
     from fastinv.train.precision import native_bf16
 
-    precision = ("bf16 native (AVX512-BF16 / AMX): amp=auto trains in bf16" if native_bf16("cpu")
-                 else "no native bf16: amp=auto trains in float32")
-    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {precision}"
+    bf16 = native_bf16("cpu")
+    return {"cpu": cpu_model(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "cpu_native_bf16": bf16, "precision": "bf16 autocast" if bf16 else "float32"}
+
+
+def cpu_line() -> str:
+    """``cpu_facts`` in one line, as ``fastinv info`` prints it."""
+    f = cpu_facts()
+    precision = ("bf16 native (AVX512-BF16 / AMX): amp=auto trains in bf16"
+                 if f["cpu_native_bf16"] else "no native bf16: amp=auto trains in float32")
+    return f"{f['cpu']}, {f['cpu_isa']}, {precision}"
 
 
 def collect() -> dict:

@@ -26,7 +26,6 @@ class BasicBlock(nn.Module):
         # weights) as a stride-2 1x1 convolution, whose oneDNN AVX2 backward kernel corrupts
         # the heap or hangs for fewer than 8 input channels in channels_last (torch 2.14.1 on
         # a 2-core Zen 3 EPYC; the classifier tests hung there: RESULTS.md Demo round 30).
-        self.shortcut_stride = stride
         self.shortcut = nn.Sequential()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, 1, bias=False),
@@ -35,7 +34,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
-        s = self.shortcut_stride
+        s = self.conv1.stride[0]  # the block's stride
         return F.relu(h + self.shortcut(x[:, :, ::s, ::s] if s > 1 else x))
 
 
