@@ -9,7 +9,7 @@ import torch
 
 from fastinv.models.discriminator import Discriminator
 from fastinv.train import checkpoint
-from fastinv.train.augment import diff_augment, parse_policy
+from fastinv.train.augment import diff_augment, diff_augment_pair, parse_policy
 from fastinv.train.config import ConfigError, inverter_options, load_config
 from fastinv.train.gan import head_loss, lr_scale, mode_seeking_loss, train_inverter
 from tests.train_tiny import tiny_dataset
@@ -119,6 +119,23 @@ def test_bad_augmentation_policy_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown augmentation"):
         load_config("tiny", ["--diffaug=translation,blur"])
     assert parse_policy(" translation , cutout ") == ("translation", "cutout")
+
+
+def test_diff_augment_pair_gives_both_images_the_same_transforms():
+    """Image i of both tensors gets the same shift, hole and flip (b = 2a stays 2a), as one
+    diff_augment call would draw them, and the generator ends where that call leaves it."""
+    policy = ("translation", "cutout", "flip", "noise")
+    a = torch.rand(6, 3, 16, 16) + 0.5
+    gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    seen_a, seen_b = diff_augment_pair(a, a.clone(), policy, gen)
+    torch.testing.assert_close(seen_a, diff_augment(a, policy, ref_gen), rtol=0, atol=0)
+    assert torch.equal(seen_a, seen_b) and torch.equal(gen.get_state(), ref_gen.get_state())
+    geometric = ("translation", "cutout", "flip")
+    seen_a, seen_b = diff_augment_pair(a, 2 * a, geometric, gen)
+    torch.testing.assert_close(seen_b, 2 * seen_a)
+    assert (seen_a == 0).any() and not torch.equal(seen_a, a)  # holes and shifts happened
+    with pytest.raises(ValueError, match="one shape"):
+        diff_augment_pair(a, a[:3], policy, gen)
 
 
 def test_diff_augment_is_differentiable_and_keeps_shapes():
@@ -628,6 +645,48 @@ def test_mlp_logit_embedding_is_not_linear_in_the_logits(tmp_path, synthetic_dat
     assert loaded.config.shared_mlp and isinstance(loaded.shared, torch.nn.Sequential)
 
 
+def test_narrow_full_resolution_blocks_change_only_the_full_resolution_widths(tmp_path,
+                                                                           synthetic_data):
+    from fastinv.models.generator import Generator
+
+    def widths(net):  # (in, out) channels of every convolution, in module order
+        return [tuple(m.weight.shape[1::-1]) for m in net.modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 4]
+
+    kw = dict(num_classes=4, resolution=16, ch=4, noise_dim=12, shared_dim=8,
+              attention_resolution=0)
+    G, G0 = Generator(**kw, full_res_ch=6), Generator(**kw)
+    # at 16 px G has two blocks; the last (8 -> 16 px) and the output layer are the narrow ones
+    assert widths(G0) == [(16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 3)]
+    assert widths(G) == [(16, 16), (16, 16), (16, 16), (16, 6), (6, 6), (16, 6), (6, 3)]
+    assert G.output_bn.num_features == 6
+    assert G(torch.randn(3, 4), G.sample_noise(3)).shape == (3, 3, 16, 16)
+    dkw = dict(num_classes=4, resolution=16, ch=4, attention_resolution=0, logit_head=True,
+               phi_channels=5, phi_resolution=8)  # a Φ map joins after the first block
+    D = Discriminator(**dkw, full_res_ch=6)
+    assert [tuple(b.conv2.weight.shape[:2]) for b in D.blocks] == [(6, 6), (16, 16), (16, 16)]
+    assert D.blocks[1].conv1.weight.shape[1] == 6 and D.phi_in[0].weight.shape[0] == 6
+    D0 = Discriminator(**dkw)  # past the block after the first, BigGAN's widths
+    assert [widths(b) for b in D.blocks[2:]] == [widths(b) for b in D0.blocks[2:]]
+    assert widths(D.blocks[1]) == [(6, 16), (16, 16), (6, 16)]  # conv1, conv2, shortcut
+    score, pred = D(torch.randn(3, 3, 16, 16), torch.randn(3, 4), torch.randn(3, 5, 8, 8),
+                    head=True)
+    assert score.shape == (3,) and pred.shape == (3, 4)
+    for make in (lambda: Generator(**kw, full_res_ch=-1),
+                 lambda: Discriminator(**dkw, full_res_ch=-1)):
+        with pytest.raises(ValueError, match="full_res_ch"):
+            make()
+    # the option trains, is named, and a checkpoint rebuilds G at its widths
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--g_full_res_ch=6",
+                                 "--d_full_res_ch=8")
+    assert inverter_options(cfg) == {"narrow full-resolution blocks":
+                                     "G 6 channels, D 8 channels"}
+    loaded, _ = checkpoint.load_inverter(checkpoint.list_checkpoints(run_dir)[-1], device="cpu")
+    assert loaded.config.full_res_ch == 6 and loaded.output_conv.weight.shape[1] == 6
+    with pytest.raises(ConfigError, match="g_full_res_ch"):
+        load_config("tiny", ["--g_full_res_ch=-2"])
+
+
 def test_detached_d_head_trains_the_head_but_not_the_trunk():
     """With head_detach the head's loss reaches the head's weights and stops at D's pooled
     feature; without it the same loss also moves D's trunk."""
@@ -885,6 +944,34 @@ def test_d_feature_network_gives_d_its_maps_and_phi_the_logits(tmp_path, synthet
     assert inverter_options(trainer.cfg)["D feature network"] == "other"
     with pytest.raises(ConfigError, match="d_net_weights"):
         load_config("tiny", [f"--d_net_weights={other}"])
+
+
+def test_feature_network_logit_matching_enters_g_update_only(tmp_path, synthetic_data):
+    """``optim.dnet_match_weight``: the D feature network's logits on G's image against its
+    logits on the real image whose Φ logits G was given, scaled by their batch variance;
+    it changes G's update, not D's (and not the random draws D sees); named; refused
+    without ``model.d_phi_layer`` or below 0."""
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    flags = [f"--root={synthetic_data}", "--steps=2", "--d_phi_layer=auto"]
+    on = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'on'}",
+                                              "--dnet_match_weight=1"]), DistInfo())
+    off = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'off'}"]),
+                          DistInfo())
+    s_on, s_off = on.train_step(), off.train_step()
+    # an untrained G's image is not the real one: the distance is of the order of the spread
+    assert torch.isfinite(torch.as_tensor(s_on["dnet_match"])) and s_on["dnet_match"] > 0.1
+    assert "dnet_match" not in s_off
+    torch.testing.assert_close(dict(on.D.named_parameters()), dict(off.D.named_parameters()))
+    g_on, g_off = dict(on.G.named_parameters()), dict(off.G.named_parameters())
+    assert any(not torch.allclose(g_on[k], g_off[k]) for k in g_on)
+    assert torch.equal(on.noise_gen.get_state(), off.noise_gen.get_state())
+    assert inverter_options(on.cfg)["feature-network logit matching"] == 1
+    with pytest.raises(ConfigError, match="dnet_match_weight"):
+        load_config("tiny", ["--dnet_match_weight=1"])
+    with pytest.raises(ConfigError, match="dnet_match_weight"):
+        load_config("tiny", ["--d_phi_layer=auto", "--dnet_match_weight=-1"])
 
 
 def test_class_consistency_reads_the_d_feature_network_and_reaches_g(tmp_path, synthetic_data):

@@ -111,6 +111,10 @@ class DiscriminatorConfig:
     phi_resolution: int | list[int] = 0
     logit_head: bool = False
     mbstd_group: int = 0
+    # the "narrow full-resolution block" option: the output channels of D's first block (the
+    # one that reads the image at full resolution; at 32 px ~60% of D's multiply-adds before
+    # it pools); 0: BigGAN's table (ch x its multiplier)
+    full_res_ch: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> DiscriminatorConfig:
@@ -131,6 +135,8 @@ class Discriminator(nn.Module):
             raise ValueError(f"Discriminator pool must be one of {POOLS}, got {pool!r}")
         if mbstd_group < 0 or mbstd_group == 1:
             raise ValueError(f"Discriminator mbstd_group must be 0 (off) or >= 2, got {mbstd_group}")
+        if c.full_res_ch < 0:
+            raise ValueError(f"Discriminator full_res_ch must be >= 0 (0: BigGAN's), got {c.full_res_ch}")
         self.mbstd_group = mbstd_group
         make = layers.for_implementation(c.layers)
         self._build(num_classes, resolution, ch, c.attention_resolution, c.logit_preprocess,
@@ -138,7 +144,7 @@ class Discriminator(nn.Module):
         self._build_phi(c.phi_channels, c.phi_resolution, sn_eps, make)
         # "D logit head" (ACGAN-style, Odena et al. 2017, regressing logits): predicts
         # the (preprocessed) logits from the pooled feature, trained on real images
-        self.head = (make.sn_linear(D_ARCH[resolution][1][-1] * ch, num_classes, sn_eps)
+        self.head = (make.sn_linear(self.widths[-1], num_classes, sn_eps)
                      if logit_head else None)
         layers.init_orthogonal(self)
         layers.attach_spectral_norm_group(self)
@@ -150,20 +156,24 @@ class Discriminator(nn.Module):
             raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
         self.num_classes, self.resolution = num_classes, resolution
         ins, outs, down = D_ARCH[resolution]
+        # each block's output channels (a block reads the previous one's; the first, RGB)
+        self.widths = [m * ch for m in outs]
+        if self.config.full_res_ch:
+            self.widths[0] = self.config.full_res_ch
         self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
         res = resolution
-        for i, (ci, co, d) in enumerate(zip(ins, outs, down)):
-            cin = 3 if i == 0 else ci * ch
+        for i, (co, d) in enumerate(zip(self.widths, down)):
+            cin = 3 if i == 0 else self.widths[i - 1]
             if i == len(ins) - 1 and self.mbstd_group:
                 cin += 1  # the minibatch-std channel
-            self.blocks.append(DBlock(cin, co * ch, d, i > 0, sn_eps, make))
+            self.blocks.append(DBlock(cin, co, d, i > 0, sn_eps, make))
             res //= 2 if d else 1
             if res == attention_resolution and str(i) not in self.attention and d:
-                self.attention[str(i)] = make.self_attention(co * ch, sn_eps)
-        self.linear = make.sn_linear(outs[-1] * ch, 1, sn_eps)
-        self.embed = make.sn_linear(num_classes, outs[-1] * ch, sn_eps, bias=False)
+                self.attention[str(i)] = make.self_attention(co, sn_eps)
+        self.linear = make.sn_linear(self.widths[-1], 1, sn_eps)
+        self.embed = make.sn_linear(num_classes, self.widths[-1], sn_eps, bias=False)
 
     def _build_phi(self, channels, resolution, sn_eps: float, make: LayerFactory) -> None:
         """One spectral-normed 1x1 conv per Φ map (``channels``/``resolution``: an int each for
@@ -176,7 +186,7 @@ class Discriminator(nn.Module):
         self.phi_in = nn.ModuleList()
         if chans == [0]:
             return
-        ins, outs, down = D_ARCH[self.resolution]
+        down = D_ARCH[self.resolution][2]
         for c, size in zip(chans, sizes):
             block, res = None, self.resolution
             for i, d in enumerate(down):
@@ -188,7 +198,7 @@ class Discriminator(nn.Module):
                 raise ValueError(f"Φ's feature map is {c} x {size}x{size}, but D's trunk at "
                                  f"{self.resolution} px never has that size; tap another Φ layer")
             self.phi_blocks.append(block)
-            self.phi_in.append(make.sn_conv2d(c, outs[block] * self.config.ch, 1, 0, sn_eps))
+            self.phi_in.append(make.sn_conv2d(c, self.widths[block], 1, 0, sn_eps))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before several Φ maps held one conv at "phi_in." (now "phi_in.0.")

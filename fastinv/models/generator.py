@@ -71,6 +71,7 @@ class GeneratorConfig:
     layers: str = "fastinv"
     cond_input: bool = False
     shared_mlp: bool = False
+    full_res_ch: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> GeneratorConfig:
@@ -101,6 +102,11 @@ class Generator(nn.Module):
             no more than BigGAN's linear embedding; what logits carry beyond the class can
             be class-dependent (on the synthetic shapes, a shape's size is a different
             direction of the logits for each class), which one linear map cannot unmix.
+        full_res_ch: the "narrow full-resolution block" option: the channels of the last
+            block (the one that draws at the output resolution) and of the output layer; 0 is
+            BigGAN's table (``ch`` x its multiplier). At 32 px that block is ~3/4 of G's
+            multiply-adds: half its width halves them (a float32 demo step 0.195 s against
+            0.244 s, for a slower early curve: benchmarks/RESULTS.md Demo round 31).
     """
 
     def __init__(self, config: GeneratorConfig | int | None = None, /, *args, **kwargs):
@@ -109,16 +115,22 @@ class Generator(nn.Module):
         self._build(c.num_classes, c.resolution, c.ch, c.noise_dim, c.shared_dim,
                     c.attention_resolution, c.logit_preprocess, c.logit_temperature,
                     c.bn_eps, c.sn_eps, c.cond_input, layers.for_implementation(c.layers),
-                    c.shared_mlp)
+                    c.shared_mlp, c.full_res_ch)
 
     def _build(self, num_classes, resolution, ch, noise_dim, shared_dim, attention_resolution,
                logit_preprocess, logit_temperature, bn_eps, sn_eps, cond_input, make,
-               shared_mlp=False):
+               shared_mlp=False, full_res_ch=0):
         if resolution not in G_ARCH:
             raise ValueError(f"Generator resolution must be one of {sorted(G_ARCH)}, got {resolution}")
         if num_classes < 1 or ch < 1 or shared_dim < 1:
             raise ValueError("Generator num_classes, ch and shared_dim must be positive")
+        if full_res_ch < 0:
+            raise ValueError(f"Generator full_res_ch must be >= 0 (0: BigGAN's), got {full_res_ch}")
         ins, outs = G_ARCH[resolution]
+        # each block's output channels (a block reads the previous one's)
+        widths = [m * ch for m in outs]
+        if full_res_ch:
+            widths[-1] = full_res_ch
         slots = len(ins) + 1
         if noise_dim < slots:
             raise ValueError(f"Generator noise_dim must be >= {slots} (one chunk per block + 1), "
@@ -134,16 +146,17 @@ class Generator(nn.Module):
                                      make.sn_linear(shared_dim, shared_dim, sn_eps))
                        if shared_mlp else make.sn_linear(num_classes, shared_dim, sn_eps))
         self.linear = make.sn_linear(self.chunk + (shared_dim if cond_input else 0), ins[0] * ch * BOTTOM * BOTTOM, sn_eps)
+        widths_in = [ins[0] * ch, *widths[:-1]]
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
         res = BOTTOM
-        for i, (ci, co) in enumerate(zip(ins, outs)):
-            self.blocks.append(GBlock(ci * ch, co * ch, cond_dim, bn_eps, sn_eps, make))
+        for i, (ci, co) in enumerate(zip(widths_in, widths)):
+            self.blocks.append(GBlock(ci, co, cond_dim, bn_eps, sn_eps, make))
             res *= 2
             if res == attention_resolution:
-                self.attention[str(i)] = make.self_attention(co * ch, sn_eps)
-        self.output_bn = nn.BatchNorm2d(outs[-1] * ch, eps=bn_eps)
-        self.output_conv = make.sn_conv2d(outs[-1] * ch, 3, 3, 1, sn_eps)
+                self.attention[str(i)] = make.self_attention(co, sn_eps)
+        self.output_bn = nn.BatchNorm2d(widths[-1], eps=bn_eps)
+        self.output_conv = make.sn_conv2d(widths[-1], 3, 3, 1, sn_eps)
         layers.init_orthogonal(self)
         layers.attach_spectral_norm_group(self)
 

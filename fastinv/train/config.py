@@ -84,6 +84,11 @@ class ModelConfig:
     # "MLP logit embedding": G embeds the logits with linear -> ReLU -> linear, not one linear
     # map (models/generator.py: shared_mlp); False = BigGAN
     g_shared_mlp: bool = False
+    # "narrow full-resolution blocks": the channels of G's last block and D's first, the two
+    # that run at the image's resolution (at 32 px ~3/4 of G's and ~60% of D's multiply-adds);
+    # 0 = BigGAN's (ch x the architecture table's multiplier)
+    g_full_res_ch: int = 0
+    d_full_res_ch: int = 0
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -173,6 +178,14 @@ class OptimConfig:
     # and Φ's class of the logits G was given. Those logits come from the forward that gives
     # D its maps, so the term costs no extra network pass; needs model.d_phi_layer
     class_weight: float = 0.0
+    # "feature-network logit matching": λ of the squared distance between the D feature
+    # network's logits on G's image and on x, the real image whose Φ logits G was given (both
+    # under the same D augmentation), over the variance of the latter in the batch. Class
+    # consistency asks for Φ's class only; this asks for what that network reads beyond it
+    # (a shape's size, which the logits carry and G does not draw). G still sees only Φ's
+    # logits: it can learn no more than what they predict of x. One extra no-grad pass of
+    # that network over the reals; needs model.d_phi_layer
+    dnet_match_weight: float = 0.0
 
 
 @dataclass
@@ -287,10 +300,14 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "D logit head": o.d_head_weight,
              "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
              "conditioned G input": m.g_cond_input, "MLP logit embedding": m.g_shared_mlp,
+             "narrow full-resolution blocks": ", ".join(
+                 f"{net} {ch} channels" for net, ch in (("G", m.g_full_res_ch),
+                                                         ("D", m.d_full_res_ch)) if ch),
              # both need model.d_phi_layer (_check refuses them without it)
              "Φ gradient to G": f"x{o.g_phi_grad:g}" if o.g_phi_grad < 1 else "",
              "Φ-map dropout": o.d_phi_dropout,
              "class consistency": o.class_weight,
+             "feature-network logit matching": o.dnet_match_weight,
              "lr decay": f"linear from {o.lr_decay_from:g} of the run" if o.lr_decay_from < 1
              else ""}
     if o.d_head_weight and (o.d_head_loss != "mse" or o.d_head_detach):  # not the default form
@@ -495,6 +512,9 @@ def _check(cfg: TrainConfig) -> None:
              "(or --classifier.random_init=true for tests)")
     for name in ("g_ch", "d_ch", "noise_dim", "shared_dim"):
         _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    for name in ("g_full_res_ch", "d_full_res_ch"):
+        _require(getattr(m, name) >= 0, f"model.{name} must be >= 0 (0: BigGAN's width), "
+                 f"got {getattr(m, name)}")
     _require(m.attention_resolution == 0 or m.attention_resolution in (8, 16, 32, 64, 128, 256)
              and m.attention_resolution <= d.resolution,
              f"model.attention_resolution must be 0 or a power of two from 8 to data.resolution, "
@@ -538,10 +558,11 @@ def _check(cfg: TrainConfig) -> None:
     _require(bool(cfg.model.d_phi_layer) or (o.g_phi_grad == 1 and o.d_phi_dropout == 0),
              "optim.g_phi_grad and optim.d_phi_dropout act on the Φ maps D reads: set "
              "model.d_phi_layer (e.g. auto:each) or leave them at 1 and 0")
-    _require(o.class_weight >= 0, f"optim.class_weight must be >= 0, got {o.class_weight}")
-    _require(o.class_weight == 0 or bool(cfg.model.d_phi_layer),
-             "optim.class_weight reads the logits of the network whose maps D reads: set "
-             "model.d_phi_layer (e.g. auto:each) too")
+    for name in ("class_weight", "dnet_match_weight"):
+        _require(getattr(o, name) >= 0, f"optim.{name} must be >= 0, got {getattr(o, name)}")
+        _require(getattr(o, name) == 0 or bool(cfg.model.d_phi_layer),
+                 f"optim.{name} reads the logits of the network whose maps D reads: set "
+                 "model.d_phi_layer (e.g. auto:each) too")
     _require(not cfg.classifier.d_net_weights or bool(cfg.model.d_phi_layer),
              "classifier.d_net_weights names the network whose maps D reads: set "
              "model.d_phi_layer (e.g. auto:each) too")

@@ -33,7 +33,7 @@ from fastinv.models.generator import Generator, GeneratorConfig
 from fastinv.models.layers import sigma_stats
 from fastinv.ops import hinge_loss_d, hinge_loss_g
 from fastinv.train import checkpoint, distributed, precision
-from fastinv.train.augment import diff_augment, parse_policy
+from fastinv.train.augment import diff_augment, diff_augment_pair, parse_policy
 from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA, standing_statistics
 from fastinv.train.feature_stats import PhiStats, stats_loss
@@ -85,10 +85,10 @@ def build_models(cfg: TrainConfig, num_classes: int,
                   logit_temperature=m.logit_temperature, sn_eps=m.sn_eps, layers=m.layers)
     g = GeneratorConfig(ch=m.g_ch, noise_dim=m.noise_dim, shared_dim=m.shared_dim,
                         bn_eps=m.bn_eps, cond_input=m.g_cond_input,
-                        shared_mlp=m.g_shared_mlp, **common)
+                        shared_mlp=m.g_shared_mlp, full_res_ch=m.g_full_res_ch, **common)
     d = DiscriminatorConfig(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
                             phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
-                            mbstd_group=m.d_mbstd, **common)
+                            mbstd_group=m.d_mbstd, full_res_ch=m.d_full_res_ch, **common)
     return Generator(g), Discriminator(d)
 
 
@@ -512,13 +512,25 @@ class InverterTrainer:
                     fake, ms = self._generate(z, stats, acc)
                 if o.reuse_fakes == "previous":  # D's fakes in the next step
                     self._last_fakes = (fake.detach(), z)
-                seen_d = self._augment(fake)
+                if o.dnet_match_weight > 0:  # x under the same augmentation as G's image
+                    seen_d, seen_x = diff_augment_pair(fake, x.to(fake.dtype), self.augment,
+                                                       self.noise_gen)
+                else:
+                    seen_d = self._augment(fake)
+                net_logits_on = o.class_weight > 0 or o.dnet_match_weight > 0
                 maps = self._phi_of(seen_d, grad=True, scale=o.g_phi_grad, drop=o.d_phi_dropout,
-                                    logits=o.class_weight > 0)
-                if o.class_weight > 0:  # the D feature network must read Φ's class of z
+                                    logits=net_logits_on)
+                if net_logits_on:
                     net_logits, maps = maps
+                if o.class_weight > 0:  # the D feature network must read Φ's class of z
                     cls = F.cross_entropy(net_logits.float(), z.argmax(1))
                     stats["class"] = stats.get("class", 0.0) + cls.detach() / acc
+                if o.dnet_match_weight > 0:  # ... and the logits it reads in x
+                    with torch.no_grad():
+                        target = self._phi_of(seen_x, grad=False, logits=True)[0].float()
+                    match = ((net_logits.float() - target).pow(2).mean()
+                             / target.var(dim=0, unbiased=False).mean().clamp_min(1e-6))
+                    stats["dnet_match"] = stats.get("dnet_match", 0.0) + match.detach() / acc
                 if o.reuse_fakes == "previous_seen":  # D's next fakes as D saw them, and maps
                     self._last_fakes = (seen_d.detach(), z)
                     self._last_maps = tuple(m.detach() for m in maps)
@@ -535,6 +547,8 @@ class InverterTrainer:
                     loss = loss + o.mode_seeking_weight * ms
                 if o.class_weight > 0:
                     loss = loss + o.class_weight * cls
+                if o.dnet_match_weight > 0:
+                    loss = loss + o.dnet_match_weight * match
                 if o.recon_weight > 0:  # x is the image whose logits z are: G(Φ(x), ε) ≈ x
                     rec = (fake.float() - x.float()).abs().mean()
                     stats["recon"] = stats.get("recon", 0.0) + rec.detach() / acc
