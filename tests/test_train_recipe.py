@@ -946,6 +946,17 @@ def test_d_feature_network_gives_d_its_maps_and_phi_the_logits(tmp_path, synthet
         load_config("tiny", [f"--d_net_weights={other}"])
 
 
+def _step_changes_only_g(on, off, stat: str) -> float:
+    """One step of two trainers that differ by a term of G's loss: the term is logged (finite)
+    by ``on`` only, D's update is the same in both, G's differs. Returns the term's value."""
+    s_on, s_off = on.train_step(), off.train_step()
+    assert torch.isfinite(torch.as_tensor(s_on[stat])) and stat not in s_off
+    torch.testing.assert_close(dict(on.D.named_parameters()), dict(off.D.named_parameters()))
+    g_on, g_off = dict(on.G.named_parameters()), dict(off.G.named_parameters())
+    assert any(not torch.allclose(g_on[k], g_off[k]) for k in g_on)
+    return float(s_on[stat])
+
+
 def test_feature_network_logit_matching_enters_g_update_only(tmp_path, synthetic_data):
     """``optim.dnet_match_weight``: the D feature network's logits on G's image against its
     logits on the real image whose Φ logits G was given, scaled by their batch variance;
@@ -959,13 +970,8 @@ def test_feature_network_logit_matching_enters_g_update_only(tmp_path, synthetic
                                               "--dnet_match_weight=1"]), DistInfo())
     off = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'off'}"]),
                           DistInfo())
-    s_on, s_off = on.train_step(), off.train_step()
     # an untrained G's image is not the real one: the distance is of the order of the spread
-    assert torch.isfinite(torch.as_tensor(s_on["dnet_match"])) and s_on["dnet_match"] > 0.1
-    assert "dnet_match" not in s_off
-    torch.testing.assert_close(dict(on.D.named_parameters()), dict(off.D.named_parameters()))
-    g_on, g_off = dict(on.G.named_parameters()), dict(off.G.named_parameters())
-    assert any(not torch.allclose(g_on[k], g_off[k]) for k in g_on)
+    assert _step_changes_only_g(on, off, "dnet_match") > 0.1
     assert torch.equal(on.noise_gen.get_state(), off.noise_gen.get_state())
     assert inverter_options(on.cfg)["feature-network logit matching"] == 1
     with pytest.raises(ConfigError, match="dnet_match_weight"):
@@ -1000,12 +1006,7 @@ def test_class_consistency_reads_the_d_feature_network_and_reaches_g(tmp_path, s
     assert not maps[0].requires_grad  # scale 0: no gradient through the maps ...
     net_logits.sum().backward()
     assert x.grad.abs().sum() > 0  # ... but the logits carry theirs
-    s_on, s_off = on.train_step(), off.train_step()
-    assert torch.isfinite(torch.as_tensor(s_on["class"])) and s_on["class"] > 0
-    assert "class" not in s_off
-    torch.testing.assert_close(dict(on.D.named_parameters()), dict(off.D.named_parameters()))
-    g_on, g_off = dict(on.G.named_parameters()), dict(off.G.named_parameters())
-    assert any(not torch.allclose(g_on[k], g_off[k]) for k in g_on)
+    assert _step_changes_only_g(on, off, "class") > 0
     assert inverter_options(on.cfg)["class consistency"] == 2
     with pytest.raises(ConfigError, match="class_weight"):
         load_config("tiny", ["--class_weight=1"])
