@@ -556,7 +556,8 @@ def print_summary(out: Path, methods: dict[str, dict], summary: dict) -> None:
               "stage slower)" if steal is not None and steal >= 0.05 else "")
     budget = summary.get("budget_seconds")
     within = (f" (sized for {budget:.0f} s on 2 cores with native bf16; this run: "
-              f"{summary.get('precision', '?')} on {summary.get('cpu', '?')})" if budget else "")
+              f"{summary.get('precision', '?')} on {summary.get('cpu', '?')})"
+              if budget and summary["device"] == "cpu" else "")  # the budget is a CPU's
     print(f"\nfastinv demo ({summary['preset']}, {summary['device']}): "
           f"{summary['total_seconds']:.0f} s in all{within}{stolen}\n")
     head = (f"{'classifier':<10} {'method':<12} {'judge=y':>8} {'KID':>7} {'Φ top1':>7} "

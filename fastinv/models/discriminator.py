@@ -155,7 +155,7 @@ class Discriminator(nn.Module):
         if resolution not in D_ARCH:
             raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
         self.num_classes, self.resolution = num_classes, resolution
-        ins, outs, down = D_ARCH[resolution]
+        _, outs, down = D_ARCH[resolution]
         # each block's output channels (a block reads the previous one's; the first, RGB)
         self.widths = [m * ch for m in outs]
         if self.config.full_res_ch:
@@ -166,7 +166,7 @@ class Discriminator(nn.Module):
         res = resolution
         for i, (co, d) in enumerate(zip(self.widths, down)):
             cin = 3 if i == 0 else self.widths[i - 1]
-            if i == len(ins) - 1 and self.mbstd_group:
+            if i == len(self.widths) - 1 and self.mbstd_group:
                 cin += 1  # the minibatch-std channel
             self.blocks.append(DBlock(cin, co, d, i > 0, sn_eps, make))
             res //= 2 if d else 1

@@ -96,14 +96,12 @@ def diff_augment_pair(a: torch.Tensor, b: torch.Tensor, policy: tuple[str, ...],
                       gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` and ``b`` (the same shape) under the same random transforms: image i of both
     gets the same shift, hole, flip, colour change and noise. ``b`` replays ``a``'s draws
-    from ``gen``, which ends where one ``diff_augment`` call would leave it."""
+    from ``gen`` (the same shapes draw the same numbers), so ``gen`` ends where one
+    ``diff_augment`` call would leave it."""
     if a.shape != b.shape:
         raise ValueError(f"diff_augment_pair needs two tensors of one shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     start = gen.get_state()
     seen_a = diff_augment(a, policy, gen)
-    end = gen.get_state()
     gen.set_state(start)
-    seen_b = diff_augment(b, policy, gen)
-    gen.set_state(end)
-    return seen_a, seen_b
+    return seen_a, diff_augment(b, policy, gen)
