@@ -1012,3 +1012,57 @@ def test_class_consistency_reads_the_d_feature_network_and_reaches_g(tmp_path, s
         load_config("tiny", ["--class_weight=1"])
     with pytest.raises(ConfigError, match="class_weight"):
         load_config("tiny", ["--d_phi_layer=features.7", "--class_weight=-1"])
+
+
+def test_within_class_head_targets_the_logits_beyond_the_class(tmp_path, synthetic_data):
+    """``optim.d_head_within_weight``: the D logit head gets num_classes more outputs that
+    regress each logit's deviation from its Φ class's mean over that class's std; the class
+    statistics are fitted on the training logits (deviations of mean 0, std 1 per class there)
+    and travel in D's state; the term enters D's and G's head losses; named; refused without
+    the head or below 0."""
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    D = Discriminator(num_classes=3, resolution=16, ch=4, logit_head=True, head_within=True,
+                      logit_preprocess="affine")
+    mean, std = torch.randn(3, 3), torch.rand(3, 3) + 0.5
+    D.preprocess.set_statistics(torch.tensor([1.0, -2.0, 0.5]), torch.tensor([2.0, 1.0, 4.0]))
+    D.set_class_statistics(mean, std)
+    z = torch.tensor([[3.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    pre = D.preprocess(z)
+    torch.testing.assert_close(D.within_class(z), torch.stack(
+        [(pre[0] - mean[0]) / std[0], (pre[1] - mean[2]) / std[2]]))
+    score, pred = D(torch.zeros(2, 3, 16, 16), z, head=True)
+    assert score.shape == (2,) and pred.shape == (2, 6)
+    expected = (pred[:, :3] - pre).pow(2).mean() + 0.5 * (pred[:, 3:] - D.within_class(z)).pow(2).mean()
+    torch.testing.assert_close(head_loss(pred, z, "mse", D.preprocess, D.within_class, 0.5),
+                               expected)
+    with pytest.raises(ValueError, match="logit_head"):
+        Discriminator(num_classes=3, resolution=16, ch=4, head_within=True)
+    with pytest.raises(ValueError, match="within-class head"):
+        Discriminator(num_classes=3, resolution=16, ch=4, logit_head=True).set_class_statistics(
+            mean, std)
+
+    flags = [f"--root={synthetic_data}", "--steps=2", "--logit_preprocess=affine",
+             "--d_head_weight=1"]
+    on = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'on'}",
+                                              "--d_head_within_weight=2"]), DistInfo())
+    z = on._training_logits(4096)
+    dev = on.D.within_class(z)
+    for c in z.argmax(1).unique():
+        rows = dev[z.argmax(1) == c]
+        if len(rows) >= 2:
+            torch.testing.assert_close(rows.mean(0), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
+            torch.testing.assert_close(rows.std(0, unbiased=False), torch.ones(z.shape[1]),
+                                       atol=1e-3, rtol=0)
+    assert {"class_mean", "class_std"} <= set(on.D.state_dict())
+    off = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path / 'off'}"]),
+                          DistInfo())
+    s_on, s_off = on.train_step(), off.train_step()
+    # the same head on its first outputs: the within-class term is what the losses add
+    assert s_on["d_head"] > s_off["d_head"] and s_on["g_head"] > s_off["g_head"]
+    assert inverter_options(on.cfg)["within-class head"] == 2
+    with pytest.raises(ConfigError, match="d_head_within_weight"):
+        load_config("tiny", ["--d_head_within_weight=1"])
+    with pytest.raises(ConfigError, match="d_head_within_weight"):
+        load_config("tiny", ["--d_head_weight=1", "--d_head_within_weight=-1"])

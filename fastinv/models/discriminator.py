@@ -115,6 +115,10 @@ class DiscriminatorConfig:
     # one that reads the image at full resolution; at 32 px ~60% of D's multiply-adds before
     # it pools); 0: BigGAN's table (ch x its multiplier)
     full_res_ch: int = 0
+    # the "within-class head" option: the logit head also regresses each logit's deviation
+    # from its Φ class's mean, in units of that class's std (num_classes more outputs; the
+    # class statistics are buffers, set once by the trainer: set_class_statistics)
+    head_within: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> DiscriminatorConfig:
@@ -144,8 +148,13 @@ class Discriminator(nn.Module):
         self._build_phi(c.phi_channels, c.phi_resolution, sn_eps, make)
         # "D logit head" (ACGAN-style, Odena et al. 2017, regressing logits): predicts
         # the (preprocessed) logits from the pooled feature, trained on real images
-        self.head = (make.sn_linear(self.widths[-1], num_classes, sn_eps)
-                     if logit_head else None)
+        outs = num_classes * (2 if c.head_within else 1)
+        self.head = make.sn_linear(self.widths[-1], outs, sn_eps) if logit_head else None
+        if c.head_within:
+            if not logit_head:
+                raise ValueError("Discriminator head_within needs logit_head=True")
+            self.register_buffer("class_mean", torch.zeros(num_classes, num_classes))
+            self.register_buffer("class_std", torch.ones(num_classes, num_classes))
         layers.init_orthogonal(self)
         layers.attach_spectral_norm_group(self)
         self.pool = pool
@@ -200,6 +209,21 @@ class Discriminator(nn.Module):
             self.phi_blocks.append(block)
             self.phi_in.append(make.sn_conv2d(c, self.widths[block], 1, 0, sn_eps))
 
+    def set_class_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Row c: the mean and std of the preprocessed logits over training images of Φ class
+        c (what ``within_class`` measures deviations against)."""
+        if not self.config.head_within:
+            raise ValueError("this Discriminator has no within-class head (head_within=False)")
+        self.class_mean.copy_(mean)
+        self.class_std.copy_(std)
+
+    def within_class(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, num_classes): each preprocessed logit's deviation from the mean of its Φ class
+        (argmax), over that class's std: the part of the logits beyond the class, on the scale
+        of the class part (the within-class head's target)."""
+        cls = logits.argmax(1)
+        return (self.preprocess(logits).float() - self.class_mean[cls]) / self.class_std[cls]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before several Φ maps held one conv at "phi_in." (now "phi_in.0.")
         old = prefix + "phi_in."
@@ -212,7 +236,8 @@ class Discriminator(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``phi``: Φ's feature maps, one per map D was built to read, in that order. With
         ``head`` (a D built with ``logit_head``) also the head's (N, num_classes) prediction of
-        the preprocessed logits."""
+        the preprocessed logits ((N, 2 num_classes) with ``head_within``: then the within-class
+        deviations, see ``within_class``)."""
         if logits.dim() != 2 or logits.shape[1] != self.num_classes or logits.shape[0] != x.shape[0]:
             raise ValueError(f"Discriminator expects logits of shape ({x.shape[0]}, "
                              f"{self.num_classes}), got {tuple(logits.shape)}")

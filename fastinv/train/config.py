@@ -148,6 +148,12 @@ class OptimConfig:
     # head's gradient in the trunk, a fresh D could not tell the recipe's fakes from real images
     # in 200 steps (loss_d 1.6 against 0.66 without the head; RESULTS.md round 11)
     d_head_detach: bool = False
+    # "within-class head": λ of a second target of the D logit head, each logit's deviation from
+    # its Φ class's mean in units of that class's std (Discriminator.within_class), in D's loss
+    # on real images and in G's. Beyond the class the logits carry little variance (~8% of the
+    # standardised logits' on the synthetic shapes): the plain head's error, and so G's
+    # pressure, is almost all class; this term gives the rest (the size) the class's weight
+    d_head_within_weight: float = 0.0
     # "mode seeking" (MSGAN, Mao et al. 2019): λ of 1 / (image distance / noise distance) for
     # two noise draws of the same logits (half the batch once more through G), against G
     # drawing one image per class whatever the noise
@@ -297,7 +303,7 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "mismatched-logit D": (f"{o.mismatch_weight:g} (same class)"
                                     if o.mismatch_weight and o.mismatch_pairs == "same_class"
                                     else o.mismatch_weight),
-             "D logit head": o.d_head_weight,
+             "D logit head": o.d_head_weight, "within-class head": o.d_head_within_weight,
              "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
              "conditioned G input": m.g_cond_input, "MLP logit embedding": m.g_shared_mlp,
              "narrow full-resolution blocks": ", ".join(
@@ -541,6 +547,9 @@ def _check(cfg: TrainConfig) -> None:
              f"optim.mismatch_pairs must be other_class or same_class, got {o.mismatch_pairs!r}")
     _require(o.d_head_weight >= 0, "optim.d_head_weight must be >= 0")
     _require(o.mode_seeking_weight >= 0, "optim.mode_seeking_weight must be >= 0")
+    _require(o.d_head_within_weight >= 0, "optim.d_head_within_weight must be >= 0")
+    _require(o.d_head_within_weight == 0 or o.d_head_weight > 0,
+             "optim.d_head_within_weight needs the D logit head (optim.d_head_weight > 0)")
     _require(o.d_head_loss in ("mse", "ce"), f"optim.d_head_loss must be mse or ce, "
              f"got {o.d_head_loss!r}")
     _require(bool(o.phi_stats_layers.strip()), "optim.phi_stats_layers must name layers or be auto")

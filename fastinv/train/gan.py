@@ -88,6 +88,7 @@ def build_models(cfg: TrainConfig, num_classes: int,
                         shared_mlp=m.g_shared_mlp, full_res_ch=m.g_full_res_ch, **common)
     d = DiscriminatorConfig(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
                             phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
+                            head_within=cfg.optim.d_head_within_weight > 0,
                             mbstd_group=m.d_mbstd, full_res_ch=m.d_full_res_ch, **common)
     return Generator(g), Discriminator(d)
 
@@ -173,13 +174,20 @@ def mode_seeking_loss(a: torch.Tensor, b: torch.Tensor, eps_a: torch.Tensor,
     return 1.0 / (ratio.mean() + 1e-5)
 
 
-def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess) -> torch.Tensor:
+def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess,
+              within=None, within_weight: float = 0.0) -> torch.Tensor:
     """The D logit head's loss for its prediction ``pred`` on images whose logits are ``z``:
     "mse" regresses ``preprocess(z)`` (D's view of the logits), "ce" (ACGAN) is the softmax
-    cross-entropy against Φ's top-1 class."""
+    cross-entropy against Φ's top-1 class. With ``within_weight`` > 0 the head's second half
+    regresses ``within(z)`` (the within-class deviations, Discriminator.within_class) too."""
+    c = z.shape[1]
     if form == "ce":
-        return F.cross_entropy(pred.float(), z.argmax(1))
-    return (pred.float() - preprocess(z)).pow(2).mean()
+        loss = F.cross_entropy(pred[:, :c].float(), z.argmax(1))
+    else:
+        loss = (pred[:, :c].float() - preprocess(z)).pow(2).mean()
+    if within_weight > 0:
+        loss = loss + within_weight * (pred[:, c:].float() - within(z)).pow(2).mean()
+    return loss
 
 
 class InverterTrainer:
@@ -327,16 +335,41 @@ class InverterTrainer:
         # and the EMA's standing statistics (optim.ema_standing_batches batches)
         n_standing = cfg.optim.ema_standing_batches * cfg.data.batch_size
         affine = cfg.model.logit_preprocess == "affine"
-        n = max(4096 if affine else 0, n_standing)
+        within = cfg.optim.d_head_within_weight > 0
+        n = max(4096 if affine or within else 0, n_standing)
         z = self._training_logits(n) if n else None
         if affine:
             self._fit_logit_statistics(z)
+        if within:  # after the affine statistics: the class statistics are of D's view
+            self._fit_class_statistics(z)
         self._standing_z = z[:n_standing].to(dev) if n_standing else None
         self._standing_step = -1  # the step whose standing statistics G_ema holds
         fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         for net in (self.G, self.D, self.G_ema):
             net.to(dev, memory_format=fmt)
         self.ema = EMA(self.G, self.G_ema, cfg.optim.ema_decay, cfg.optim.ema_start)
+
+    def _fit_class_statistics(self, z: torch.Tensor) -> None:
+        """Per Φ class, the mean and std of D's preprocessed logits over training logits ``z``
+        (summed over ranks): the within-class head's scale. A class with fewer than 2 images
+        gets mean 0 and std 1; stds are floored at 1e-3 of the logits' overall std."""
+        c = z.shape[1]
+        with torch.no_grad():
+            t = self.D.preprocess(z.to(self.info.device)).double()
+            onehot = F.one_hot(z.argmax(1).to(t.device), c).double()  # (N, C)
+            moments = torch.stack([onehot.sum(0)[:, None].expand(c, c), onehot.T @ t,
+                                   onehot.T @ t.pow(2)])
+            if self.info.distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(moments)
+            count, s1, s2 = moments
+            mean = s1 / count.clamp_min(1)
+            std = (s2 / count.clamp_min(1) - mean ** 2).clamp_min(0).sqrt()
+            floor = 1e-3 * t.std(0).clamp_min(1e-6)
+            few = count < 2
+            mean, std = mean.masked_fill(few, 0.0), std.masked_fill(few, 1.0)
+            self.D.set_class_statistics(mean.float(), torch.maximum(std, floor).float())
 
     def _make_optimizers(self) -> None:
         o, dev = self.cfg.optim, self.info.device
@@ -595,7 +628,9 @@ class InverterTrainer:
         return fake, ms
 
     def _head_loss(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return head_loss(pred, z, self.cfg.optim.d_head_loss, self.D.preprocess)
+        o = self.cfg.optim
+        return head_loss(pred, z, o.d_head_loss, self.D.preprocess, self.D.within_class
+                         if o.d_head_within_weight > 0 else None, o.d_head_within_weight)
 
     def _phi_of(self, images: torch.Tensor, grad: bool, scale: float = 1.0,
                 drop: float = 0.0, logits: bool = False):
