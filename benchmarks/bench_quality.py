@@ -70,6 +70,10 @@ ABLATIONS = {
     "no D logit head": ("--optim.d_head_weight=0",),
     "D logit head as cross-entropy": ("--optim.d_head_loss=ce",),
     "+ detached D logit head": ("--optim.d_head_detach=true",),
+    # the head also regresses each logit's deviation from its Φ class's mean in that class's
+    # stds: the logits' part beyond the class (the size) weighs as much as the class in the
+    # head's loss and in G's (the head at the CPU presets' weight: tiny has none)
+    "+ within-class head": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1"),
     # G's input linear layer reads the logit embedding (BigGAN-deep) / a two-layer logit
     # embedding, measured on top of the recipe
     "+ conditioned G input": ("--model.g_cond_input=true",),
@@ -138,7 +142,7 @@ def prepare(work: Path, preset: str, device: str, phi: str = "standard") -> dict
 @torch.no_grad()
 def score(env: dict, decoder, per_image: bool = False) -> dict:
     from fastinv.invert import analyses, quality
-    from fastinv.invert.factors import r2_per_factor
+    from fastinv.invert.factors import r2_per_factor, within_class_corr
     from fastinv.invert.selection import PhiSelected
 
     val = env["val"]
@@ -149,13 +153,20 @@ def score(env: dict, decoder, per_image: bool = False) -> dict:
                                                seed=0), val.images)
     judge_best = quality.per_image(env["clf"], env["judge"], best, val.images, val.labels,
                                    val.logits)["judge_vs_label"]
-    r2 = r2_per_factor(env["regressor"].predict(rec), env["y_val"], env["names"])
+    pred = env["regressor"].predict(rec)
+    r2 = r2_per_factor(pred, env["y_val"], env["names"])
+    # does x̂'s size follow x's within Φ's class (R² below 0 cannot tell weakly from not)
+    j = env["names"].index("scale") if "scale" in env["names"] else None
+    scale_r = float("nan") if j is None else within_class_corr(
+        pred[:, j].double().cpu().numpy(), env["y_val"][:, j].double().cpu().numpy(),
+        val.logits.argmax(1).cpu().numpy())
     extra = {"judge_per_image": values["judge_vs_label"].tolist()} if per_image else {}
     return {**extra, "judge": values["judge_vs_label"].mean().item(),
             "phi_agree": values["phi_agree"].mean().item(),
             "logit_cos": values["logit_cosine"].mean().item(),
             "kid": quality.realism(env["judge"], val.images, rec)["kid"],
             "factor_r2": sum(r2.values()) / len(r2), "judge_best": judge_best.mean().item(),
+            "scale_within_r": scale_r,
             "factor_r2_each": r2}
 
 
@@ -256,20 +267,24 @@ def table(rows: list[dict], reference: dict, probe: dict | None = None) -> str:
     R²s: what the logits carry, with no image model (fastinv.invert.factors.logit_probe)."""
     # scale: the factor the logits carry most (logit probe R² 0.38-0.57, RESULTS.md Demo round 30)
     head = ("| config | seed | step | s | judge | Φ agree | logit cos | KID | factor R² | "
-            "scale R² | judge best-of-k |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "scale R² | scale r within class | judge best-of-k |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = "| {config} | {seed} | {step} | {seconds:.0f} | {judge:.3f} | {phi_agree:.3f} | " \
-          "{logit_cos:.3f} | {kid:.3f} | {factor_r2:.3f} | {scale:.3f} | {judge_best:.3f} |"
+          "{logit_cos:.3f} | {kid:.3f} | {factor_r2:.3f} | {scale:.3f} | {scale_r:.3f} | " \
+          "{judge_best:.3f} |"
 
     def scale(r):
         return r.get("factor_r2_each", {}).get("scale", float("nan"))
 
-    lines += [fmt.format(scale=scale(r), **r) for r in rows]
+    def scale_r(r):  # rows from before the column have none
+        return r.get("scale_within_r", float("nan"))
+
+    lines += [fmt.format(scale=scale(r), scale_r=scale_r(r), **r) for r in rows]
     lines.append(fmt.format(config="logit NN (reference)", seed="–", step="–", seconds=0,
-                            scale=scale(reference), **reference))
+                            scale=scale(reference), scale_r=scale_r(reference), **reference))
     if probe:
         lines.append(f"| logit probe (reference: read off the logits) | – | – | – | – | – | – | – "
-                     f"| {sum(probe.values()) / len(probe):.3f} | {probe.get('scale', float('nan')):.3f} | – |")
+                     f"| {sum(probe.values()) / len(probe):.3f} | {probe.get('scale', float('nan')):.3f} | – | – |")
     return "\n".join(lines)
 
 
@@ -377,7 +392,7 @@ def test_quality_benchmark_inverts_the_robust_classifier(tmp_path):
     cfg = load_config(str(run / "config.yaml"), [])
     assert cfg.classifier.weights == str(tmp_path / "classifiers" / "robust.safetensors")
     row = json.loads((tmp_path / "quality.json").read_text())["rows"][0]
-    assert "scale" in row["factor_r2_each"]
+    assert "scale" in row["factor_r2_each"] and "scale_within_r" in row
 
 
 if __name__ == "__main__":

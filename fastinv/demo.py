@@ -449,6 +449,10 @@ def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], dev
     feedforward = {k: v for k, v in recs.items() if k != "optimization"}
     table = fac.factor_retention(factor_model, y_val, fnames, val.images, feedforward)
     table["_intervals"] = fac.factor_intervals(factor_model, y_val, fnames, feedforward, seed=seed)
+    # does x̂ follow x within Φ's class (what R² below 0 cannot tell from "not drawn")
+    table["_within_r"] = {m: fac.within_class_r(factor_model.predict(rec), y_val,
+                                                val.logits.argmax(1), fnames, seed=seed)
+                          for m, rec in feedforward.items()}
     table["logit probe"], table["_intervals"]["logit probe"] = fac.logit_probe(
         train.logits, y_train, val.logits, y_val, fnames, seed=seed)
     if "optimization" in recs:

@@ -110,3 +110,29 @@ def test_logit_probe_refuses_mismatched_rows_and_survives_an_empty_class():
     keep = z.argmax(1) != 0  # no training image of class 0: its block is all zeros
     r2, _ = logit_probe(z[keep], y[keep], z, y, ["size", "noise"], n_boot=20)
     assert np.isfinite(r2["size"])
+
+
+def test_within_class_r_reads_what_follows_x_beyond_the_class():
+    from fastinv.invert.factors import within_class_r
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    classes = torch.randint(0, 4, (n,), generator=g)
+    size = torch.rand(n, generator=g) + classes  # the class mean differs: 0.5, 1.5, ...
+    targets = torch.stack([size, torch.rand(n, generator=g)], 1)
+    names = ["scale", "x"]
+    # x̂ draws the size for 40% of the images (another of its class's sizes for the rest: its
+    # R² within the class is 1 - 2 x 0.6 < 0) and x at random
+    drawn = torch.rand(n, generator=g) < 0.4
+    weak = torch.stack([torch.where(drawn, size, classes + torch.rand(n, generator=g)),
+                        torch.rand(n, generator=g)], 1)
+    out = within_class_r(weak, targets, classes, names, n_boot=200)
+    assert 0.2 < out["scale"]["lo"] < 0.4 < out["scale"]["hi"] and out["x"]["lo"] < 0 < out["x"]["hi"]
+    assert out["scale"]["level"] == pytest.approx(1 - 0.05 / 2)  # Bonferroni over 2 factors
+    # an x̂ that only draws the class (each class's mean size) carries nothing beyond it
+    class_only = torch.stack([classes.float() + 0.5 + torch.randn(n, generator=g) * 0.3,
+                              torch.rand(n, generator=g)], 1)
+    out = within_class_r(class_only, targets, classes, names, n_boot=200)
+    assert out["scale"]["lo"] < 0 < out["scale"]["hi"]
+    with pytest.raises(ValueError, match="same rows"):
+        within_class_r(weak[:-1], targets, classes, names)

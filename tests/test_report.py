@@ -20,7 +20,7 @@ def _write(path, obj):
 
 
 def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0, noise_scale=1.0,
-              nn_r2=None, probe_r2=None, options=None):
+              nn_r2=None, probe_r2=None, within_r=None, options=None):
     """A hand-made run whose per-image numbers differ by ``diff`` in the paper's direction
     (diff > 0), against it (diff < 0) or not at all (diff = 0: noise only)."""
     rng = np.random.default_rng(seed)
@@ -50,8 +50,10 @@ def _fake_run(root, *, diff, val_accuracy=0.95, judge=0.9, n=40, seed=0, noise_s
     if probe_r2 is not None:  # the logit probe's R² of x
         intervals["logit probe"] = {"x": {"mean": probe_r2, "lo": probe_r2 - 0.05,
                                           "hi": probe_r2 + 0.05, "n": n}}
+    within = {} if within_r is None else {"_within_r": {"inverter": {"x": {
+        "mean": within_r, "lo": within_r - 0.05, "hi": within_r + 0.05, "n": n, "level": 0.995}}}}
     _write(root / "factors.json", {"standard": {"real": {"x": 0.9}, "inverter": {"x": r2["mean"]},
-                                                "_intervals": intervals}})
+                                                "_intervals": intervals, **within}})
 
 
 def _verdicts(root):
@@ -132,6 +134,24 @@ def test_factor_finding_is_never_contradicted_by_r2_below_zero(tmp_path):
     rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
     assert rows["Logits"][0] == "inconclusive"
     assert "no factor's R² interval lies above 0" in rows["Logits"][1]
+
+
+def test_factor_drawn_weakly_within_the_class_is_reproduced_despite_r2_below_zero(tmp_path):
+    # R² below 0 (diff -1) but x̂'s factor follows x's within Φ's class: the factor can be
+    # read off the reconstructions beyond the class, which is the paper's claim
+    _fake_run(tmp_path / "follows", diff=-1.0, nn_r2=-0.5, within_r=0.2)
+    runs, factors, _ = report.collect(tmp_path / "follows")
+    rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
+    assert rows["Logits"][0] == "reproduced"
+    assert "x̂ follows x within Φ's class for x (r +0.2 [+0.15, +0.25], 99.5% interval)" in rows["Logits"][1]
+    text = report.write_report(tmp_path / "follows")[0].read_text()
+    assert "(within-class r)" in text and "| x | +0.2 [+0.15, +0.25] |" in text
+    # the logits carry x, x̂ does not follow it: inconclusive, and the r says so
+    _fake_run(tmp_path / "not", diff=-1.0, probe_r2=0.6, within_r=0.0)
+    runs, factors, _ = report.collect(tmp_path / "not")
+    rows = {c.split()[0]: (v, e) for c, v, e in report.findings(runs, factors)}
+    assert rows["Logits"][0] == "inconclusive"
+    assert "x̂ does not follow x: x r +0 [-0.05, +0.05]" in rows["Logits"][1]
 
 
 def test_findings_without_evidence_are_not_tested(tmp_path):

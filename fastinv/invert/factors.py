@@ -238,3 +238,55 @@ def logit_probe(
     t = targets.detach().cpu().double()
     return (r2_per_factor(pred, t, names),
             _r2_intervals(pred.numpy(), t.numpy(), names, n_boot, seed))
+
+
+def within_class_corr(pred: np.ndarray, t: np.ndarray, classes: np.ndarray) -> float:
+    """Pearson r of ``pred`` with ``t`` after each is centred on its class's mean (nan when
+    either has no variance within the classes)."""
+    p, tt = pred.astype(np.float64).copy(), t.astype(np.float64).copy()
+    for c in np.unique(classes):
+        m = classes == c
+        p[m] -= p[m].mean()
+        tt[m] -= tt[m].mean()
+    den = np.sqrt((p ** 2).sum() * (tt ** 2).sum())
+    return float((p * tt).sum() / den) if den > 0 else float("nan")
+
+
+def within_class_r(
+    pred: torch.Tensor,
+    targets: torch.Tensor,
+    classes: torch.Tensor,
+    names: Sequence[str],
+    *,
+    n_boot: int = 500,
+    seed: int = 0,
+    level: float | None = None,
+) -> dict[str, dict]:
+    """Per factor, the correlation of the regressor's reading of x̂ (``pred``) with x's factor
+    (``targets``) within Φ's classes (``classes``: both centred on each class's mean), with a
+    bootstrap interval over images: does x̂ follow x in what the logits carry beyond the class?
+
+    R² asks more: an x̂ drawn from what the logits leave open (a sample, not the conditional
+    mean) scores R² = 2ρ - 1 at equal variances, below 0 for any ρ < 0.5, so an R² below 0
+    cannot tell "does not draw it" from "draws it weakly"; this r can, and centring on the
+    class keeps a factor whose mean differs between classes from counting as kept. ``level``
+    defaults to 95% over all factors together (Bonferroni: 1 - 0.05 / the number of factors),
+    since a finding takes any factor whose interval lies above 0. Rotation averages its cos /
+    sin columns. Returns {factor: Interval.to_dict()}."""
+    from fastinv.invert.stats import bootstrap_stat
+
+    p = pred.detach().cpu().double().numpy()
+    t = targets.detach().cpu().double().numpy()
+    c = classes.detach().cpu().numpy()
+    if not (len(p) == len(t) == len(c)):
+        raise ValueError("within_class_r: predictions, targets and classes must have the same rows")
+    cols = {n: [i] for i, n in enumerate(names) if not n.startswith("rotation_")}
+    if rot := [i for i, n in enumerate(names) if n.startswith("rotation_")]:
+        cols["rotation"] = rot
+    level = 1 - 0.05 / len(cols) if level is None else level
+
+    def r(idx, js):
+        return float(np.mean([within_class_corr(p[idx, j], t[idx, j], c[idx]) for j in js]))
+
+    return {f: bootstrap_stat(lambda idx, js=js: r(idx, js), len(t), n_boot=n_boot, seed=seed,
+                              level=level).to_dict() for f, js in cols.items()}

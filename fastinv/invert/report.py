@@ -59,6 +59,11 @@ def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _fmt_interval(d: dict | None) -> str:
+    """An interval entry of factors.json as "+0.084 [-0.007, +0.168]"; "–" when missing."""
+    return "–" if not d else str(Interval(**d))
+
+
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -214,18 +219,29 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
             continue
         ivs = {f: Interval(**d) for f, d in intervals.items()}
         kept = sorted(f for f, iv in ivs.items() if iv.lo > 0)
+        # the correlation of x̂'s factor with x's within Φ's class (Bonferroni-level intervals):
+        # a factor drawn weakly has R² below 0 and this r above 0
+        within = {f: Interval(**d) for f, d in
+                  table.get("_within_r", {}).get("inverter", {}).items()}
+        follows = sorted(f for f, iv in within.items() if iv.lo > 0)
         failed = [g for g in _gates(run) if not g.holds]
         if failed:
             outcome, reason = "inconclusive", "quality gate not met: " + "; ".join(map(str, failed))
-        elif kept:
-            outcome, reason = "reproduced", "R² interval above 0 for " + ", ".join(kept)
+        elif kept or follows:
+            outcome, reason = "reproduced", "; ".join(
+                ([f"R² interval above 0 for {', '.join(kept)}"] if kept else [])
+                + (["x̂ follows x within Φ's class for " + ", ".join(
+                    f"{f} (r {within[f]}, {within[f].level:.1%} interval)" for f in follows)]
+                   if follows else []))
         elif carried := _carried_by_logits(table):
             # what reads the logits directly (the training image nearest in logit space, the
             # per-class linear probe) finds these factors: the logits carry them and this
             # inverter does not draw them, which says nothing against the paper
+            drawn = "; ".join(f"{f} r {within[f]}" for f, _ in carried if f in within)
             outcome, reason = "inconclusive", ("the logits carry " + "; ".join(
                 f"{f} ({', '.join(f'{m} R² {iv}' for m, iv in by)})" for f, by in carried)
-                + ": the inverter does not draw them")
+                + ": the inverter does not draw them" + (
+                    f" (within Φ's class x̂ does not follow x: {drawn})" if drawn else ""))
         else:
             # never "contradicted": an R² interval below 0 says the regressor cannot read the
             # factor off x̂ as well as a constant guess, not that x̂ holds nothing of it (a
@@ -422,6 +438,19 @@ def build_blocks(run_dir: Path) -> list[tuple]:
         names = sorted({f for c, m in cols for f in factors[c][m]})
         rows = [[f] + [_fmt(factors[c][m].get(f)) for c, m in cols] for f in names]
         b.append(("table", ["factor"] + [f"{c}/{m}" for c, m in cols], rows))
+        wcols = [(c, m) for c, t in factors.items() for m in t.get("_within_r", {})]
+        if wcols:
+            level = next(iter(factors[wcols[0][0]]["_within_r"][wcols[0][1]].values()))["level"]
+            b.append(("h", 3, "Does x̂ follow x beyond the class? (within-class r)"))
+            b.append(("p", "The correlation of the regressor's reading of each reconstruction "
+                           "with the original's factor, both centred on the mean of Φ's class: "
+                           "above 0 when x̂ draws what the logits carry beyond the class, even "
+                           "weakly (an x̂ sampled from what the logits leave open has R² = "
+                           f"2r − 1, below 0 for r < 0.5). {level:.1%} bootstrap intervals "
+                           "over images (Bonferroni: 95% over all factors together)."))
+            rows = [[f] + [_fmt_interval(factors[c]["_within_r"][m].get(f)) for c, m in wcols]
+                    for f in names]
+            b.append(("table", ["factor"] + [f"{c}/{m}" for c, m in wcols], rows))
 
     b.append(("h", 2, "Logit manipulation"))
     for r in runs:
