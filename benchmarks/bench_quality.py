@@ -74,6 +74,11 @@ ABLATIONS = {
     # stds: the logits' part beyond the class (the size) weighs as much as the class in the
     # head's loss and in G's (the head at the CPU presets' weight: tiny has none)
     "+ within-class head": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1"),
+    # DiffAugment's 16 px cutout hides much of a 32 px shape: without it (and with the
+    # within-class head) G draws the size the logits carry (Demo round 32)
+    "no cutout": ("--optim.diffaug=translation",),
+    "+ within-class head, no cutout": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1",
+                                       "--optim.diffaug=translation"),
     # G's input linear layer reads the logit embedding (BigGAN-deep) / a two-layer logit
     # embedding, measured on top of the recipe
     "+ conditioned G input": ("--model.g_cond_input=true",),

@@ -155,6 +155,10 @@ def test_cutout_zeroes_a_quarter_of_the_image_when_inside():
     out = cutout(x, gen=torch.Generator().manual_seed(0))
     zeroed = (out == 0).float().flatten(1).mean(1)
     assert zeroed.max() <= 0.25 + 1e-6 and zeroed.min() > 0
+    # small_cutout: a hole of a quarter of the side, 1/16 of the image at most
+    small = diff_augment(x, parse_policy("small_cutout"), torch.Generator().manual_seed(0))
+    zeroed = (small == 0).float().flatten(1).mean(1)
+    assert zeroed.max() == pytest.approx(1 / 16) and zeroed.min() > 0
 
 
 def test_d_pooling_scales_the_outputs_by_the_map_area():

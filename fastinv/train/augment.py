@@ -5,11 +5,11 @@ giving G a useful signal. The transforms are differentiable in the image, so G's
 flows through them; they never change what G is asked to produce.
 
 Policies (comma-separated): ``translation`` (shift by up to 1/8 of the size, zero fill),
-``cutout`` (a zeroed square of half the size at a random place), ``color`` (brightness,
-saturation, contrast), ``flip`` (horizontal, half of the images), ``noise`` (Gaussian
-pixel noise, σ 0.1 on the [-1, 1] scale: instance noise, Sønderby et al. 2017; with a
-Φ-feature D, Φ reads its maps of noisy images, so G's gradient through Φ is an average over
-nearby images rather than Φ's sharpest local direction).
+``cutout`` (a zeroed square of half the size at a random place), ``small_cutout`` (one of a
+quarter of the size), ``color`` (brightness, saturation, contrast), ``flip`` (horizontal, half
+of the images), ``noise`` (Gaussian pixel noise, σ 0.1 on the [-1, 1] scale: instance noise,
+Sønderby et al. 2017; with a Φ-feature D, Φ reads its maps of noisy images, so G's gradient
+through Φ is an average over nearby images rather than Φ's sharpest local direction).
 
 The same transforms serve the logit-consistency term (``optim.aux_augment``): Φ reads G's image
 under a random transform, an expectation over transformations. A pattern that fools Φ at one
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-POLICIES = ("translation", "cutout", "color", "flip", "noise")
+POLICIES = ("translation", "cutout", "small_cutout", "color", "flip", "noise")
 
 
 def parse_policy(text: str) -> tuple[str, ...]:
@@ -80,8 +80,15 @@ def noise(x: torch.Tensor, sigma: float = 0.1, gen=None) -> torch.Tensor:
                                    dtype=torch.float32).to(x.dtype)
 
 
-_FNS = {"translation": translation, "cutout": cutout, "color": color, "flip": flip,
-        "noise": noise}
+def small_cutout(x: torch.Tensor, gen=None) -> torch.Tensor:
+    """A hole of a quarter of the side (1/16 of the image) instead of DiffAugment's half: a
+    16 px hole in a 32 px image hides much of a shape, and with it the size a D logit head
+    should read off real images (RESULTS.md Demo round 32)."""
+    return cutout(x, ratio=0.25, gen=gen)
+
+
+_FNS = {"translation": translation, "cutout": cutout, "small_cutout": small_cutout,
+        "color": color, "flip": flip, "noise": noise}
 
 
 def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator | None = None
