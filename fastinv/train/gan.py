@@ -366,7 +366,10 @@ class InverterTrainer:
             count, s1, s2 = moments
             mean = s1 / count.clamp_min(1)
             std = (s2 / count.clamp_min(1) - mean ** 2).clamp_min(0).sqrt()
-            floor = 1e-3 * t.std(0).clamp_min(1e-6)
+            # the floor from the summed moments too, so every rank's D gets the same statistics
+            n = count[:, 0].sum()
+            overall = (s2.sum(0) / n - (s1.sum(0) / n) ** 2).clamp_min(0).sqrt()
+            floor = 1e-3 * overall.clamp_min(1e-6)
             few = count < 2
             mean, std = mean.masked_fill(few, 0.0), std.masked_fill(few, 1.0)
             self.D.set_class_statistics(mean.float(), torch.maximum(std, floor).float())
