@@ -127,11 +127,11 @@ def test_diff_augment_pair_gives_both_images_the_same_transforms():
     policy = ("translation", "cutout", "flip", "noise")
     a = torch.rand(6, 3, 16, 16) + 0.5
     gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    seen_a, seen_b = diff_augment_pair(a, a.clone(), policy, gen)
+    seen_a, seen_b, _ = diff_augment_pair(a, a.clone(), policy, gen)
     torch.testing.assert_close(seen_a, diff_augment(a, policy, ref_gen), rtol=0, atol=0)
     assert torch.equal(seen_a, seen_b) and torch.equal(gen.get_state(), ref_gen.get_state())
     geometric = ("translation", "cutout", "flip")
-    seen_a, seen_b = diff_augment_pair(a, 2 * a, geometric, gen)
+    seen_a, seen_b, _ = diff_augment_pair(a, 2 * a, geometric, gen)
     torch.testing.assert_close(seen_b, 2 * seen_a)
     assert (seen_a == 0).any() and not torch.equal(seen_a, a)  # holes and shifts happened
     with pytest.raises(ValueError, match="one shape"):
@@ -1070,3 +1070,57 @@ def test_within_class_head_targets_the_logits_beyond_the_class(tmp_path, synthet
         load_config("tiny", ["--d_head_within_weight=1"])
     with pytest.raises(ConfigError, match="d_head_within_weight"):
         load_config("tiny", ["--d_head_weight=1", "--d_head_within_weight=-1"])
+
+
+def test_cutout_p_cuts_some_images_and_the_within_term_reads_the_whole_ones(tmp_path,
+                                                                             synthetic_data):
+    """``optim.cutout_p``: each image gets diffaug's cutout with that probability (1: every
+    image, and the same draws as before), ``diff_augment_whole`` says which were left whole,
+    and the within-class head's term averages over those alone (0, still in the graph, when
+    there are none); refused out of (0, 1], without a cutout policy or the within-class head."""
+    from fastinv.train.augment import cutout, diff_augment_whole
+    from fastinv.train.distributed import DistInfo
+    from fastinv.train.gan import InverterTrainer
+
+    x = torch.ones(400, 1, 16, 16)
+    every, whole = diff_augment_whole(x, ("cutout",), torch.Generator().manual_seed(3))
+    assert not whole.any()
+    torch.testing.assert_close(every, cutout(x, gen=torch.Generator().manual_seed(3)),
+                               rtol=0, atol=0)
+    seen, whole = diff_augment_whole(x, ("small_cutout",), torch.Generator().manual_seed(3),
+                                     cutout_p=0.5)
+    assert torch.equal((seen == 0).flatten(1).any(1), ~whole)  # a hole in every cut image only
+    assert 0.4 < whole.float().mean() < 0.6
+    seen, whole = diff_augment_whole(x, ("translation", "cutout"),
+                                     torch.Generator().manual_seed(3), cutout_p=0.5)
+    translated = diff_augment(x, ("translation",), torch.Generator().manual_seed(3))
+    assert torch.equal(seen[whole], translated[whole])  # whole: the other transforms alone
+
+    c = 3
+    pred, z = torch.randn(4, 2 * c, requires_grad=True), torch.randn(4, c)
+    within = torch.randn(4, c)
+    rows = torch.tensor([True, False, True, False])
+    got = head_loss(pred, z, "mse", lambda t: t, lambda t: within, 2.0, within_rows=rows)
+    want = ((pred[:, :c] - z).pow(2).mean()
+            + 2.0 * (pred[rows, c:] - within[rows]).pow(2).mean())
+    torch.testing.assert_close(got, want)
+    none = head_loss(pred, z, "mse", lambda t: t, lambda t: within, 2.0,
+                     within_rows=torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(none, (pred[:, :c] - z).pow(2).mean())
+    none.backward()
+    assert pred.grad is not None and torch.equal(pred.grad[:, c:], torch.zeros(4, c))
+
+    flags = [f"--root={synthetic_data}", "--steps=2", "--logit_preprocess=affine",
+             "--d_head_weight=1", "--d_head_within_weight=1", "--diffaug=translation,cutout"]
+    trainer = InverterTrainer(load_config("tiny", [*flags, f"--out_dir={tmp_path}",
+                                                   "--cutout_p=0.5"]), DistInfo())
+    stats = trainer.train_step()
+    assert torch.isfinite(torch.as_tensor(stats["d_head"])) and stats["g_head"] > 0
+    assert inverter_options(trainer.cfg)["within-class head on whole images"] == "cutout p 0.5"
+    for bad, match in ((["--cutout_p=0"], "cutout_p must be in"),
+                       (["--cutout_p=1.5"], "cutout_p must be in"),
+                       (["--d_head_weight=1", "--d_head_within_weight=1", "--diffaug=translation",
+                         "--cutout_p=0.5"], "needs a cutout"),
+                       (["--diffaug=cutout", "--cutout_p=0.5"], "within-class head")):
+        with pytest.raises(ConfigError, match=match):
+            load_config("tiny", bad)

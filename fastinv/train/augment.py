@@ -6,10 +6,11 @@ flows through them; they never change what G is asked to produce.
 
 Policies (comma-separated): ``translation`` (shift by up to 1/8 of the size, zero fill),
 ``cutout`` (a zeroed square of half the size at a random place), ``small_cutout`` (one of a
-quarter of the size), ``color`` (brightness, saturation, contrast), ``flip`` (horizontal, half
-of the images), ``noise`` (Gaussian pixel noise, σ 0.1 on the [-1, 1] scale: instance noise,
-Sønderby et al. 2017; with a Φ-feature D, Φ reads its maps of noisy images, so G's gradient
-through Φ is an average over nearby images rather than Φ's sharpest local direction).
+quarter of the size; both cut every image, or each with probability ``cutout_p``), ``color``
+(brightness, saturation, contrast), ``flip`` (horizontal, half of the images), ``noise``
+(Gaussian pixel noise, σ 0.1 on the [-1, 1] scale: instance noise, Sønderby et al. 2017; with
+a Φ-feature D, Φ reads its maps of noisy images, so G's gradient through Φ is an average over
+nearby images rather than Φ's sharpest local direction).
 
 The same transforms serve the logit-consistency term (``optim.aux_augment``): Φ reads G's image
 under a random transform, an expectation over transformations. A pattern that fools Φ at one
@@ -59,6 +60,13 @@ def translation(x: torch.Tensor, ratio: float = 0.125, gen=None) -> torch.Tensor
 
 
 def cutout(x: torch.Tensor, ratio: float = 0.5, gen=None) -> torch.Tensor:
+    return _cutout(x, ratio, gen)[0]
+
+
+def _cutout(x: torch.Tensor, ratio: float = 0.5, gen=None, p: float = 1.0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` with a zeroed square of ``ratio`` of the side in each image chosen (each with
+    probability ``p``; no extra draw at 1), and which images were chosen."""
     n, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     # top-left corner anywhere from half outside (top/left) to half outside (bottom/right)
@@ -67,7 +75,12 @@ def cutout(x: torch.Tensor, ratio: float = 0.5, gen=None) -> torch.Tensor:
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     hole = (ys >= y0) & (ys < y0 + ch) & (xs >= x0) & (xs < x0 + cw)
-    return x * (~hole).unsqueeze(1).to(x.dtype)
+    if p < 1:
+        chosen = _rand((n,), x, gen) < p
+        hole = hole & chosen.view(n, 1, 1)
+    else:
+        chosen = torch.ones(n, dtype=torch.bool, device=x.device)
+    return x * (~hole).unsqueeze(1).to(x.dtype), chosen
 
 
 def flip(x: torch.Tensor, gen=None) -> torch.Tensor:
@@ -87,28 +100,46 @@ def small_cutout(x: torch.Tensor, gen=None) -> torch.Tensor:
     return cutout(x, ratio=0.25, gen=gen)
 
 
+_CUTOUT_RATIO = {"cutout": 0.5, "small_cutout": 0.25}
 _FNS = {"translation": translation, "cutout": cutout, "small_cutout": small_cutout,
         "color": color, "flip": flip, "noise": noise}
 
 
-def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator | None = None
-                 ) -> torch.Tensor:
-    """``x`` under each transform of ``policy``, in the order given (identity for ``()``)."""
+def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator | None = None,
+                 cutout_p: float = 1.0) -> torch.Tensor:
+    """``x`` under each transform of ``policy``, in the order given (identity for ``()``);
+    a cutout policy cuts each image with probability ``cutout_p``."""
+    return diff_augment_whole(x, policy, gen, cutout_p)[0]
+
+
+def diff_augment_whole(x: torch.Tensor, policy: tuple[str, ...],
+                       gen: torch.Generator | None = None, cutout_p: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``diff_augment`` and, per image, whether it was left whole by the cutout policies (all
+    True without one). With ``cutout_p`` < 1 some images keep every pixel of the shape: the D
+    logit head can be trained and read on those alone (optim.cutout_p)."""
+    whole = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for name in policy:
-        x = _FNS[name](x, gen=gen)
-    return x
+        if name in _CUTOUT_RATIO:
+            x, chosen = _cutout(x, _CUTOUT_RATIO[name], gen, cutout_p)
+            whole = whole & ~chosen
+        else:
+            x = _FNS[name](x, gen=gen)
+    return x, whole
 
 
 def diff_augment_pair(a: torch.Tensor, b: torch.Tensor, policy: tuple[str, ...],
-                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                      gen: torch.Generator, cutout_p: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``a`` and ``b`` (the same shape) under the same random transforms: image i of both
-    gets the same shift, hole, flip, colour change and noise. ``b`` replays ``a``'s draws
-    from ``gen`` (the same shapes draw the same numbers), so ``gen`` ends where one
-    ``diff_augment`` call would leave it."""
+    gets the same shift, hole, flip, colour change and noise; and which images were left
+    whole (as ``diff_augment_whole``). ``b`` replays ``a``'s draws from ``gen`` (the same
+    shapes draw the same numbers), so ``gen`` ends where one ``diff_augment`` call would
+    leave it."""
     if a.shape != b.shape:
         raise ValueError(f"diff_augment_pair needs two tensors of one shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
     start = gen.get_state()
-    seen_a = diff_augment(a, policy, gen)
+    seen_a, whole = diff_augment_whole(a, policy, gen, cutout_p)
     gen.set_state(start)
-    return seen_a, diff_augment(b, policy, gen)
+    return seen_a, diff_augment(b, policy, gen, cutout_p), whole

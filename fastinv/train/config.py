@@ -120,6 +120,13 @@ class OptimConfig:
     aux_logit_weight: float = 0.0
     recon_weight: float = 0.0  # "pixel reconstruction": λ of mean |G(Φ(x), ε) - x| (L1)
     diffaug: str = ""  # "D augmentation": DiffAugment policy, e.g. "translation,cutout"
+    # "within-class head on whole images": each image D sees gets diffaug's cutout with this
+    # probability (1: every image, DiffAugment's own), and the within-class head's term (D's on
+    # reals, G's on its fakes) averages over the images left whole. A hole of half the side
+    # hides most of a shape and with it the size (RESULTS.md Demo round 32): that term learns
+    # and asks for the size where it can be seen; the real/fake score and the class part of
+    # the head keep the cutout's regularisation on the rest.
+    cutout_p: float = 1.0
     # "consistency augmentation": the logit-consistency term reads Φ on G's image under these
     # transforms (same policy names as diffaug), so G cannot satisfy Φ with a pattern that only
     # works at one alignment
@@ -307,6 +314,8 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
                                     if o.mismatch_weight and o.mismatch_pairs == "same_class"
                                     else o.mismatch_weight),
              "D logit head": o.d_head_weight, "within-class head": o.d_head_within_weight,
+             "within-class head on whole images": (f"cutout p {o.cutout_p:g}"
+                                                   if o.cutout_p < 1 else ""),
              "mode seeking": o.mode_seeking_weight, "minibatch std": m.d_mbstd,
              "conditioned G input": m.g_cond_input, "MLP logit embedding": m.g_shared_mlp,
              "narrow full-resolution blocks": ", ".join(
@@ -543,6 +552,12 @@ def _check(cfg: TrainConfig) -> None:
             parse_policy(getattr(o, name))
         except ValueError as exc:
             raise ConfigError(f"optim.{name}: {exc}") from None
+    _require(0 < o.cutout_p <= 1, f"optim.cutout_p must be in (0, 1], got {o.cutout_p}")
+    _require(o.cutout_p == 1 or any(p in ("cutout", "small_cutout")
+                                    for p in parse_policy(o.diffaug)),
+             f"optim.cutout_p < 1 needs a cutout in optim.diffaug, got {o.diffaug!r}")
+    _require(o.cutout_p == 1 or o.d_head_within_weight > 0,
+             "optim.cutout_p < 1 is for the within-class head (optim.d_head_within_weight > 0)")
     _require(o.recon_weight >= 0, "optim.recon_weight must be >= 0")
     _require(o.phi_stats_weight >= 0, "optim.phi_stats_weight must be >= 0")
     _require(o.mismatch_weight >= 0, "optim.mismatch_weight must be >= 0")

@@ -33,7 +33,7 @@ from fastinv.models.generator import Generator, GeneratorConfig
 from fastinv.models.layers import sigma_stats
 from fastinv.ops import hinge_loss_d, hinge_loss_g
 from fastinv.train import checkpoint, distributed, precision
-from fastinv.train.augment import diff_augment, diff_augment_pair, parse_policy
+from fastinv.train.augment import diff_augment, diff_augment_pair, diff_augment_whole, parse_policy
 from fastinv.train.config import TrainConfig, save_yaml, validate
 from fastinv.train.ema import EMA, standing_statistics
 from fastinv.train.feature_stats import PhiStats, stats_loss
@@ -175,18 +175,27 @@ def mode_seeking_loss(a: torch.Tensor, b: torch.Tensor, eps_a: torch.Tensor,
 
 
 def head_loss(pred: torch.Tensor, z: torch.Tensor, form: str, preprocess,
-              within=None, within_weight: float = 0.0) -> torch.Tensor:
+              within=None, within_weight: float = 0.0,
+              within_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The D logit head's loss for its prediction ``pred`` on images whose logits are ``z``:
     "mse" regresses ``preprocess(z)`` (D's view of the logits), "ce" (ACGAN) is the softmax
     cross-entropy against Φ's top-1 class. With ``within_weight`` > 0 the head's second half
-    regresses ``within(z)`` (the within-class deviations, Discriminator.within_class) too."""
+    regresses ``within(z)`` (the within-class deviations, Discriminator.within_class) too,
+    averaged over the images ``within_rows`` (bool per image; all when None; 0 when none, the
+    graph still connected, as DDP needs)."""
     c = z.shape[1]
     if form == "ce":
         loss = F.cross_entropy(pred[:, :c].float(), z.argmax(1))
     else:
         loss = (pred[:, :c].float() - preprocess(z)).pow(2).mean()
     if within_weight > 0:
-        loss = loss + within_weight * (pred[:, c:].float() - within(z)).pow(2).mean()
+        per = (pred[:, c:].float() - within(z)).pow(2).mean(1)
+        if within_rows is None:
+            per = per.mean()
+        else:
+            w = within_rows.to(per.dtype)
+            per = (per * w).sum() / w.sum().clamp_min(1)
+        loss = loss + within_weight * per
     return loss
 
 
@@ -210,6 +219,7 @@ class InverterTrainer:
         dev = info.device
         self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
         self.augment = parse_policy(cfg.optim.diffaug)
+        self.cutout_p = cfg.optim.cutout_p
         self.aux_augment = parse_policy(cfg.optim.aux_augment)
         self.step = self.d_step = 0
         # optim.reuse_fakes=previous: the last G update's (images, logits), D's next fakes;
@@ -489,9 +499,10 @@ class InverterTrainer:
                 with self._sync(self.D_train, micro, acc), self._autocast(), _scope("D forward"):
                     # real and fake in one call: DDP sees one forward per backward
                     if reused is None:
-                        both = self._augment(torch.cat([x, fake.to(x.dtype)]))
+                        both, whole = self._augment_whole(torch.cat([x, fake.to(x.dtype)]))
                     else:
-                        both = torch.cat([self._augment(x), fake.to(x.dtype)])
+                        seen_x, whole = self._augment_whole(x)
+                        both = torch.cat([seen_x, fake.to(x.dtype)])
                     zs = torch.cat([z, z_fake])
                     n_x = len(x)
                     if o.mismatch_weight > 0:  # the same augmented reals, other images' logits
@@ -517,7 +528,7 @@ class InverterTrainer:
                                                + (d_mis * keep).sum().detach() / n_keep / n)
                         loss = loss + o.mismatch_weight * mis
                     if pred is not None:  # the head learns Φ's logits of real images only
-                        head = self._head_loss(pred[: len(x)], z)
+                        head = self._head_loss(pred[: len(x)], z, whole[: len(x)])
                         stats["d_head"] = stats.get("d_head", 0.0) + head.detach() / n
                         loss = loss + o.d_head_weight * head
                 with _scope("D backward"):
@@ -549,10 +560,10 @@ class InverterTrainer:
                 if o.reuse_fakes == "previous":  # D's fakes in the next step
                     self._last_fakes = (fake.detach(), z)
                 if o.dnet_match_weight > 0:  # x under the same augmentation as G's image
-                    seen_d, seen_x = diff_augment_pair(fake, x.to(fake.dtype), self.augment,
-                                                       self.noise_gen)
+                    seen_d, seen_x, whole = diff_augment_pair(
+                        fake, x.to(fake.dtype), self.augment, self.noise_gen, self.cutout_p)
                 else:
-                    seen_d = self._augment(fake)
+                    seen_d, whole = self._augment_whole(fake)
                 net_logits_on = o.class_weight > 0 or o.dnet_match_weight > 0
                 maps = self._phi_of(seen_d, grad=True, scale=o.g_phi_grad, drop=o.d_phi_dropout,
                                     logits=net_logits_on)
@@ -573,7 +584,7 @@ class InverterTrainer:
                 out = self.D_judge(seen_d, z, *maps, head=o.d_head_weight > 0)
                 if o.d_head_weight > 0:  # G: D's head must read z's logits in G's image
                     out, pred = out
-                    g_head = self._head_loss(pred, z)
+                    g_head = self._head_loss(pred, z, whole)
                     stats["g_head"] = stats.get("g_head", 0.0) + g_head.detach() / acc
                 loss = hinge_loss_g(out)
                 stats["loss_g"] += loss.detach() / acc
@@ -630,10 +641,14 @@ class InverterTrainer:
         stats["mode_seeking"] = stats.get("mode_seeking", 0.0) + ms.detach() / acc
         return fake, ms
 
-    def _head_loss(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _head_loss(self, pred: torch.Tensor, z: torch.Tensor, whole: torch.Tensor
+                   ) -> torch.Tensor:
+        """The head's loss; its within-class term over the images the cutout left ``whole``
+        when some are (cutout_p < 1)."""
         o = self.cfg.optim
         return head_loss(pred, z, o.d_head_loss, self.D.preprocess, self.D.within_class
-                         if o.d_head_within_weight > 0 else None, o.d_head_within_weight)
+                         if o.d_head_within_weight > 0 else None, o.d_head_within_weight,
+                         within_rows=whole if o.cutout_p < 1 else None)
 
     def _phi_of(self, images: torch.Tensor, grad: bool, scale: float = 1.0,
                 drop: float = 0.0, logits: bool = False):
@@ -682,7 +697,13 @@ class InverterTrainer:
         return self.D(seen, z, *self._phi_of(seen, grad=True))
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        return diff_augment(x, self.augment, self.noise_gen) if self.augment else x
+        return self._augment_whole(x)[0]
+
+    def _augment_whole(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's view of ``x`` and which images the cutout left whole (diff_augment_whole)."""
+        if not self.augment:
+            return x, torch.ones(len(x), dtype=torch.bool, device=x.device)
+        return diff_augment_whole(x, self.augment, self.noise_gen, self.cutout_p)
 
     def _noise(self, n: int) -> torch.Tensor:
         return self.G.sample_noise(n, generator=self.noise_gen)
