@@ -57,7 +57,7 @@ ABLATIONS = {
     "D reads Φ's maps": ("--classifier.d_net_weights=",),
     # G asked that the D feature network reads Φ's class in its image (cross-entropy): off
     "no class consistency": ("--optim.class_weight=0",),
-    "no D augmentation": ("--optim.diffaug=",),
+    "no D augmentation": ("--optim.diffaug=", "--optim.cutout_p=1"),
     "raw logits": ("--model.logit_preprocess=none",),
     # an option the recipe does not use, measured on top of it (λ 1)
     "+ logit consistency": ("--optim.aux_logit_weight=1",),
@@ -67,18 +67,28 @@ ABLATIONS = {
     "+ same-class mismatched-logit D": ("--optim.mismatch_weight=1",
                                         "--optim.mismatch_pairs=same_class"),
     # the D logit head (ACGAN-style): off, and in ACGAN's cross-entropy form instead of MSE
-    "no D logit head": ("--optim.d_head_weight=0",),
+    "no D logit head": ("--optim.d_head_weight=0", "--optim.d_head_within_weight=0",
+                        "--optim.cutout_p=1"),
     "D logit head as cross-entropy": ("--optim.d_head_loss=ce",),
     "+ detached D logit head": ("--optim.d_head_detach=true",),
     # the head also regresses each logit's deviation from its Φ class's mean in that class's
     # stds: the logits' part beyond the class (the size) weighs as much as the class in the
     # head's loss and in G's (the head at the CPU presets' weight: tiny has none)
-    "+ within-class head": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1"),
+    "+ within-class head": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1",
+                            "--optim.cutout_p=1"),
     # DiffAugment's 16 px cutout hides much of a 32 px shape: without it (and with the
     # within-class head) G draws the size the logits carry (Demo round 32)
-    "no cutout": ("--optim.diffaug=translation",),
+    "no cutout": ("--optim.diffaug=translation", "--optim.cutout_p=1"),
     "+ within-class head, no cutout": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1",
-                                       "--optim.diffaug=translation"),
+                                       "--optim.diffaug=translation", "--optim.cutout_p=1"),
+    # half the images cut out, the within-class term on the whole ones only: the size where
+    # D can see it, cutout's regularisation on the rest (Demo round 33; the default preset's
+    # recipe has it, this row adds it to --quick's); and the default's recipe without it
+    "+ within-class head on whole images": ("--optim.d_head_weight=1",
+                                            "--optim.d_head_within_weight=1",
+                                            "--optim.diffaug=translation,cutout",
+                                            "--optim.cutout_p=0.5"),
+    "no within-class head": ("--optim.d_head_within_weight=0", "--optim.cutout_p=1"),
     # G's input linear layer reads the logit embedding (BigGAN-deep) / a two-layer logit
     # embedding, measured on top of the recipe
     "+ conditioned G input": ("--model.g_cond_input=true",),
@@ -106,7 +116,8 @@ ABLATIONS = {
     "paper": ("--optim.aux_logit_weight=0", "--optim.recon_weight=0", "--model.d_phi_layer=",
               "--classifier.d_net_weights=", "--optim.class_weight=0",
               "--optim.r1_gamma=0",
-              "--optim.d_head_weight=0", "--optim.mode_seeking_weight=0",
+              "--optim.d_head_weight=0", "--optim.d_head_within_weight=0",
+              "--optim.cutout_p=1", "--optim.mode_seeking_weight=0",
               "--optim.diffaug=", "--model.logit_preprocess=none", "--model.d_pool=sum"),
 }
 

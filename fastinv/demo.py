@@ -73,6 +73,15 @@ def _classifiers(common: dict | None = None, standard: dict | None = None,
 # 0.668 / 0.746 (standard) and 0.570 / 0.773 (robust) against 0.641 / 0.680 and 0.605 / 0.605.
 CLASS_CONSISTENCY = "--optim.class_weight=1"
 
+# "within-class head" on "whole images" (optim.d_head_within_weight, optim.cutout_p): D's
+# logit head also regresses each logit's deviation from its Φ class's mean, on the half of the
+# images DiffAugment's cutout leaves whole, so G is asked for what the logits carry beyond the
+# class (the size) where D can see it. On the quality benchmark's default data (RESULTS.md Demo
+# round 33, 2 seeds, 4,000 steps): judge +0.014 [-0.009, +0.036] against the recipe without
+# it, the scale's within-class r on x̂ +0.19 / +0.13 (intervals above 0) against +0.04 /
+# -0.01. On --quick's 2,500 steps it cost -0.066 [-0.113, -0.025]: only the default has it.
+SIZE_HEAD = ("--optim.d_head_within_weight=1", "--optim.cutout_p=0.5")
+
 
 @dataclass(frozen=True)
 class InverterPreset:
@@ -90,7 +99,7 @@ class InverterPreset:
     # two swapped pairs, 223 img/s eager in the demo against 204-218 compiled), and a cold
     # compile cost each job ~100 s (Demo round 24).
     steps: int = 6000
-    overrides: tuple[str, ...] = ("--optim.r1_gamma=0", CLASS_CONSISTENCY)
+    overrides: tuple[str, ...] = ("--optim.r1_gamma=0", CLASS_CONSISTENCY, *SIZE_HEAD)
     # "D feature network": the demo classifier whose maps D reads, for both inverters ("" =
     # each inverter's own Φ). With the robust classifier's maps the standard inverter reads
     # 0.887 / 0.906 at 3,000 steps against 0.598 / 0.600 with Φ's own, and KID 161 / 82 against
