@@ -164,7 +164,9 @@ class OptimConfig:
     # pressure, is almost all class; this term gives the rest (the size) the class's weight.
     # It moves G only where D's augmentation leaves the size readable: with DiffAugment's cutout
     # (half the side) the head reads nothing of it; with optim.diffaug=translation G draws the
-    # size, at 0.03-0.05 of judge agreement (RESULTS.md Demo round 32)
+    # size, at 0.03-0.05 of judge agreement (RESULTS.md Demo round 32); on the images the
+    # cutout leaves whole (optim.cutout_p 0.5, the demo's default preset) at none on the
+    # default data (Demo round 33)
     d_head_within_weight: float = 0.0
     # "mode seeking" (MSGAN, Mao et al. 2019): λ of 1 / (image distance / noise distance) for
     # two noise draws of the same logits (half the batch once more through G), against G
