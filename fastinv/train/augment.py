@@ -93,16 +93,11 @@ def noise(x: torch.Tensor, sigma: float = 0.1, gen=None) -> torch.Tensor:
                                    dtype=torch.float32).to(x.dtype)
 
 
-def small_cutout(x: torch.Tensor, gen=None) -> torch.Tensor:
-    """A hole of a quarter of the side (1/16 of the image) instead of DiffAugment's half: a
-    16 px hole in a 32 px image hides much of a shape, and with it the size a D logit head
-    should read off real images (RESULTS.md Demo round 32)."""
-    return cutout(x, ratio=0.25, gen=gen)
-
-
-_CUTOUT_RATIO = {"cutout": 0.5, "small_cutout": 0.25}
-_FNS = {"translation": translation, "cutout": cutout, "small_cutout": small_cutout,
-        "color": color, "flip": flip, "noise": noise}
+# the cutout policies' hole sides, as fractions of the image's: ``small_cutout``'s quarter
+# because a 16 px hole in a 32 px image hides much of a shape, and with it the size a D logit
+# head should read off real images (RESULTS.md Demo round 32)
+CUTOUT_RATIO = {"cutout": 0.5, "small_cutout": 0.25}
+_FNS = {"translation": translation, "color": color, "flip": flip, "noise": noise}
 
 
 def diff_augment(x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator | None = None,
@@ -120,8 +115,8 @@ def diff_augment_whole(x: torch.Tensor, policy: tuple[str, ...],
     logit head can be trained and read on those alone (optim.cutout_p)."""
     whole = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for name in policy:
-        if name in _CUTOUT_RATIO:
-            x, chosen = _cutout(x, _CUTOUT_RATIO[name], gen, cutout_p)
+        if name in CUTOUT_RATIO:
+            x, chosen = _cutout(x, CUTOUT_RATIO[name], gen, cutout_p)
             whole = whole & ~chosen
         else:
             x = _FNS[name](x, gen=gen)

@@ -510,7 +510,7 @@ def validate(cfg: TrainConfig) -> None:
 def _check(cfg: TrainConfig) -> None:
     from fastinv.models.generator import G_ARCH
     from fastinv.models.layers import LOGIT_PREPROCESS
-    from fastinv.train.augment import parse_policy
+    from fastinv.train.augment import CUTOUT_RATIO, parse_policy
     from fastinv.train.precision import AMP_MODES
 
     d, c, m, o, r = cfg.data, cfg.classifier, cfg.model, cfg.optim, cfg.run
@@ -557,8 +557,7 @@ def _check(cfg: TrainConfig) -> None:
         except ValueError as exc:
             raise ConfigError(f"optim.{name}: {exc}") from None
     _require(0 < o.cutout_p <= 1, f"optim.cutout_p must be in (0, 1], got {o.cutout_p}")
-    _require(o.cutout_p == 1 or any(p in ("cutout", "small_cutout")
-                                    for p in parse_policy(o.diffaug)),
+    _require(o.cutout_p == 1 or any(p in CUTOUT_RATIO for p in parse_policy(o.diffaug)),
              f"optim.cutout_p < 1 needs a cutout in optim.diffaug, got {o.diffaug!r}")
     _require(o.cutout_p == 1 or o.d_head_within_weight > 0,
              "optim.cutout_p < 1 is for the within-class head (optim.d_head_within_weight > 0)")

@@ -219,7 +219,6 @@ class InverterTrainer:
         dev = info.device
         self.noise_gen = torch.Generator(dev).manual_seed(cfg.run.seed * 7919 + 1 + info.rank)
         self.augment = parse_policy(cfg.optim.diffaug)
-        self.cutout_p = cfg.optim.cutout_p
         self.aux_augment = parse_policy(cfg.optim.aux_augment)
         self.step = self.d_step = 0
         # optim.reuse_fakes=previous: the last G update's (images, logits), D's next fakes;
@@ -561,7 +560,7 @@ class InverterTrainer:
                     self._last_fakes = (fake.detach(), z)
                 if o.dnet_match_weight > 0:  # x under the same augmentation as G's image
                     seen_d, seen_x, whole = diff_augment_pair(
-                        fake, x.to(fake.dtype), self.augment, self.noise_gen, self.cutout_p)
+                        fake, x.to(fake.dtype), self.augment, self.noise_gen, o.cutout_p)
                 else:
                     seen_d, whole = self._augment_whole(fake)
                 net_logits_on = o.class_weight > 0 or o.dnet_match_weight > 0
@@ -703,7 +702,7 @@ class InverterTrainer:
         """D's view of ``x`` and which images the cutout left whole (diff_augment_whole)."""
         if not self.augment:
             return x, torch.ones(len(x), dtype=torch.bool, device=x.device)
-        return diff_augment_whole(x, self.augment, self.noise_gen, self.cutout_p)
+        return diff_augment_whole(x, self.augment, self.noise_gen, self.cfg.optim.cutout_p)
 
     def _noise(self, n: int) -> torch.Tensor:
         return self.G.sample_noise(n, generator=self.noise_gen)
