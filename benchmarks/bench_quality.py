@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from fastinv import demo
+
 # name -> overrides on top of the preset's recipe; "recipe" is the preset as shipped, "paper"
 # the GAN alone on raw logits with BigGAN's sum pooling (every option off)
 ABLATIONS = {
@@ -85,10 +87,11 @@ ABLATIONS = {
     # D can see it, cutout's regularisation on the rest (Demo round 33; the default preset's
     # recipe has it, this row adds it to --quick's); and the default's recipe without it
     "+ within-class head on whole images": ("--optim.d_head_weight=1",
-                                            "--optim.d_head_within_weight=1",
                                             "--optim.diffaug=translation,cutout",
-                                            "--optim.cutout_p=0.5"),
+                                            *demo.SIZE_HEAD),
     "no within-class head": ("--optim.d_head_within_weight=0", "--optim.cutout_p=1"),
+    # the default's within-class term at half its weight (round 33's 1; Demo round 34)
+    "within-class head at weight 1": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1"),
     # G's input linear layer reads the logit embedding (BigGAN-deep) / a two-layer logit
     # embedding, measured on top of the recipe
     "+ conditioned G input": ("--model.g_cond_input=true",),
@@ -125,7 +128,6 @@ ABLATIONS = {
 def prepare(work: Path, preset: str, device: str, phi: str = "standard") -> dict:
     """Data, Φ, judge, evaluation images and factor regressor (cached in ``work``). ``phi``:
     the demo classifier whose logits the inverters invert (``standard`` or ``robust``)."""
-    from fastinv import demo
     from fastinv.data import load_factors, make_synthetic_dataset
     from fastinv.invert import factors as fac
     from fastinv.models.classifiers import load_classifier
@@ -188,7 +190,6 @@ def score(env: dict, decoder, per_image: bool = False) -> dict:
 
 def run_config(env: dict, work: Path, name: str, overrides: tuple[str, ...], steps: int,
                eval_every: int, device: str, seed: int = 0) -> list[dict]:
-    from fastinv import demo
     from fastinv.train import checkpoint
     from fastinv.train.checkpoint import load_inverter
 
@@ -320,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fastinv import demo
 
     if args.preset not in demo.PRESETS:
         ap.error(f"unknown preset {args.preset!r}; choose from {sorted(demo.PRESETS)}")
@@ -379,7 +379,6 @@ def test_quality_benchmark_runs_on_the_tiny_preset(tmp_path):
 def test_every_ablation_row_is_a_valid_config():
     """Each row's overrides on top of each CPU preset's recipe (as run_config applies them)
     pass the config checks: an option the recipe adds must be turned off with what needs it."""
-    from fastinv import demo
     from fastinv.train.config import ConfigError, apply_overrides, base_config, validate
 
     weights = {n: f"{n}.safetensors" for n in (*demo.CLASSIFIERS, "judge")}

@@ -165,8 +165,8 @@ class OptimConfig:
     # It moves G only where D's augmentation leaves the size readable: with DiffAugment's cutout
     # (half the side) the head reads nothing of it; with optim.diffaug=translation G draws the
     # size, at 0.03-0.05 of judge agreement (RESULTS.md Demo round 32); on the images the
-    # cutout leaves whole (optim.cutout_p 0.5, the demo's default preset) at none on the
-    # default data (Demo round 33)
+    # cutout leaves whole (optim.cutout_p 0.5) at none on the default data (Demo round 33);
+    # λ 2 (the demo's default preset) draws it more than 1 or 4 (Demo round 34)
     d_head_within_weight: float = 0.0
     # "mode seeking" (MSGAN, Mao et al. 2019): λ of 1 / (image distance / noise distance) for
     # two noise draws of the same logits (half the batch once more through G), against G
