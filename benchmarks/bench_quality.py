@@ -90,8 +90,11 @@ ABLATIONS = {
                                             "--optim.diffaug=translation,cutout",
                                             *demo.SIZE_HEAD),
     "no within-class head": ("--optim.d_head_within_weight=0", "--optim.cutout_p=1"),
-    # the default's within-class term at half its weight (round 33's 1; Demo round 34)
-    "within-class head at weight 1": ("--optim.d_head_weight=1", "--optim.d_head_within_weight=1"),
+    # the same option at half the default's weight (round 33's 1; Demo round 34): on every
+    # preset the whole-images row with only the weight changed
+    "within-class head on whole images at weight 1": (
+        "--optim.d_head_weight=1", "--optim.diffaug=translation,cutout",
+        *demo.SIZE_HEAD, "--optim.d_head_within_weight=1"),
     # G's input linear layer reads the logit embedding (BigGAN-deep) / a two-layer logit
     # embedding, measured on top of the recipe
     "+ conditioned G input": ("--model.g_cond_input=true",),
