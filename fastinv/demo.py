@@ -211,7 +211,9 @@ PRESETS: dict[str, DemoPreset] = {
 # What the CPU budgets took on a 2-core CPU without native bf16, where amp=auto trains in
 # float32 (the budgets were sized on 2-core CPUs with AVX512-BF16 / AMX): RESULTS.md Demo round
 # 30, a 2-core AMD EPYC (Zen 3, AVX2): --quick seed 0 809 s (inverters 572 s), default seed 0
-# 1,885 s (inverters 1,382 s), against 248-368 s and 531-873 s with bf16 (rounds 24-29)
+# 1,885 s (inverters 1,382 s), against 248-368 s and 531-873 s with bf16 (rounds 24-29).
+# No float32 sizing: the default cut to 900 s there (2,200 inverter steps, shorter classifier
+# training) read judge 0.885 / 0.754 against its 0.90 / 0.85, --quick's quality (Demo round 35)
 FLOAT32_SECONDS = {"quick": 809, "default": 1885}
 
 
