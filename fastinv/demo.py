@@ -83,8 +83,8 @@ CLASS_CONSISTENCY = "--optim.class_weight=1"
 # (weight 4: -0.023 against weight 1). On --quick's 2,500 steps weight 1 cost -0.066
 # [-0.113, -0.025]: only the default has it. Inverting the robust Φ (round 35, 3 seeds) it
 # draws the size too (r +0.12 / +0.27 / +0.15 against -0.07 / -0.01 / -0.02) at -0.032
-# [-0.051, -0.014] judge agreement at 4,000 steps; the demo's robust inverters read 0.945 /
-# 0.963 with it at 6,000 (round 34), over their 0.85.
+# [-0.051, -0.014] judge agreement at 4,000 steps (weight 1: -0.025, r +0.08 to +0.10); the
+# demo's robust inverters read 0.945 / 0.963 with it at 6,000 (round 34), over their 0.85.
 SIZE_HEAD = ("--optim.d_head_within_weight=2", "--optim.cutout_p=0.5")
 
 
