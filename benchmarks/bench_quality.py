@@ -45,6 +45,11 @@ import torch
 
 from fastinv import demo
 
+# the demo's within-class head on whole images (demo.SIZE_HEAD) with what it needs on a preset
+# that lacks it (--quick): the D logit head and DiffAugment's cutout
+WHOLE_IMAGES_HEAD = ("--optim.d_head_weight=1", "--optim.diffaug=translation,cutout",
+                     *demo.SIZE_HEAD)
+
 # name -> overrides on top of the preset's recipe; "recipe" is the preset as shipped, "paper"
 # the GAN alone on raw logits with BigGAN's sum pooling (every option off)
 ABLATIONS = {
@@ -86,15 +91,12 @@ ABLATIONS = {
     # half the images cut out, the within-class term on the whole ones only: the size where
     # D can see it, cutout's regularisation on the rest (Demo round 33; the default preset's
     # recipe has it, this row adds it to --quick's); and the default's recipe without it
-    "+ within-class head on whole images": ("--optim.d_head_weight=1",
-                                            "--optim.diffaug=translation,cutout",
-                                            *demo.SIZE_HEAD),
+    "+ within-class head on whole images": WHOLE_IMAGES_HEAD,
     "no within-class head": ("--optim.d_head_within_weight=0", "--optim.cutout_p=1"),
     # the same option at half the default's weight (round 33's 1; Demo round 34): on every
     # preset the whole-images row with only the weight changed
-    "within-class head on whole images at weight 1": (
-        "--optim.d_head_weight=1", "--optim.diffaug=translation,cutout",
-        *demo.SIZE_HEAD, "--optim.d_head_within_weight=1"),
+    "within-class head on whole images at weight 1": (*WHOLE_IMAGES_HEAD,
+                                                      "--optim.d_head_within_weight=1"),
     # G's input linear layer reads the logit embedding (BigGAN-deep) / a two-layer logit
     # embedding, measured on top of the recipe
     "+ conditioned G input": ("--model.g_cond_input=true",),
