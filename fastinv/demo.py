@@ -14,6 +14,9 @@ CUDA unless a preset is named). Everything a user looks at later stays in ``--ou
     <name>/methods.json         every method scored on the same held-out images (judge, KID,
                                 Φ agreement, PSNR, ...); per_image.json: the per-image values
     <name>/methods.png          original | each method's x̂, captioned with the judge's label
+    <name>/factors.png          the factor the logits carry beyond the class: originals sorted
+                                by it above the inverter's and the logit NN's x̂, and x̂'s
+                                reading against x's within Φ's class
     <name>/classifier.json      Φ and judge accuracies, the inverter's options
     factors.json, summary.json, report.md, report.html
 """
@@ -466,9 +469,19 @@ def _evaluate(p: DemoPreset, out: Path, name: str, weights: dict[str, Path], dev
     table = fac.factor_retention(factor_model, y_val, fnames, val.images, feedforward)
     table["_intervals"] = fac.factor_intervals(factor_model, y_val, fnames, feedforward, seed=seed)
     # does x̂ follow x within Φ's class (what R² below 0 cannot tell from "not drawn")
-    table["_within_r"] = {m: fac.within_class_r(factor_model.predict(rec), y_val,
-                                                val.logits.argmax(1), fnames, seed=seed)
-                          for m, rec in feedforward.items()}
+    preds = {m: factor_model.predict(rec) for m, rec in feedforward.items()}
+    phi_class = val.logits.argmax(1)
+    table["_within_r"] = {m: fac.within_class_r(pred, y_val, phi_class, fnames, seed=seed)
+                          for m, pred in preds.items()}
+    # the factor the logits carry most surely beyond the class (the logit NN follows it), seen:
+    # originals sorted by it above the inverter's and the NN's x̂, and x̂'s reading against x's
+    # (rotation, two columns, is left out)
+    if (factor := fac.carried_factor(table["_within_r"], among=fnames)) is not None:
+        shown = [m for m in ("inverter", "logit NN") if m in feedforward]
+        fac.save_factor_figure(out / name / "factors.png", factor, fnames, val.images,
+                               {m: feedforward[m] for m in shown}, y_val,
+                               {m: preds[m] for m in shown}, phi_class, table["_within_r"],
+                               class_names)
     table["logit probe"], table["_intervals"]["logit probe"] = fac.logit_probe(
         train.logits, y_train, val.logits, y_val, fnames, seed=seed)
     if "optimization" in recs:

@@ -82,7 +82,7 @@ def test_demo_scores_every_method_with_the_independent_judge(demo_dir):
             assert {"judge_vs_label", "judge_vs_judge", "kid"} <= set(methods[m]), m
         per = json.loads((d / "per_image.json").read_text())
         assert len(per["methods"]["inverter"]["psnr"]) == len(per["index"])
-        assert (d / "methods.png").is_file()
+        assert (d / "methods.png").is_file() and (d / "factors.png").is_file()
         info = json.loads((d / "classifier.json").read_text())
         judge = info["judge"]  # another architecture (depth / width / family) and seed
         assert (judge["arch"], judge["width"], judge["blocks"]) != (

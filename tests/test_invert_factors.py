@@ -136,3 +136,47 @@ def test_within_class_r_reads_what_follows_x_beyond_the_class():
     assert out["scale"]["lo"] < 0 < out["scale"]["hi"]
     with pytest.raises(ValueError, match="same rows"):
         within_class_r(weak[:-1], targets, classes, names)
+
+
+def test_the_factor_figure_shows_the_factor_the_logit_nn_follows_sorted_within_classes(tmp_path):
+    """carried_factor picks the reference's best finite r among the single columns; the
+    strips hold each class's images from smallest to largest; the figure is written."""
+    from PIL import Image
+
+    from fastinv.invert.factors import (
+        carried_factor,
+        centred_within,
+        save_factor_figure,
+        sorted_within_classes,
+        within_class_r,
+    )
+
+    iv = lambda m: {"mean": m, "lo": m - 0.1, "hi": m + 0.1}  # noqa: E731
+    table = {"inverter": {"scale": iv(0.9)},
+             "logit NN": {"scale": iv(0.5), "x": {"mean": 0.6, "lo": 0.0, "hi": 1.2},
+                          "rotation": iv(0.8), "y": iv(np.nan)}}
+    assert carried_factor(table, among=["scale", "x", "y"]) == "scale"  # surest, not largest
+    assert carried_factor(table) == "rotation"
+    assert carried_factor({"inverter": {"scale": iv(0.9)}}) is None
+
+    t = np.array([5.0, 1.0, 3.0, 2.0, 9.0, 4.0, 7.0])
+    classes = np.array([0, 0, 0, 1, 1, 1, 2])  # class 2 has one image: left out
+    rows = sorted_within_classes(t, classes, n_classes=3, per_class=8)
+    assert [c for c, _ in rows] == [0, 1]
+    assert [list(t[idx]) for _, idx in rows] == [[1.0, 3.0, 5.0], [2.0, 4.0, 9.0]]
+    assert [len(idx) for _, idx in sorted_within_classes(t, classes, per_class=2)] == [2, 2]
+    np.testing.assert_allclose(centred_within(t, classes)[:3], [2.0, -2.0, 0.0])
+
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    cls = torch.arange(n) % 3
+    targets = torch.stack([torch.rand(n, generator=g), torch.rand(n, generator=g)], 1)
+    preds = {"inverter": targets + 0.1 * torch.randn(n, 2, generator=g),
+             "logit NN": targets.clone()}
+    names = ["scale", "x"]
+    within = {m: within_class_r(p, targets, cls, names, n_boot=20) for m, p in preds.items()}
+    images = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    path = save_factor_figure(tmp_path / "factors.png", carried_factor(within), names, images,
+                              {"inverter": images.flip(0), "logit NN": images}, targets, preds,
+                              cls, within, ["a", "b", "c"])
+    assert Image.open(path).size[0] > 300

@@ -290,3 +290,74 @@ def within_class_r(
 
     return {f: bootstrap_stat(lambda idx, js=js: r(idx, js), len(t), n_boot=n_boot, seed=seed,
                               level=level).to_dict() for f, js in cols.items()}
+
+
+def carried_factor(within_r: Mapping[str, Mapping], reference: str = "logit NN",
+                   among: Sequence[str] | None = None) -> str | None:
+    """The factor ``reference`` (the logit-space nearest neighbour: what Φ's logits pin down
+    within the data) follows most surely within Φ's classes (the highest lower end of its r's
+    interval), from :func:`within_class_r`'s table ``{method: {factor: interval dict}}``,
+    among the factors ``among`` (default: all); None without the reference or a finite r."""
+    rows = {f: iv["lo"] for f, iv in within_r.get(reference, {}).items()
+            if np.isfinite(iv.get("lo", float("nan"))) and (among is None or f in among)}
+    return max(rows, key=rows.get) if rows else None
+
+
+def sorted_within_classes(t: np.ndarray, classes: np.ndarray, n_classes: int = 3,
+                          per_class: int = 8) -> list[tuple[int, np.ndarray]]:
+    """Rows for a figure of factor ``t``: up to ``n_classes`` classes (most images first, ties
+    by class index), each with up to ``per_class`` of its image indices spaced evenly from the
+    smallest ``t`` to the largest. Classes with fewer than 2 images are left out."""
+    t, classes = np.asarray(t), np.asarray(classes)
+    counts = {int(c): int((classes == c).sum()) for c in np.unique(classes)}
+    chosen = sorted((c for c, n in counts.items() if n >= 2), key=lambda c: (-counts[c], c))
+    rows = []
+    for c in chosen[:n_classes]:
+        idx = np.flatnonzero(classes == c)
+        idx = idx[np.argsort(t[idx], kind="stable")]
+        k = min(per_class, len(idx))
+        rows.append((c, idx[np.linspace(0, len(idx) - 1, k).round().astype(int)]))
+    return rows
+
+
+def centred_within(v: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """``v`` minus its class's mean (what :func:`within_class_corr` correlates)."""
+    v = np.asarray(v, dtype=np.float64).copy()
+    for c in np.unique(classes):
+        v[classes == c] -= v[classes == c].mean()
+    return v
+
+
+def save_factor_figure(path, factor: str, names: Sequence[str], images: torch.Tensor,
+                       recs: Mapping[str, torch.Tensor], targets: torch.Tensor,
+                       preds: Mapping[str, torch.Tensor], classes: torch.Tensor,
+                       within_r: Mapping[str, Mapping], class_names: Sequence[str] | None = None,
+                       n_classes: int = 3, per_class: int = 8):
+    """What the logits carry beyond the class, as a picture: held-out images of a few Φ
+    classes sorted by ``factor`` with each method's x̂ below them (one noise draw), and for
+    each method the regressor's reading of x̂'s factor against x's, both centred on Φ's class,
+    titled with :func:`within_class_r`'s r and interval. ``names``: the columns of
+    ``targets`` and of each ``preds[method]`` (the regressor's outputs on ``recs[method]``)."""
+    from fastinv.invert import figures
+
+    j = list(names).index(factor)
+    t = targets[:, j].detach().cpu().double().numpy()
+    c = classes.detach().cpu().numpy()
+    labels = list(class_names) if class_names else None
+    strips = []
+    for cls, idx in sorted_within_classes(t, c, n_classes, per_class):
+        sel = torch.as_tensor(idx, device=images.device)
+        title = labels[cls] if labels and cls < len(labels) else f"class {cls}"
+        strips.append((title, [("x", images[sel])] + [(m, r[sel]) for m, r in recs.items()]))
+    scatters = []
+    for m, p in preds.items():
+        iv = within_r.get(m, {}).get(factor, {})
+        caption = (f"{m}: r {iv['mean']:+.2f} [{iv['lo']:+.2f}, {iv['hi']:+.2f}]"
+                   if iv else m)
+        scatters.append((caption, centred_within(t, c),
+                         centred_within(p[:, j].detach().cpu().double().numpy(), c)))
+    return figures.save_strips_and_scatters(
+        strips, scatters, path, xlabel=f"x's {factor} (minus its class mean)",
+        ylabel=f"x̂'s {factor} (regressor), minus its class mean",
+        suptitle=f"{factor}: held-out images of Φ's classes from smallest to largest {factor}, "
+                 "x̂ below; right: x̂ against x within the class")

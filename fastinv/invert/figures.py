@@ -100,3 +100,63 @@ def save_curves(
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_strips_and_scatters(
+    strips: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
+    scatters: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    path: Path, xlabel: str, ylabel: str, suptitle: str = "",
+) -> Path:
+    """Left: for each strip (a title and rows of (label, images in [-1, 1])) its rows of
+    tiles one under the other; right: one scatter panel per (title, x, y), each with its
+    least-squares line and the identity y = x dashed."""
+    n_rows = sum(len(rows) for _, rows in strips)
+    n_cols = max((len(im) for _, rows in strips for _, im in rows), default=1)
+    n_sc = max(1, len(scatters))
+    tile = 0.7  # inches a tile, square: the figure's height follows the rows
+    height = max(2.6 * n_sc, tile * 1.1 * n_rows + 0.9)
+    fig = plt.figure(figsize=(tile * n_cols + 4.4, height))
+    outer = fig.add_gridspec(1, 2, width_ratios=(tile * n_cols, 3.2), wspace=0.3,
+                             left=0.07, right=0.97, top=1 - 0.6 / height, bottom=0.6 / height)
+    left = outer[0].subgridspec(max(1, n_rows), n_cols, hspace=0.08, wspace=0.05)
+    r = 0
+    for title, rows in strips:
+        for k, (label, images) in enumerate(rows):
+            unit = to_unit(images)
+            for i in range(n_cols):
+                ax = fig.add_subplot(left[r, i])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i < len(unit):
+                    ax.imshow(unit[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+                else:
+                    ax.axis("off")
+                if i == 0:
+                    ax.set_ylabel(f"{title}\n{label}" if k == 0 else label, fontsize=6)
+            r += 1
+    right = outer[1].subgridspec(n_sc, 1, hspace=0.6)
+    for k, (title, x, y) in enumerate(scatters):
+        ax = fig.add_subplot(right[k])
+        x = torch.as_tensor(x, dtype=torch.float64)
+        y = torch.as_tensor(y, dtype=torch.float64)
+        ax.scatter(x.numpy(), y.numpy(), s=4, alpha=0.5)
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.7, label="y = x")
+        if len(x) > 1 and float(x.var()) > 0:
+            slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+            xs = torch.tensor([float(x.min()), float(x.max())], dtype=torch.float64)
+            ax.plot(xs.numpy(), (y.mean() + slope * (xs - x.mean())).numpy(), "r-", lw=1,
+                    label=f"slope {slope:+.2f}")
+            ax.legend(fontsize=6, loc="upper left")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+    return path

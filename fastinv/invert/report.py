@@ -470,6 +470,11 @@ def build_blocks(run_dir: Path) -> list[tuple]:
             b.append(("img", (r.path / "methods.png").relative_to(run_dir).as_posix(),
                       f"{r.name}: original | each method's reconstruction, captioned with the "
                       "judge's label (✓: the original's true class)"))
+        if (r.path / "factors.png").is_file():
+            b.append(("img", (r.path / "factors.png").relative_to(run_dir).as_posix(),
+                      f"{r.name}: what the logits carry beyond the class (the factor the logit "
+                      "NN follows most surely within Φ's classes): originals sorted by it above their "
+                      "reconstructions, and x̂'s reading against x's, centred on the class"))
         for analysis, fname, caption in FIGURES:
             p = r.path / "analyses" / analysis / fname
             if p.is_file():
