@@ -87,8 +87,8 @@ CLASS_CONSISTENCY = "--optim.class_weight=1"
 # [-0.113, -0.025]; weight 2 is level for the standard inverter (-0.011 [-0.041, +0.021], 4
 # seeds, r +0.20 to +0.24 against +0.00 to +0.07) but costs the robust one -0.034 [-0.067,
 # -0.002] (4 seeds), and two --quick demos with it read 0.719 / 0.746 (robust) against the
-# 0.70 target (Demo round 36): only the default has it. Inverting the robust Φ (round 35, 3 seeds) it
-# draws the size too (r +0.12 / +0.27 / +0.15 against -0.07 / -0.01 / -0.02) at -0.032
+# 0.70 target (Demo round 36): only the default has it. Inverting the robust Φ (round 35, 3
+# seeds) it draws the size too (r +0.12 / +0.27 / +0.15 against -0.07 / -0.01 / -0.02) at -0.032
 # [-0.051, -0.014] judge agreement at 4,000 steps (weight 1: -0.025, r +0.08 to +0.10); the
 # demo's robust inverters read 0.945 / 0.963 with it at 6,000 (round 34), over their 0.85.
 SIZE_HEAD = ("--optim.d_head_within_weight=2", "--optim.cutout_p=0.5")

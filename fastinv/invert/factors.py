@@ -240,14 +240,18 @@ def logit_probe(
             _r2_intervals(pred.numpy(), t.numpy(), names, n_boot, seed))
 
 
+def centred_within(v: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """``v`` (float64) minus the mean of its class."""
+    v = np.asarray(v, dtype=np.float64).copy()
+    for c in np.unique(classes):
+        v[classes == c] -= v[classes == c].mean()
+    return v
+
+
 def within_class_corr(pred: np.ndarray, t: np.ndarray, classes: np.ndarray) -> float:
     """Pearson r of ``pred`` with ``t`` after each is centred on its class's mean (nan when
     either has no variance within the classes)."""
-    p, tt = pred.astype(np.float64).copy(), t.astype(np.float64).copy()
-    for c in np.unique(classes):
-        m = classes == c
-        p[m] -= p[m].mean()
-        tt[m] -= tt[m].mean()
+    p, tt = centred_within(pred, classes), centred_within(t, classes)
     den = np.sqrt((p ** 2).sum() * (tt ** 2).sum())
     return float((p * tt).sum() / den) if den > 0 else float("nan")
 
@@ -309,23 +313,17 @@ def sorted_within_classes(t: np.ndarray, classes: np.ndarray, n_classes: int = 3
     by class index), each with up to ``per_class`` of its image indices spaced evenly from the
     smallest ``t`` to the largest. Classes with fewer than 2 images are left out."""
     t, classes = np.asarray(t), np.asarray(classes)
-    counts = {int(c): int((classes == c).sum()) for c in np.unique(classes)}
-    chosen = sorted((c for c, n in counts.items() if n >= 2), key=lambda c: (-counts[c], c))
+    values, counts = np.unique(classes, return_counts=True)
+    # most images first; a stable sort keeps np.unique's ascending class order among ties
+    order = np.argsort(-counts, kind="stable")
+    chosen = values[order][counts[order] >= 2]
     rows = []
-    for c in chosen[:n_classes]:
+    for c in chosen[:n_classes].tolist():
         idx = np.flatnonzero(classes == c)
         idx = idx[np.argsort(t[idx], kind="stable")]
         k = min(per_class, len(idx))
         rows.append((c, idx[np.linspace(0, len(idx) - 1, k).round().astype(int)]))
     return rows
-
-
-def centred_within(v: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """``v`` minus its class's mean (what :func:`within_class_corr` correlates)."""
-    v = np.asarray(v, dtype=np.float64).copy()
-    for c in np.unique(classes):
-        v[classes == c] -= v[classes == c].mean()
-    return v
 
 
 def save_factor_figure(path, factor: str, names: Sequence[str], images: torch.Tensor,

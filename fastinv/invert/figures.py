@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -137,16 +138,14 @@ def save_strips_and_scatters(
     right = outer[1].subgridspec(n_sc, 1, hspace=0.6)
     for k, (title, x, y) in enumerate(scatters):
         ax = fig.add_subplot(right[k])
-        x = torch.as_tensor(x, dtype=torch.float64)
-        y = torch.as_tensor(y, dtype=torch.float64)
-        ax.scatter(x.numpy(), y.numpy(), s=4, alpha=0.5)
-        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        ax.scatter(x, y, s=4, alpha=0.5)
+        lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.7, label="y = x")
-        if len(x) > 1 and float(x.var()) > 0:
-            slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-            xs = torch.tensor([float(x.min()), float(x.max())], dtype=torch.float64)
-            ax.plot(xs.numpy(), (y.mean() + slope * (xs - x.mean())).numpy(), "r-", lw=1,
-                    label=f"slope {slope:+.2f}")
+        if len(x) > 1 and x.var() > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            xs = np.array([x.min(), x.max()])
+            ax.plot(xs, intercept + slope * xs, "r-", lw=1, label=f"slope {slope:+.2f}")
             ax.legend(fontsize=6, loc="upper left")
         ax.set_title(title, fontsize=8)
         ax.set_xlabel(xlabel, fontsize=7)
