@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastinv.models.discriminator import Discriminator
+from fastinv.models.discriminator import Discriminator, DiscriminatorConfig
 from fastinv.train import checkpoint
 from fastinv.train.augment import diff_augment, diff_augment_pair, parse_policy
 from fastinv.train.config import ConfigError, inverter_options, load_config
@@ -689,6 +689,53 @@ def test_narrow_full_resolution_blocks_change_only_the_full_resolution_widths(tm
     assert loaded.config.full_res_ch == 6 and loaded.output_conv.weight.shape[1] == 6
     with pytest.raises(ConfigError, match="g_full_res_ch"):
         load_config("tiny", ["--g_full_res_ch=-2"])
+
+
+def _conv_inputs(net, run):
+    """(in channels, height) of the input of every 2-d convolution ``run()`` calls, in order."""
+    seen, hooks = [], [m.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[1:3])))
+                       for m in net.modules()
+                       if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 4]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_space_to_depth_d_reads_every_pixel_at_half_resolution():
+    torch.manual_seed(0)
+    dkw = dict(num_classes=4, resolution=16, ch=4, attention_resolution=0, logit_head=True,
+               phi_channels=5, phi_resolution=8)  # a Φ map joins after the first block
+    D, D0 = Discriminator(**dkw, space_to_depth=True), Discriminator(**dkw)
+    x, z, phi = torch.randn(3, 3, 16, 16), torch.randn(3, 4), torch.randn(3, 5, 8, 8)
+    # the first block reads the 2 x 2 pixel blocks as 12 channels at 8 px; the trunk keeps
+    # BigGAN's sizes, so Φ's map joins after the same block
+    assert _conv_inputs(D, lambda: D(x, z, phi))[0] == (12, 8)
+    assert max(h for _, h in _conv_inputs(D, lambda: D(x, z, phi))) == 8
+    assert _conv_inputs(D0, lambda: D0(x, z, phi))[0] == (3, 16)
+    assert D.phi_blocks == D0.phi_blocks == [0]
+    block_in = []
+    hook = D.blocks[0].register_forward_pre_hook(lambda m, i: block_in.append(i[0]))
+    score, pred = D(x, z, phi, head=True)
+    hook.remove()
+    torch.testing.assert_close(block_in[0], torch.nn.functional.pixel_unshuffle(x, 2))
+    assert score.shape == (3,) and pred.shape == (3, 4)
+    # every pixel of every image reaches the score (nothing averaged away before D reads it)
+    x.requires_grad_(True)
+    D(x, z, phi).sum().backward()
+    assert (x.grad.abs() > 0).all()
+
+
+def test_space_to_depth_d_trains_and_is_rebuilt_from_its_checkpoint(tmp_path, synthetic_data):
+    cfg, run_dir = _train_option(tmp_path, synthetic_data, "--d_space_to_depth=true")
+    assert inverter_options(cfg) == {"space-to-depth D input": True}
+    ck = checkpoint.list_checkpoints(run_dir)[-1]
+    state = checkpoint.load(ck)
+    D = Discriminator(DiscriminatorConfig.from_dict(state["model_config"]["D"]))
+    assert D.config.space_to_depth and D.blocks[0].conv1.weight.shape[1] == 12
+    D.load_state_dict(state["D"])
 
 
 def test_detached_d_head_trains_the_head_but_not_the_trunk():

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastinv.models import layers
@@ -119,6 +120,11 @@ class DiscriminatorConfig:
     # from its Φ class's mean, in units of that class's std (num_classes more outputs; the
     # class statistics are buffers, set once by the trainer: set_class_statistics)
     head_within: bool = False
+    # the "space-to-depth D input" option: D reads the image as its 2 x 2 pixel blocks
+    # (pixel_unshuffle: 4 x 3 channels at half the resolution) and its first block does not
+    # pool, so the trunk has the same sizes with no convolution at full resolution. Every
+    # pixel still reaches D (nothing is averaged away, unlike reading a downsampled image).
+    space_to_depth: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> DiscriminatorConfig:
@@ -164,7 +170,7 @@ class Discriminator(nn.Module):
         if resolution not in D_ARCH:
             raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
         self.num_classes, self.resolution = num_classes, resolution
-        _, outs, down = D_ARCH[resolution]
+        _, outs, down = self._arch(resolution)
         # each block's output channels (a block reads the previous one's; the first, RGB)
         self.widths = [m * ch for m in outs]
         if self.config.full_res_ch:
@@ -172,9 +178,9 @@ class Discriminator(nn.Module):
         self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
-        res = resolution
+        res = resolution // 2 if self.config.space_to_depth else resolution
         for i, (co, d) in enumerate(zip(self.widths, down)):
-            cin = 3 if i == 0 else self.widths[i - 1]
+            cin = (12 if self.config.space_to_depth else 3) if i == 0 else self.widths[i - 1]
             if i == len(self.widths) - 1 and self.mbstd_group:
                 cin += 1  # the minibatch-std channel
             self.blocks.append(DBlock(cin, co, d, i > 0, sn_eps, make))
@@ -183,6 +189,13 @@ class Discriminator(nn.Module):
                 self.attention[str(i)] = make.self_attention(co, sn_eps)
         self.linear = make.sn_linear(self.widths[-1], 1, sn_eps)
         self.embed = make.sn_linear(num_classes, self.widths[-1], sn_eps, bias=False)
+
+    def _arch(self, resolution: int) -> tuple[list[int], list[int], list[bool]]:
+        """D_ARCH's row, with the first block's pooling done by space-to-depth instead."""
+        ins, outs, down = D_ARCH[resolution]
+        if self.config.space_to_depth:  # every row's first block pools
+            down = [False, *down[1:]]
+        return ins, outs, down
 
     def _build_phi(self, channels, resolution, sn_eps: float, make: LayerFactory) -> None:
         """One spectral-normed 1x1 conv per Φ map (``channels``/``resolution``: an int each for
@@ -195,9 +208,10 @@ class Discriminator(nn.Module):
         self.phi_in = nn.ModuleList()
         if chans == [0]:
             return
-        down = D_ARCH[self.resolution][2]
+        down = self._arch(self.resolution)[2]
         for c, size in zip(chans, sizes):
-            block, res = None, self.resolution
+            block = None
+            res = self.resolution // 2 if self.config.space_to_depth else self.resolution
             for i, d in enumerate(down):
                 res //= 2 if d else 1
                 if res == size:
@@ -244,7 +258,7 @@ class Discriminator(nn.Module):
         if len(phi) != len(self.phi_in):
             raise ValueError(f"this Discriminator reads {len(self.phi_in)} Φ feature map(s): "
                              f"pass them after the logits (got {len(phi)})")
-        h = x
+        h = F.pixel_unshuffle(x, 2) if self.config.space_to_depth else x
         for i, block in enumerate(self.blocks):
             if i == len(self.blocks) - 1 and self.mbstd_group:
                 h = minibatch_std(h, self.mbstd_group)

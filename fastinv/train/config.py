@@ -89,6 +89,10 @@ class ModelConfig:
     # 0 = BigGAN's (ch x the architecture table's multiplier)
     g_full_res_ch: int = 0
     d_full_res_ch: int = 0
+    # "space-to-depth D input": D reads each 2 x 2 pixel block as 12 channels at half the
+    # resolution (pixel_unshuffle) and its first block does not pool: every pixel is read,
+    # with no convolution at full resolution (models/discriminator.py)
+    d_space_to_depth: bool = False
     bn_eps: float = 1e-5
     sn_eps: float = 1e-6
 
@@ -325,6 +329,7 @@ def inverter_options(cfg: TrainConfig) -> dict[str, float | str]:
              "narrow full-resolution blocks": ", ".join(
                  f"{net} {ch} channels" for net, ch in (("G", m.g_full_res_ch),
                                                          ("D", m.d_full_res_ch)) if ch),
+             "space-to-depth D input": m.d_space_to_depth,
              # both need model.d_phi_layer (_check refuses them without it)
              "Φ gradient to G": f"x{o.g_phi_grad:g}" if o.g_phi_grad < 1 else "",
              "Φ-map dropout": o.d_phi_dropout,

@@ -89,7 +89,8 @@ def build_models(cfg: TrainConfig, num_classes: int,
     d = DiscriminatorConfig(ch=m.d_ch, pool=m.d_pool, phi_channels=phi_shape[0],
                             phi_resolution=phi_shape[1], logit_head=cfg.optim.d_head_weight > 0,
                             head_within=cfg.optim.d_head_within_weight > 0,
-                            mbstd_group=m.d_mbstd, full_res_ch=m.d_full_res_ch, **common)
+                            mbstd_group=m.d_mbstd, full_res_ch=m.d_full_res_ch,
+                            space_to_depth=m.d_space_to_depth, **common)
     return Generator(g), Discriminator(d)
 
 
