@@ -83,6 +83,35 @@ def test_misclassified_uses_only_wrong_images(setup, tmp_path):
     assert "correct_psnr" in m and "psnr_vs_other_images" in m
 
 
+def test_misclassified_chance_level_averages_other_images_never_the_image_itself(setup, tmp_path):
+    rows = torch.tensor([0, 3, 9])
+    idx = analyses.other_indices(10, rows, k=64, seed=1)
+    assert idx.shape == (3, 9)  # all nine others when fewer than k
+    for r, row in zip(rows.tolist(), idx.tolist()):
+        assert sorted(row) == [i for i in range(10) if i != r]
+    idx = analyses.other_indices(10, rows, k=4, seed=1)
+    assert idx.shape == (3, 4) and all(len(set(row)) == 4 for row in idx.tolist())
+    assert not (idx == rows.view(-1, 1)).any()
+    with pytest.raises(ValueError, match="2 images"):
+        analyses.other_indices(1, torch.tensor([0]), k=4)
+    # an oracle decoder (x̂ = the image whose logits it is given) beats the chance level on
+    # every misclassified image
+    G, C, data = setup
+
+    class Oracle(torch.nn.Module):
+        def sample_noise(self, batch, generator=None):
+            return torch.zeros(batch, 1)
+
+        def forward(self, logits, noise):
+            match = (logits[:, None, :] == data.logits[None]).all(dim=2).float().argmax(dim=1)
+            return data.images[match]
+
+    m = analyses.misclassified(Oracle(), C, data, tmp_path, n_others=5)
+    assert m["n_other_images"] == 5 and m["n_misclassified"] > 0
+    assert min(m["psnr_per_image"]) == 100.0
+    assert max(m["psnr_vs_other_per_image"]) < 100.0
+
+
 def test_misclassified_with_a_perfect_classifier_says_so(setup, tmp_path):
     G, C, data = setup
     perfect = analyses.Images(data.images, data.logits.argmax(1), data.logits)
