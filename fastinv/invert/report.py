@@ -99,13 +99,6 @@ def collect(run_dir: str | Path) -> tuple[list[ClassifierRun], dict, dict]:
 CLASSIFIER_GATE = 0.90  # Φ's validation accuracy (clean, for the robust one too)
 JUDGE_GATE = 0.50  # the inverter's judge agreement: judge(x̂) = true label (chance 1 / classes)
 MIN_MISCLASSIFIED = 5  # misclassified held-out images needed to test that finding
-
-
-def _others(m: dict) -> str:
-    """What the misclassified finding's chance level is (runs from before n_other_images
-    compared each x̂ with one other image)."""
-    k = int(m.get("n_other_images") or 1)
-    return "to another held-out image" if k == 1 else f"its mean to {k} other held-out images"
 # The noise finding compares how much the noise moves each inverter's output; an inverter whose
 # draws are one picture whatever the noise (mode collapse: per-pixel std 0.03-0.04 on images in
 # [-1, 1] in the demo of 2026-12-05, its six draws per image identical to the eye) says nothing
@@ -211,9 +204,11 @@ def findings(runs: list[ClassifierRun], factors: dict) -> list[tuple[str, str, s
         iv = bootstrap_diff(own, other) if n >= 2 else None
         gates = _gates(r) + [Gate(f"{r.name} misclassified images", n, MIN_MISCLASSIFIED)]
         v = verdict(iv, +1, gates)
+        k = int(m.get("n_other_images") or 1)  # runs from before it: one other image each
+        ref = "to another held-out image" if k == 1 else f"its mean to {k} other held-out images"
         out.append(_row(claim, v, f"{n} misclassified held-out image{'' if n == 1 else 's'} of "
                                   f"{int(m.get('n_images') or 0)}: PSNR of x̂ to its own x minus "
-                                  f"{_others(m)}: {iv if iv else '–'} dB"))
+                                  f"{ref}: {iv if iv else '–'} dB"))
 
     for clf, table in factors.items():
         claim = (f"Logits keep more than the class: nuisance factors can be read off "

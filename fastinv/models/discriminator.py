@@ -175,7 +175,8 @@ class Discriminator(nn.Module):
         if resolution not in D_ARCH:
             raise ValueError(f"Discriminator resolution must be one of {sorted(D_ARCH)}, got {resolution}")
         self.num_classes, self.resolution = num_classes, resolution
-        _, outs, down = self._arch(resolution)
+        outs = D_ARCH[resolution][1]
+        res, down = self._trunk(resolution)
         # each block's output channels (a block reads the previous one's; the first, RGB)
         self.widths = [m * ch for m in outs]
         if self.config.full_res_ch:
@@ -183,7 +184,6 @@ class Discriminator(nn.Module):
         self.preprocess = layers.LogitPreprocess(logit_preprocess, logit_temperature, num_classes)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
-        res = resolution // 2 if self.config.space_to_depth else resolution
         for i, (co, d) in enumerate(zip(self.widths, down)):
             cin = (12 if self.config.space_to_depth else 3) if i == 0 else self.widths[i - 1]
             if i == len(self.widths) - 1 and self.mbstd_group:
@@ -195,12 +195,14 @@ class Discriminator(nn.Module):
         self.linear = make.sn_linear(self.widths[-1], 1, sn_eps)
         self.embed = make.sn_linear(num_classes, self.widths[-1], sn_eps, bias=False)
 
-    def _arch(self, resolution: int) -> tuple[list[int], list[int], list[bool]]:
-        """D_ARCH's row, with the first block's pooling done by space-to-depth instead."""
-        ins, outs, down = D_ARCH[resolution]
-        if self.config.space_to_depth:  # every row's first block pools
-            down = [False, *down[1:]]
-        return ins, outs, down
+    def _trunk(self, resolution: int) -> tuple[int, list[bool]]:
+        """The size the first block reads and whether each block pools: D_ARCH's row, or with
+        space-to-depth the first block's pooling done by pixel_unshuffle before it (every
+        row's first block pools, so the sizes after each block are the same)."""
+        down = D_ARCH[resolution][2]
+        if self.config.space_to_depth:
+            return resolution // 2, [False, *down[1:]]
+        return resolution, down
 
     def _build_phi(self, channels, resolution, sn_eps: float, make: LayerFactory) -> None:
         """One spectral-normed 1x1 conv per Φ map (``channels``/``resolution``: an int each for
@@ -213,10 +215,9 @@ class Discriminator(nn.Module):
         self.phi_in = nn.ModuleList()
         if chans == [0]:
             return
-        down = self._arch(self.resolution)[2]
+        start, down = self._trunk(self.resolution)
         for c, size in zip(chans, sizes):
-            block = None
-            res = self.resolution // 2 if self.config.space_to_depth else self.resolution
+            block, res = None, start
             for i, d in enumerate(down):
                 res //= 2 if d else 1
                 if res == size:
