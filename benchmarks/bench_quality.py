@@ -110,6 +110,8 @@ ABLATIONS = {
     # D reads each 2 x 2 pixel block as channels at half the resolution: no convolution at
     # full resolution, every pixel read; a float32 step 1.21x faster (Demo round 37)
     "+ space-to-depth D": ("--model.d_space_to_depth=true",),
+    # --quick's recipe has it (Demo round 38): that preset's row with it off
+    "no space-to-depth D": ("--model.d_space_to_depth=false",),
     # "mode seeking" (MSGAN) against the per-class collapse: off
     "no mode seeking": ("--optim.mode_seeking_weight=0",),
     # D's fakes are the last G update's images (one G forward a step): a draw of their own

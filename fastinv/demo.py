@@ -93,6 +93,15 @@ CLASS_CONSISTENCY = "--optim.class_weight=1"
 # demo's robust inverters read 0.945 / 0.963 with it at 6,000 (round 34), over their 0.85.
 SIZE_HEAD = ("--optim.d_head_within_weight=2", "--optim.cutout_p=0.5")
 
+# "space-to-depth D input" (model.d_space_to_depth): D reads each 2 x 2 pixel block as 12
+# channels at half the resolution, so none of its convolutions runs at 32 px; a step 1.18x
+# faster in bf16 (1.21x in float32). On --quick's data (RESULTS.md Demo round 37, 2,500 steps,
+# 4 seeds) judge agreement +0.020 [-0.009, +0.050] (standard) and +0.014 [-0.021, +0.047]
+# (robust); on the default's data level (-0.007 [-0.028, +0.016], 2 seeds) but with the
+# within-class head it draws less of the size (r 0.23 / 0.14 against 0.26 / 0.28): only
+# --quick, where the time is short and the head is off, takes it.
+SPACE_TO_DEPTH_D = "--model.d_space_to_depth=true"
+
 
 @dataclass(frozen=True)
 class InverterPreset:
@@ -179,9 +188,15 @@ PRESETS: dict[str, DemoPreset] = {
                         # 289-291 s; 1,750 since D pools once a block and G's shortcut convolves
                         # before upsampling (1.05-1.18x the img/s, issue 11 round 11); 2,500
                         # since G and D really run in channels_last (1,750 steps: inverter stage
-                        # 195 s against 311-320 s on the same box, issue 11 round 12)
-                        inverter=InverterPreset(steps=2500, overrides=("--optim.r1_gamma=0",
-                                                                          CLASS_CONSISTENCY)),
+                        # 195 s against 311-320 s on the same box, issue 11 round 12). 2,000
+                        # with D reading 2 x 2 pixel blocks as channels (SPACE_TO_DEPTH_D): on a
+                        # 2-core Zen 4 with AVX512-BF16 (Demo round 38, seeds 0-2) 298-306 s in
+                        # all against 365-386 s for 2,500 steps without it, judge agreement
+                        # +0.013 [-0.025, +0.048] (standard) and +0.033 [-0.009, +0.077]
+                        # (robust) against them
+                        inverter=InverterPreset(steps=2000, overrides=("--optim.r1_gamma=0",
+                                                                          CLASS_CONSISTENCY,
+                                                                          SPACE_TO_DEPTH_D)),
                         deepsim=_deepsim(steps=200),
                         optimization=_optimization(steps=50),
                         evaluation=EvalPreset(n_eval=256, k_resample=4, factor_epochs=4,
@@ -222,8 +237,10 @@ PRESETS: dict[str, DemoPreset] = {
 # 30, a 2-core AMD EPYC (Zen 3, AVX2): --quick seed 0 809 s (inverters 572 s), default seed 0
 # 1,885 s (inverters 1,382 s), against 248-368 s and 531-873 s with bf16 (rounds 24-29).
 # No float32 sizing: the default cut to 900 s there (2,200 inverter steps, shorter classifier
-# training) read judge 0.885 / 0.754 against its 0.90 / 0.85, --quick's quality (Demo round 35)
-FLOAT32_SECONDS = {"quick": 809, "default": 1885}
+# training) read judge 0.885 / 0.754 against its 0.90 / 0.85, --quick's quality (Demo round 35).
+# --quick: 651 s there with space-to-depth D at 2,500 steps (round 37), an upper bound for the
+# preset's 2,000 (its float32 time at 2,000 steps is not measured)
+FLOAT32_SECONDS = {"quick": 651, "default": 1885}
 
 
 def budget_note(preset: str, device: str, bf16: bool) -> str:
