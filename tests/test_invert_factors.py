@@ -166,6 +166,14 @@ def test_the_factor_figure_shows_the_factor_the_logit_nn_follows_sorted_within_c
     assert [list(t[idx]) for _, idx in rows] == [[1.0, 3.0, 5.0], [2.0, 4.0, 9.0]]
     assert [len(idx) for _, idx in sorted_within_classes(t, classes, per_class=2)] == [2, 2]
     np.testing.assert_allclose(centred_within(t, classes)[:3], [2.0, -2.0, 0.0])
+    # any labels (gaps, strings), the same values as centring one class at a time
+    v = np.random.default_rng(0).normal(size=50)
+    for labels in (np.random.default_rng(1).integers(0, 4, 50) * 7 + 3,
+                   np.array(["a", "b", "c"])[np.random.default_rng(2).integers(0, 3, 50)]):
+        loop = v.copy()
+        for c in np.unique(labels):
+            loop[labels == c] -= v[labels == c].mean()
+        np.testing.assert_allclose(centred_within(v, labels), loop, atol=1e-12)
 
     g = torch.Generator().manual_seed(0)
     n = 60
