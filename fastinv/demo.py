@@ -94,7 +94,7 @@ CLASS_CONSISTENCY = "--optim.class_weight=1"
 SIZE_HEAD = ("--optim.d_head_within_weight=2", "--optim.cutout_p=0.5")
 
 # "space-to-depth D input" (model.d_space_to_depth): D reads each 2 x 2 pixel block as 12
-# channels at half the resolution, so none of its convolutions runs at 32 px; a step 1.18x
+# channels at half the resolution, so none of its convolutions runs at 32 px; a step 1.2x
 # faster in bf16 (1.21x in float32). On --quick's data (RESULTS.md Demo round 37, 2,500 steps,
 # 4 seeds) judge agreement +0.020 [-0.009, +0.050] (standard) and +0.014 [-0.021, +0.047]
 # (robust); on the default's data level (-0.007 [-0.028, +0.016], 2 seeds) but with the

@@ -18,8 +18,9 @@ reals has, so D can score the collapse itself.
 
 Optionally (``space_to_depth``, the "space-to-depth D input" option) D reads the image as its
 2 x 2 pixel blocks, 12 channels at half the resolution, and its first block does not pool: the
-same trunk sizes with no convolution at full resolution (a float32 step 1.21x faster, but less
-of the size drawn with the within-class head: benchmarks/RESULTS.md Demo round 37).
+same trunk sizes with no convolution at full resolution (a step 1.2x faster in float32 and in
+bf16, but less of the size drawn with the within-class head: benchmarks/RESULTS.md Demo rounds
+37-38; the demo's --quick preset uses it).
 """
 
 from __future__ import annotations
