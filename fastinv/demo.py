@@ -190,10 +190,10 @@ PRESETS: dict[str, DemoPreset] = {
                         # since G and D really run in channels_last (1,750 steps: inverter stage
                         # 195 s against 311-320 s on the same box, issue 11 round 12). 2,000
                         # with D reading 2 x 2 pixel blocks as channels (SPACE_TO_DEPTH_D): on a
-                        # 2-core Zen 4 with AVX512-BF16 (Demo round 38, seeds 0-2) 298-306 s in
-                        # all against 365-386 s for 2,500 steps without it, judge agreement
-                        # +0.013 [-0.025, +0.048] (standard) and +0.033 [-0.009, +0.077]
-                        # (robust) against them
+                        # 2-core Zen 4 with AVX512-BF16 (Demo round 38, seeds 0-3) 278-281 s in
+                        # all against 349 s in the same hour for 2,500 steps without it, judge
+                        # agreement +0.001 [-0.033, +0.035] (standard) and +0.016 [-0.017,
+                        # +0.052] (robust) against them
                         inverter=InverterPreset(steps=2000, overrides=("--optim.r1_gamma=0",
                                                                           CLASS_CONSISTENCY,
                                                                           SPACE_TO_DEPTH_D)),
